@@ -1,0 +1,1 @@
+complete --command llamactl --no-files --arguments "(env _LLAMACTL_COMPLETE=complete_fish _TYPER_COMPLETE_FISH_ACTION=get-args _TYPER_COMPLETE_ARGS=(commandline -cp) llamactl)" --condition "env _LLAMACTL_COMPLETE=complete_fish _TYPER_COMPLETE_FISH_ACTION=is-args _TYPER_COMPLETE_ARGS=(commandline -cp) llamactl"

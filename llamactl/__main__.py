@@ -1,0 +1,5 @@
+"""`python -m llamactl` runs the CLI."""
+
+from llamactl.cli import main
+
+main()

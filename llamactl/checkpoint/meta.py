@@ -1,0 +1,235 @@
+"""Meta's layout: params.json + consolidated.NN.pth model-parallel shards.
+
+Reading memory-maps each shard with `torch.load(mmap=True, weights_only=True)` and merges one
+layer at a time, reopening the shards per layer so the mapped pages of finished layers are
+released: peak memory stays near one layer, not the model.
+Writing first saves a skeleton of each shard (`torch.serialization.skip_data`: the zip with
+every record in place but no bytes), then streams each tensor's bytes into its record.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import pickle
+import re
+import shutil
+import struct
+import zipfile
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch._subclasses.fake_tensor import FakeTensorMode
+
+from llamactl.checkpoint.base import TOKENIZER_FILE, CheckpointReader, ReaderBase, check_against_args
+from llamactl.checkpoint.formats import WriteOptions, WritePlan
+from llamactl.checkpoint.keymap import META_IGNORED
+from llamactl.checkpoint.sharding import (
+    TensorInfo,
+    check_splittable,
+    merge_shards,
+    shard_shape,
+    split_dim,
+    split_tensor,
+)
+from llamactl.config import ModelArgs, args_from_params, read_json
+from llamactl.errors import CheckpointError, ConfigError
+
+PARAMS_FILE = "params.json"
+_SHARD = re.compile(r"^consolidated\.(\d+)\.pth$")
+
+
+def detect_meta(path: Path) -> bool:
+    return (path / PARAMS_FILE).is_file() or any(_SHARD.match(p.name) for p in path.glob("consolidated.*.pth"))
+
+
+def shard_files(path: Path) -> list[Path]:
+    """consolidated.00.pth ... in order; refuses gaps in the numbering."""
+    found = sorted((int(m.group(1)), p) for p in path.iterdir() if (m := _SHARD.match(p.name)))
+    if not found:
+        raise CheckpointError(f"{path}: no consolidated.NN.pth shards found beside params.json")
+    for expected, (index, file) in enumerate(found):
+        if index != expected:
+            raise CheckpointError(f"{file}: shard numbering has a gap (expected consolidated.{expected:02d}.pth)")
+    return [p for _, p in found]
+
+
+def load_pth(file: Path) -> dict[str, torch.Tensor]:
+    """Memory-map a .pth safely; every failure becomes one CheckpointError naming the file."""
+    try:
+        obj = torch.load(file, map_location="cpu", mmap=True, weights_only=True)
+    except pickle.UnpicklingError as exc:
+        culprit = re.search(r"GLOBAL ([\w.]+)", str(exc))
+        what = f" (it references {culprit.group(1)})" if culprit else ""
+        raise CheckpointError(f"{file}: refused to load: the pickle holds more than tensors{what}") from None
+    except (RuntimeError, OSError, EOFError, ValueError, struct.error, zipfile.BadZipFile) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CheckpointError(f"{file}: unreadable or truncated PyTorch checkpoint ({first})") from None
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise CheckpointError(f"{file}: expected a dict of tensors")
+    return {k: v for k, v in obj.items() if k not in META_IGNORED}
+
+
+@dataclass
+class MetaReader(ReaderBase):
+    """A Meta checkpoint directory; MP shards are merged on the fly."""
+
+    format: str = "meta"
+
+    @classmethod
+    def open(cls, path: Path) -> MetaReader:
+        params_path = path / PARAMS_FILE
+        args = args_from_params(read_json(params_path), params_path)
+        files = shard_files(path)
+        shards = [load_pth(f) for f in files]
+        infos = _merged_infos(files, shards)
+        if args.vocab_size <= 0:
+            embedding = next((i for i in infos if i.name == "tok_embeddings.weight"), None)
+            if embedding is None:
+                raise CheckpointError(f"{files[0]}: tensor tok_embeddings.weight is missing")
+            args = args.with_vocab_size(embedding.shape[0])
+        check_against_args(infos, args, f"{path} ({len(files)} shard{'s' * (len(files) > 1)})", PARAMS_FILE)
+        return cls(path=path, args=args, files=files, infos=infos)
+
+    def iter_tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
+        for group in _layer_groups([i.name for i in self.infos]):
+            shards = [load_pth(f) for f in self.files]  # reopened per layer: see module docstring
+            for name in group:
+                yield name, merge_shards(name, [s[name] for s in shards])
+            del shards
+
+
+def _merged_infos(files: Sequence[Path], shards: Sequence[dict[str, torch.Tensor]]) -> list[TensorInfo]:
+    """Full shapes from the shard pieces, checking that the shards agree with each other."""
+    infos = []
+    for name, first in shards[0].items():
+        dim = split_dim(name)
+        shape = list(first.shape)
+        for file, shard in zip(files[1:], shards[1:]):
+            piece = shard.get(name)
+            if piece is None:
+                raise CheckpointError(f"{file}: tensor {name} is missing (present in {files[0].name})")
+            if piece.dtype != first.dtype or piece.dim() != first.dim():
+                raise CheckpointError(f"{file}: tensor {name} disagrees with {files[0].name} in dtype or rank")
+            for d, (a, b) in enumerate(zip(piece.shape, first.shape)):
+                if d != dim and a != b:
+                    raise CheckpointError(
+                        f"{file}: tensor {name} has shape {list(piece.shape)}, {files[0].name} has {list(first.shape)}"
+                    )
+            if dim is not None:
+                shape[dim] += piece.shape[dim]
+        infos.append(TensorInfo(name, tuple(shape), first.dtype))
+    for file, shard in zip(files[1:], shards[1:]):
+        extra = set(shard) - set(shards[0])
+        if extra:
+            raise CheckpointError(f"{file}: tensor {sorted(extra)[0]} is not in {files[0].name}")
+    return infos
+
+
+def _layer_groups(names: Sequence[str]) -> list[list[str]]:
+    """Names grouped by transformer layer; embeddings, norm and output each stand alone."""
+    groups: dict[str, list[str]] = {}
+    for name in names:
+        key = ".".join(name.split(".")[:2]) if name.startswith("layers.") else name
+        groups.setdefault(key, []).append(name)
+    return list(groups.values())
+
+
+# ---------------------------------------------------------------- writing
+
+
+def meta_params(args: ModelArgs) -> dict[str, object]:
+    """params.json as Meta's own loader accepts it.
+
+    Meta's `Llama.build` passes max_seq_len itself and its ModelArgs has no rope_theta, so
+    both are left out unless rope_theta differs from the default (Code Llama's files).
+    """
+    params = args.to_params()
+    params.pop("max_seq_len", None)
+    if params.get("rope_theta") == 10000.0:
+        params.pop("rope_theta")
+    return params
+
+
+def plan_meta(
+    infos: Sequence[TensorInfo], shards: int, dtype: torch.dtype | None
+) -> list[tuple[str, list[TensorInfo]]]:
+    """(file name, tensors with shard shapes) for each consolidated.NN.pth."""
+    pieces = [TensorInfo(i.name, shard_shape(i.name, i.shape, shards), dtype or i.dtype) for i in infos]
+    return [(f"consolidated.{m:02d}.pth", pieces) for m in range(shards)]
+
+
+def _record_offsets(file: Path, count: int) -> list[int]:
+    """Byte offsets of data/0 .. data/{count-1} in a torch zip checkpoint."""
+    offsets: dict[int, int] = {}
+    with zipfile.ZipFile(file) as archive, open(file, "rb") as raw:
+        for entry in archive.infolist():
+            match = re.search(r"/data/(\d+)$", entry.filename)
+            if not match:
+                continue
+            raw.seek(entry.header_offset)
+            header = raw.read(30)
+            name_len, extra_len = struct.unpack("<HH", header[26:30])
+            offsets[int(match.group(1))] = entry.header_offset + 30 + name_len + extra_len
+    if sorted(offsets) != list(range(count)):
+        raise AssertionError(f"{file}: skeleton has records {sorted(offsets)}, expected 0..{count - 1}")
+    return [offsets[i] for i in range(count)]
+
+
+def _write_skeleton(file: Path, infos: Sequence[TensorInfo]) -> dict[str, int]:
+    """Save the shard with every storage in place but no bytes; return each tensor's offset."""
+    with FakeTensorMode():
+        skeleton = {i.name: torch.empty(i.shape, dtype=i.dtype) for i in infos}
+    with torch.serialization.skip_data(materialize_fake_tensors=True):
+        torch.save(skeleton, file)
+    # torch.save numbers storages in pickling order, which is the dict's order.
+    offsets = _record_offsets(file, len(infos))
+    return {info.name: offset for info, offset in zip(infos, offsets)}
+
+
+def tensor_bytes(tensor: torch.Tensor) -> memoryview:
+    """Raw little-endian bytes of a tensor (bf16 included, which numpy cannot hold)."""
+    flat = tensor.detach().contiguous().reshape(-1)
+    return memoryview(flat.view(torch.uint8).numpy()) if flat.numel() else memoryview(b"")
+
+
+def write_meta(
+    out_dir: Path,
+    plan: Sequence[tuple[str, Sequence[TensorInfo]]],
+    tensors: Iterator[tuple[str, torch.Tensor]],
+    on_tensor: Callable[[str, int], None] | None = None,
+) -> None:
+    """Stream tensors into the planned consolidated.NN.pth files in out_dir."""
+    shards = len(plan)
+    files = [out_dir / name for name, _ in plan]
+    offsets = [_write_skeleton(f, infos) for f, (_, infos) in zip(files, plan)]
+    wanted = {i.name: i for i in plan[0][1]}
+    with contextlib.ExitStack() as stack:
+        handles = [stack.enter_context(open(f, "r+b")) for f in files]
+        for name, tensor in tensors:
+            info = wanted.pop(name)
+            for handle, offs, piece in zip(handles, offsets, split_tensor(name, tensor.to(info.dtype), shards)):
+                assert tuple(piece.shape) == info.shape, (name, piece.shape, info.shape)
+                handle.seek(offs[name])
+                handle.write(tensor_bytes(piece))
+            if on_tensor:
+                on_tensor(name, tensor.numel() * info.dtype.itemsize)
+    if wanted:
+        raise ConfigError(f"source ended before tensor {next(iter(wanted))} was written")
+
+
+def plan_format(reader: CheckpointReader, options: WriteOptions) -> WritePlan:
+    """Meta output: keep the source's model-parallel count unless --shards says otherwise."""
+    shards = options.shards or (len(reader.files) if reader.format == "meta" else 1)
+    infos = reader.tensor_infos()
+    check_splittable(reader.args, infos, shards)
+    return plan_meta(infos, shards, options.dtype)
+
+
+def write_format(out_dir: Path, reader: CheckpointReader, plan: WritePlan, options: WriteOptions) -> None:
+    write_meta(out_dir, plan, reader.iter_tensors(), options.on_tensor)
+    (out_dir / PARAMS_FILE).write_text(json.dumps(meta_params(reader.args), indent=2) + "\n")
+    if reader.tokenizer_path is not None:
+        shutil.copyfile(reader.tokenizer_path, out_dir / TOKENIZER_FILE)

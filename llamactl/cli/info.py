@@ -1,0 +1,57 @@
+"""`llamactl info`: shapes, size and the memory a model will need, before loading it."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+from rich.table import Table
+
+from llamactl.checkpoint import open_checkpoint
+from llamactl.cli._common import cli_command, human_bytes, print_json, stdout
+from llamactl.info import model_info
+
+
+def info(
+    model: Annotated[str, typer.Argument(help="A model directory or a name under the models home.")],
+    ctx: Annotated[
+        int | None, typer.Option(min=1, help="Context length for the KV-cache estimate (default: the model's).")
+    ] = None,
+    json_out: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+) -> None:
+    """Describe a checkpoint: format, shapes, parameters, size and memory needs."""
+    report = model_info(open_checkpoint(model), ctx)
+    if json_out:
+        print_json(report.to_dict())
+        return
+    table = Table(show_header=False, box=None, pad_edge=False)
+    rows = [
+        ("path", report.path),
+        (
+            "format",
+            report.format
+            + (f" (quantized: {report.quantization.get('quant_method', '?')})" if report.quantization else ""),
+        ),
+        (
+            "attention",
+            f"{report.attention}: {report.n_heads} heads, {report.n_kv_heads} KV heads, head dim {report.head_dim}",
+        ),
+        ("shape", f"dim {report.dim}, {report.n_layers} layers, FFN {report.hidden_dim}, vocab {report.vocab_size}"),
+        ("context", f"{report.max_seq_len} (rope theta {report.rope_theta:g})"),
+        ("dtype", report.dtype),
+        ("parameters", f"{report.parameters:,} ({report.parameters / 1e9:.2f} B)"),
+        ("on disk", f"{human_bytes(report.bytes_on_disk)} in {report.files} file(s)"),
+        ("tokenizer", report.tokenizer or "none"),
+        ("weights fp16/bf16", human_bytes(report.memory["weights_fp16"])),
+        ("weights int8", human_bytes(report.memory["weights_int8"])),
+        ("weights nf4", human_bytes(report.memory["weights_nf4"])),
+        ("KV cache / token", f"{human_bytes(report.memory['kv_cache_per_token'])} (fp16)"),
+        (f"KV cache @ {report.ctx}", human_bytes(report.memory["kv_cache_at_ctx"])),
+    ]
+    for key, value in rows:
+        table.add_row(key, value)
+    stdout().print(table)
+
+
+def register(app: typer.Typer) -> None:
+    app.command("info")(cli_command(info))

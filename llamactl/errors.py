@@ -1,0 +1,39 @@
+"""Errors the library raises for bad input.
+
+Every message names the file or value at fault and what was expected, so the CLI can print
+it as one line. `assert` is kept for internal invariants only.
+"""
+
+from __future__ import annotations
+
+
+class LlamactlError(Exception):
+    """Base class: a user-facing error whose message is one complete sentence."""
+
+    exit_code = 1
+
+
+class UsageError(LlamactlError):
+    """The command line itself is wrong (exit code 2, like argument parsing errors)."""
+
+    exit_code = 2
+
+
+class ConfigError(LlamactlError):
+    """params.json / config.json is missing, malformed or not a Llama."""
+
+
+class CheckpointError(LlamactlError):
+    """A weights file is unreadable, truncated, unsafe or contradicts its config."""
+
+
+class ModelNotFoundError(LlamactlError):
+    """A model name or path resolves to nothing."""
+
+
+class DestinationError(LlamactlError):
+    """An output path exists, overlaps the input or cannot be written."""
+
+
+class MissingDependencyError(LlamactlError):
+    """An optional dependency is not installed; the message carries the install hint."""

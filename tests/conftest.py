@@ -1,0 +1,92 @@
+"""Shared fixtures: tiny checkpoints in every layout, the real fixtures, a tiny tokenizer."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests._ckpt import random_meta_state, tiny_args, write_hf_checkpoint, write_meta_checkpoint
+
+FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures"
+LLAMA2_TOKENIZER = FIXTURES / "llama2-tokenizer.model"
+STORIES = FIXTURES / "stories260K"
+
+_CORPUS = (
+    """Once upon a time there was a little llama named Lily. She liked to play in the park with her friends.
+The quick brown fox jumps over the lazy dog. Numbers like 12345 and 2026 appear too.
+Llamas are friendly animals; they hum and they spit when angry! Why? Nobody knows.
+"""
+    * 20
+)
+
+
+def need(path: Path) -> Path:
+    """The fixture at path, or skip naming what is missing."""
+    if not path.exists():
+        pytest.skip(f"real fixture {path} is not present (../shared/fixtures)")
+    return path
+
+
+@pytest.fixture(scope="session")
+def llama2_tokenizer() -> Path:
+    return need(LLAMA2_TOKENIZER)
+
+
+@pytest.fixture(scope="session")
+def stories_dir() -> Path:
+    return need(STORIES)
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 320-piece SentencePiece BPE model with byte fallback, trained here."""
+    import sentencepiece as spm
+
+    out = tmp_path_factory.mktemp("spm")
+    corpus = out / "corpus.txt"
+    corpus.write_text(_CORPUS)
+    spm.SentencePieceTrainer.train(
+        input=str(corpus),
+        model_prefix=str(out / "tok"),
+        vocab_size=320,
+        model_type="bpe",
+        byte_fallback=True,
+        character_coverage=1.0,
+        bos_id=1,
+        eos_id=2,
+        unk_id=0,
+        pad_id=-1,
+        split_digits=True,
+        minloglevel=2,
+    )
+    return out / "tok.model"
+
+
+@pytest.fixture(autouse=True)
+def _isolated_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Never touch the user's real model store; load no installed plugins unless a test asks."""
+    monkeypatch.setenv("LLAMACTL_HOME", str(tmp_path / "llamactl-home"))
+    monkeypatch.setenv("LLAMACTL_LOAD_PLUGINS", "")
+
+
+@pytest.fixture
+def meta_gqa_mp2(tmp_path: Path, tiny_tokenizer: Path) -> Path:
+    """A GQA model in Meta layout split over 2 model-parallel shards, with a tokenizer."""
+    args = tiny_args(gqa=True)
+    return write_meta_checkpoint(
+        tmp_path / "meta-gqa-mp2", args, random_meta_state(args), mp=2, tokenizer=tiny_tokenizer
+    )
+
+
+@pytest.fixture
+def hf_gqa(tmp_path: Path, tiny_tokenizer: Path) -> Path:
+    """A GQA model written by transformers' save_pretrained, with a tokenizer."""
+    args = tiny_args(gqa=True)
+    path = write_hf_checkpoint(tmp_path / "hf-gqa", args, random_meta_state(args, seed=1))
+    (path / "tokenizer.model").write_bytes(tiny_tokenizer.read_bytes())
+    return path
+
+
+torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
