@@ -183,3 +183,41 @@ def test_shard_count_that_does_not_divide_heads_is_a_usage_error(meta_src: Path,
     outcome = run_cli("convert", str(meta_src), str(tmp_path / "out"), "--to", "meta", "--shards", "3")
     assert_one_line_error(outcome, "n_heads 4 is not divisible by 3", code=2)
     assert not (tmp_path / "out").exists()
+
+
+def test_real_process_error_and_interrupt(tmp_path: Path) -> None:
+    """The installed entry point: one stderr line and exit 1; SIGINT mid-write gives 130 and no DST."""
+    import signal
+    import subprocess
+    import time
+
+    root = Path(__file__).resolve().parents[2]
+    proc = subprocess.run(
+        [sys.executable, "-m", "llamactl", "convert", str(tmp_path / "nope"), str(tmp_path / "o"), "--to", "hf"],
+        capture_output=True,
+        text=True,
+        cwd=root,
+    )
+    assert proc.returncode == 1 and proc.stdout == ""
+    assert proc.stderr.strip().splitlines() == [f"llamactl: error: {tmp_path / 'nope'}: no such directory"]
+
+    args = tiny_args(dim=512, n_layers=24, n_heads=8, n_kv_heads=2, vocab_size=4000, multiple_of=256)
+    src = write_meta_checkpoint(tmp_path / "big", args, random_meta_state(args), mp=2)
+    dst = tmp_path / "out"
+    child = subprocess.Popen(
+        [sys.executable, "-m", "llamactl", "convert", str(src), str(dst), "--to", "meta", "--shards", "1"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=root,
+    )
+    deadline = time.monotonic() + 60
+    while not list(tmp_path.glob(".out.*")) and child.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)  # wait until writing has started
+    child.send_signal(signal.SIGINT)
+    _, err = child.communicate(timeout=60)
+    if child.returncode == 0:
+        pytest.skip("conversion finished before the interrupt arrived")
+    assert child.returncode == 130, err
+    assert "Traceback" not in err
+    assert not dst.exists() and not list(tmp_path.glob(".out.*"))
