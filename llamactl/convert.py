@@ -7,18 +7,16 @@ only when complete, so a failure or Ctrl-C never leaves a half-written DST.
 
 from __future__ import annotations
 
-import errno
 import os
-import shutil
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
+from llamactl.atomic import atomic_directory, check_destination
 from llamactl.checkpoint import CheckpointFormat, CheckpointReader, WriteOptions, WritePlan, get_format, open_checkpoint
-from llamactl.errors import DestinationError, UsageError
+from llamactl.errors import UsageError
 
 DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -52,21 +50,6 @@ class ConvertPlan:
         return len(self.reader.tensor_infos())
 
 
-def check_destination(src: Path, dst: Path, force: bool) -> None:
-    """DST may not be SRC, lie inside it or contain it; an existing DST needs force."""
-    src_real, dst_real = src.resolve(), dst.resolve()
-    if dst_real == src_real or src_real in dst_real.parents:
-        raise DestinationError(f"{dst}: destination is inside the source {src}; choose a directory outside it")
-    if dst_real in src_real.parents:
-        raise DestinationError(f"{dst}: destination contains the source {src}; replacing it would delete the source")
-    if dst.exists() and not force:
-        raise DestinationError(f"{dst}: already exists (use --force to replace it)")
-    if dst.exists() and not dst.is_dir():
-        raise DestinationError(f"{dst}: exists and is not a directory")
-    if not dst_real.parent.is_dir():
-        raise DestinationError(f"{dst.parent}: parent directory does not exist")
-
-
 def plan_convert(
     src: str | os.PathLike[str],
     dst: str | os.PathLike[str],
@@ -94,38 +77,11 @@ def plan_convert(
 
 def run_convert(plan: ConvertPlan, on_tensor: Callable[[str, int], None] | None = None) -> Path:
     """Write the plan into a temporary directory beside DST, then move it into place."""
-    dst = plan.dst
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", suffix=".partial", dir=dst.resolve().parent))
-    try:
-        plan.options.on_tensor = on_tensor
-        assert plan.target.write is not None
+    assert plan.target.write is not None
+    plan.options.on_tensor = on_tensor
+    with atomic_directory(plan.dst) as tmp:
         plan.target.write(tmp, plan.reader, plan.files, plan.options)
-        os.chmod(tmp, 0o755)
-        _replace_dir(tmp, dst)
-    except OSError as exc:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if exc.errno == errno.ENOSPC:
-            raise DestinationError(f"{dst}: no space left on device while writing; nothing was written") from None
-        raise DestinationError(f"{exc.filename or dst}: {exc.strerror or exc}; nothing was written") from None
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return dst
-
-
-def _replace_dir(tmp: Path, dst: Path) -> None:
-    """Rename tmp to dst; an existing dst (allowed by --force) is removed only after."""
-    if not dst.exists():
-        os.rename(tmp, dst)
-        return
-    old = dst.with_name(f".{dst.name}.old-{os.getpid()}")
-    os.rename(dst, old)
-    try:
-        os.rename(tmp, dst)
-    except OSError:
-        os.rename(old, dst)
-        raise
-    shutil.rmtree(old, ignore_errors=True)
+    return plan.dst
 
 
 def convert(src: str | os.PathLike[str], dst: str | os.PathLike[str], to: str, **kwargs: object) -> Path:

@@ -1,0 +1,66 @@
+"""Output directories that appear complete or not at all.
+
+Every command that writes a model directory (convert, quantize, pull, plugins) builds it in
+a temporary directory beside the destination and renames it into place at the end, so a
+failure, a full disk or Ctrl-C never leaves a half-written model behind.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+from llamactl.errors import DestinationError
+
+
+def check_destination(src: Path, dst: Path, force: bool) -> None:
+    """DST may not be SRC, lie inside it or contain it; an existing DST needs force."""
+    src_real, dst_real = src.resolve(), dst.resolve()
+    if dst_real == src_real or src_real in dst_real.parents:
+        raise DestinationError(f"{dst}: destination is inside the source {src}; choose a directory outside it")
+    if dst_real in src_real.parents:
+        raise DestinationError(f"{dst}: destination contains the source {src}; replacing it would delete the source")
+    if dst.exists() and not force:
+        raise DestinationError(f"{dst}: already exists (use --force to replace it)")
+    if dst.exists() and not dst.is_dir():
+        raise DestinationError(f"{dst}: exists and is not a directory")
+    if not dst_real.parent.is_dir():
+        raise DestinationError(f"{dst.parent}: parent directory does not exist")
+
+
+@contextlib.contextmanager
+def atomic_directory(dst: Path) -> Iterator[Path]:
+    """Yield a fresh temporary directory beside dst; on success it replaces dst."""
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", suffix=".partial", dir=dst.resolve().parent))
+    try:
+        yield tmp
+        os.chmod(tmp, 0o755)
+        _replace_dir(tmp, dst)
+    except OSError as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if exc.errno == errno.ENOSPC:
+            raise DestinationError(f"{dst}: no space left on device while writing; nothing was written") from None
+        raise DestinationError(f"{exc.filename or dst}: {exc.strerror or exc}; nothing was written") from None
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _replace_dir(tmp: Path, dst: Path) -> None:
+    """Rename tmp to dst; an existing dst (allowed by --force) is removed only after."""
+    if not dst.exists():
+        os.rename(tmp, dst)
+        return
+    old = dst.with_name(f".{dst.name}.old-{os.getpid()}")
+    os.rename(dst, old)
+    try:
+        os.rename(tmp, dst)
+    except OSError:
+        os.rename(old, dst)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
