@@ -7,7 +7,10 @@ from collections import Counter
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+import torch
+
 from llamactl.checkpoint import CheckpointReader, TensorInfo
+from llamactl.checkpoint.sharding import expected_shapes
 from llamactl.config import ModelArgs
 
 # bitsandbytes' 4-bit layout: one absmax per block of 64 weights; with double quantization
@@ -88,10 +91,24 @@ class ModelInfo:
 def model_info(reader: CheckpointReader, ctx: int | None = None) -> ModelInfo:
     """Describe a checkpoint without loading its weights."""
     args = reader.args
-    infos = reader.tensor_infos()
     ctx = ctx or args.max_seq_len
-    dtypes = Counter(str(i.dtype).removeprefix("torch.") for i in infos)
-    params = sum(i.numel for i in infos)
+    quantization = reader.quantization
+    if quantization is None:
+        infos = reader.tensor_infos()
+        dtypes = Counter(str(i.dtype).removeprefix("torch.") for i in infos)
+        dtype = dtypes.most_common(1)[0][0] if dtypes else "unknown"
+    else:  # quantized tensors are not in the canonical layout: estimate from the shape
+        from llamactl.quantize import QuantSpec, checkpoint_quant_stats
+
+        infos = [TensorInfo(name, shape, torch.float16) for name, shape in expected_shapes(args).items()]
+        spec = QuantSpec.from_hf_config(quantization, str(reader.path / "config.json"))
+        stats = checkpoint_quant_stats(reader.files)
+        dtype = spec.scheme
+        quantization = dict(quantization) | {
+            "scheme": spec.describe(),
+            "bits_per_weight": round(stats.bits_per_weight, 4),
+            "model_bits_per_weight": round(stats.model_bits_per_weight, 4),
+        }
     kv_token = kv_cache_bytes(args, 1)
     memory = {
         "weights_fp16": weight_bytes(infos, "fp16"),
@@ -114,12 +131,12 @@ def model_info(reader: CheckpointReader, ctx: int | None = None) -> ModelInfo:
         max_seq_len=args.max_seq_len,
         rope_theta=args.rope_theta,
         norm_eps=args.norm_eps,
-        dtype=dtypes.most_common(1)[0][0] if dtypes else "unknown",
-        parameters=params,
+        dtype=dtype,
+        parameters=sum(i.numel for i in infos),
         files=len(reader.files),
         bytes_on_disk=sum(f.stat().st_size for f in reader.files),
         tokenizer=str(reader.tokenizer_path) if reader.tokenizer_path else None,
-        quantization=reader.quantization,
+        quantization=quantization,
         ctx=ctx,
         memory=memory,
     )

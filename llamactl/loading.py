@@ -46,6 +46,10 @@ def build_model(
     max_seq_len: int | None = None,
 ) -> Transformer:
     """Construct on the meta device, then assign streamed tensors: no second copy in RAM."""
+    if reader.quantization is not None:
+        from llamactl.quantize import build_quantized_model
+
+        return build_quantized_model(reader, device, dtype, max_seq_len)
     args = dataclasses.replace(reader.args, max_seq_len=max_seq_len or reader.args.max_seq_len)
     with torch.device("meta"):
         model = Transformer(args)
@@ -60,9 +64,48 @@ def load_model(
     device: str | torch.device | None = None,
     dtype: torch.dtype | None = None,
     max_seq_len: int | None = None,
+    bits: int | None = None,
 ) -> LoadedModel:
-    """Open a checkpoint by name or path and load it for inference."""
+    """Open a checkpoint by name or path and load it for inference.
+
+    `bits` (8 or 4) quantizes the block projections on load with bitsandbytes, exactly as
+    `llamactl quantize` would, without writing anything. Weights are quantized from the
+    checkpoint's own precision (before any cast to `dtype`).
+    """
     reader = open_checkpoint(model)
     dev, dt = pick_device(device, dtype)
-    net = build_model(reader, dev, dt, max_seq_len)
+    if bits is None or reader.quantization is not None:
+        if bits is not None:
+            raise UsageError(
+                f"{reader.path}: already quantized ({reader.quantization.get('quant_method')}); drop --bits"
+            )
+        net = build_model(reader, dev, dt, max_seq_len)
+        return LoadedModel(net, net.args, reader, dev, dt)
+    from llamactl.quantize import QuantSpec, quantize_model
+
+    spec = QuantSpec(bits=bits).validate()
+    net = build_model(reader, torch.device("cpu"), _source_dtype(reader), max_seq_len)
+    quantize_model(net, spec, dev)  # quantized layers land on dev; the rest is moved below
+    _move_unquantized(net, dev, dt)
     return LoadedModel(net, net.args, reader, dev, dt)
+
+
+def _move_unquantized(model: Transformer, device: torch.device, dtype: torch.dtype) -> None:
+    """Cast embeddings, norms and head; bitsandbytes' parameters must not see a dtype cast."""
+    from llamactl.quantize import QuantizedLinear
+
+    quantized = {id(m) for q in model.modules() if isinstance(q, QuantizedLinear) for m in q.modules()}
+    for module in model.modules():
+        if id(module) in quantized:
+            continue
+        for name, param in list(module.named_parameters(recurse=False)):
+            setattr(
+                module, name, torch.nn.Parameter(param.detach().to(device=device, dtype=dtype), requires_grad=False)
+            )
+    model.reset_rope(model.args.max_seq_len)
+
+
+def _source_dtype(reader: CheckpointReader) -> torch.dtype:
+    """The checkpoint's floating dtype (most tensors), used to quantize from full precision."""
+    dtypes = [info.dtype for info in reader.tensor_infos()]
+    return max(set(dtypes), key=dtypes.count) if dtypes else torch.float32

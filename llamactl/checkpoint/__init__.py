@@ -6,7 +6,15 @@ import os
 from pathlib import Path
 
 from llamactl.checkpoint.base import CheckpointReader
-from llamactl.checkpoint.formats import FORMATS, CheckpointFormat, WriteOptions, WritePlan, get_format, register_format
+from llamactl.checkpoint.formats import (
+    FORMATS,
+    CheckpointFormat,
+    WriteOptions,
+    WritePlan,
+    get_format,
+    load_plugin_formats,
+    register_format,
+)
 from llamactl.checkpoint.sharding import TensorInfo
 from llamactl.errors import CheckpointError, ModelNotFoundError
 
@@ -89,7 +97,8 @@ def resolve_model(model: str | os.PathLike[str]) -> Path:
 
 
 def detect_format(path: Path) -> CheckpointFormat:
-    """The first registered format that recognises `path` (plugins after built-ins)."""
+    """The first registered format that recognises `path` (plugins before built-ins)."""
+    load_plugin_formats()
     for fmt in reversed(list(FORMATS.values())):
         if fmt.detect(path):
             return fmt

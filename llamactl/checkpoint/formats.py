@@ -52,7 +52,21 @@ def register_format(fmt: CheckpointFormat) -> None:
     FORMATS[fmt.name] = fmt
 
 
+_plugins_loaded = False
+
+
+def load_plugin_formats() -> None:
+    """Pull in formats from installed plugins once, so library callers see them too."""
+    global _plugins_loaded
+    if not _plugins_loaded:
+        _plugins_loaded = True
+        from llamactl.plugins import get_registry
+
+        get_registry().formats()  # registers each plugin format here; broken plugins are reported by the CLI
+
+
 def get_format(name: str) -> CheckpointFormat:
+    load_plugin_formats()
     try:
         return FORMATS[name]
     except KeyError:

@@ -29,8 +29,7 @@ def info(
         ("path", report.path),
         (
             "format",
-            report.format
-            + (f" (quantized: {report.quantization.get('quant_method', '?')})" if report.quantization else ""),
+            report.format,
         ),
         (
             "attention",
@@ -48,6 +47,10 @@ def info(
         ("KV cache / token", f"{human_bytes(report.memory['kv_cache_per_token'])} (fp16)"),
         (f"KV cache @ {report.ctx}", human_bytes(report.memory["kv_cache_at_ctx"])),
     ]
+    if report.quantization:
+        quant = report.quantization
+        scheme = quant.get("scheme", quant.get("quant_method", "?"))
+        rows.insert(2, ("quantization", f"{scheme}, {quant.get('bits_per_weight', '?')} bits per quantized weight"))
     for key, value in rows:
         table.add_row(key, value)
     stdout().print(table)

@@ -1,0 +1,55 @@
+"""The `llamactl` Typer app: one thin module per command, each exposing `register(app)`."""
+
+from __future__ import annotations
+
+import typer
+
+from llamactl import __version__
+
+# Built-in command modules under llamactl.cli; each defines register(app).
+COMMAND_MODULES: list[str] = [
+    "bench",
+    "chat",
+    "convert",
+    "generate",
+    "info",
+    "plugins",
+    "quantize",
+    "store",
+    "tokenize",
+]
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"llamactl {__version__}")
+        raise typer.Exit()
+
+
+def build_app() -> typer.Typer:
+    """Create the app with every built-in and plugin command registered."""
+    app = typer.Typer(
+        name="llamactl",
+        help="Convert, quantize, chat with and benchmark Llama-2-family models.",
+        no_args_is_help=True,
+        pretty_exceptions_enable=False,
+        context_settings={"help_option_names": ["-h", "--help"]},
+    )
+
+    @app.callback()
+    def _root(
+        version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version."),
+    ) -> None:
+        """Convert, quantize, chat with and benchmark Llama-2-family models."""
+
+    # Built-in commands (COMMAND_MODULES) and plugin commands arrive through the same
+    # register_commands hook (llamactl.plugins); broken plugins become warnings.
+    from llamactl.cli.plugins import install_commands
+
+    install_commands(app)
+    return app
+
+
+def main() -> None:
+    """Console-script entry point."""
+    build_app()(prog_name="llamactl")

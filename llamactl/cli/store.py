@@ -1,0 +1,229 @@
+"""`llamactl list / show / rm / import / pull`: the model store, managed by name."""
+
+from __future__ import annotations
+
+import sys
+from typing import Annotated, Any
+
+import typer
+from rich.progress import (
+    BarColumn,
+    DownloadColumn,
+    Progress,
+    TaskID,
+    TextColumn,
+    TimeRemainingColumn,
+    TransferSpeedColumn,
+)
+
+from llamactl.checkpoint import models_home
+from llamactl.cli._common import cli_command, fail, human_bytes, print_json, stderr
+from llamactl.pull import pull_model
+from llamactl.store import hash_work, import_model, list_models, remove_model, show_model, store_path
+
+JSON_HELP = "Print JSON for scripts."
+
+
+def human_count(n: int | None) -> str:
+    if n is None:
+        return "?"
+    for scale, suffix in ((1e9, "B"), (1e6, "M"), (1e3, "K")):
+        if n >= scale:
+            return f"{n / scale:.3g}{suffix}"
+    return str(n)
+
+
+def _columns(rows: list[list[str]]) -> None:
+    """Aligned plain-text columns (no colour, so pipes and terminals read the same)."""
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    for row in rows:
+        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
+
+
+class _Bar:
+    """A rich progress bar on stderr (drawn only on a terminal) fed by library callbacks."""
+
+    def __init__(self, description: str) -> None:
+        self.progress = Progress(
+            TextColumn("{task.description}"),
+            BarColumn(),
+            DownloadColumn(binary_units=True),
+            TransferSpeedColumn(),
+            TimeRemainingColumn(),
+            console=stderr,
+            disable=not stderr.is_terminal,
+            transient=True,
+        )
+        self.description = description
+        self.task: TaskID | None = None
+
+    def __enter__(self) -> _Bar:
+        self.progress.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.progress.stop()
+
+    def start(self, total: int, done: int, files: int) -> None:
+        self.task = self.progress.add_task(f"{self.description} ({files} files)", total=total, completed=done)
+
+    def advance(self, nbytes: int) -> None:
+        if self.task is None:
+            self.start(0, 0, 0)
+        assert self.task is not None
+        self.progress.advance(self.task, nbytes)
+
+    def note(self, message: str) -> None:
+        self.progress.console.print(f"llamactl: {message}", markup=False, highlight=False)
+
+
+def list_command(json_output: Annotated[bool, typer.Option("--json", help=JSON_HELP)] = False) -> None:
+    """List the models in the store: name, format, parameters, dtype, size, path."""
+    entries = list_models()
+    if json_output:
+        print_json([e.to_dict() for e in entries])
+        return
+    if not entries:
+        print(
+            f"no models in {models_home()} yet (llamactl pull REPO_ID, or llamactl import PATH NAME)", file=sys.stderr
+        )
+        return
+    rows = [["NAME", "FORMAT", "PARAMS", "DTYPE", "SIZE", "PATH"]]
+    for e in entries:
+        dtype = e.quantization or e.dtype or "?"
+        path = f"{e.path} -> {e.linked_to}" if e.linked_to else e.path
+        rows.append([e.name, e.format or "ERROR", human_count(e.params), dtype, human_bytes(e.size), path])
+    _columns(rows)
+    for e in entries:
+        if e.error:
+            print(f"llamactl: warning: {e.name}: {e.error}", file=sys.stderr)
+
+
+def _print_show(data: dict[str, Any]) -> None:
+    info = data["info"]
+    lines = [
+        ("name", data["name"]),
+        ("path", data["path"] + (f" -> {data['linked_to']}" if data["linked_to"] else "")),
+        ("format", info["format"]),
+        (
+            "attention",
+            f"{info['attention']}: {info['n_heads']} heads, {info['n_kv_heads']} KV heads, head dim {info['head_dim']}",
+        ),
+        (
+            "shape",
+            f"dim {info['dim']}, {info['n_layers']} layers, FFN {info['hidden_dim']}, vocab {info['vocab_size']}",
+        ),
+        ("context", f"{info['max_seq_len']} (rope theta {info['rope_theta']:g})"),
+        ("parameters", f"{info['parameters']:,} ({human_count(info['parameters'])})"),
+        ("dtype", info["dtype"]),
+        ("quantization", data["quantization"] or "none"),
+        ("size", f"{human_bytes(data['size'])} in {len(data['files'])} file(s)"),
+        ("config", ", ".join(f"{k}={v}" for k, v in data["config"].items())),
+        ("tokenizer", info["tokenizer"] or "none found"),
+        ("chat template", data["chat_template"]),
+        (
+            "weights fp16/int8/nf4",
+            " / ".join(human_bytes(info["memory"][k]) for k in ("weights_fp16", "weights_int8", "weights_nf4")),
+        ),
+        (f"KV cache @ {info['ctx']}", human_bytes(info["memory"]["kv_cache_at_ctx"])),
+    ]
+    if data["source"]:
+        src = data["source"]
+        lines.append(("source", f"{src.get('repo_id')}@{src.get('commit')} (pulled {src.get('pulled_at')})"))
+    width = max(len(k) for k, _ in lines)
+    for key, value in lines:
+        print(f"{key.ljust(width)}  {value}")
+    print("files:")
+    if data["files"]:
+        _columns([[f["sha256"], human_bytes(f["size"]), f["path"]] for f in data["files"]])
+
+
+def show_command(
+    model: Annotated[str, typer.Argument(help="A model name in the store, or a checkpoint directory.")],
+    json_output: Annotated[bool, typer.Option("--json", help=JSON_HELP)] = False,
+) -> None:
+    """Everything about a model: config, tokenizer, chat template, files with sizes and sha256."""
+    with _Bar("hashing") as bar:
+        bar.start(hash_work(model), 0, 0)
+        data = show_model(model, progress=bar.advance)
+    if json_output:
+        print_json(data)
+    else:
+        _print_show(data)
+
+
+def rm_command(
+    name: Annotated[str, typer.Argument(help="The model's name in the store.")],
+    yes: Annotated[
+        bool, typer.Option("--yes", "-y", help="Do not ask; required when stdin is not a terminal.")
+    ] = False,
+) -> None:
+    """Remove a model from the store (a linked import loses only its link)."""
+    path = store_path(name)
+    if not yes:
+        if not sys.stdin.isatty():
+            raise fail(f"{name}: not removed: stdin is not a terminal, pass --yes to confirm", 2)
+        what = f"the link {path} (its files stay)" if path.is_symlink() else f"{path} and all its files"
+        if not typer.confirm(f"Remove {what}?", default=False, err=True):
+            raise fail(f"{name}: not removed", 1)
+    remove_model(name)
+    print(f"removed {name}")
+
+
+def import_command(
+    path: Annotated[str, typer.Argument(help="A checkpoint directory (Meta, Hugging Face or a plugin format).")],
+    name: Annotated[str, typer.Argument(help="The name to give it in the store.")],
+    link: Annotated[bool, typer.Option("--link", help="Symlink the directory instead of moving it.")] = False,
+) -> None:
+    """Move (or --link) a local checkpoint into the store under NAME."""
+    dest = import_model(path, name, link=link)
+    print(f"{'linked' if link else 'imported'} {name}: {dest}")
+
+
+def pull_command(
+    repo_id: Annotated[str, typer.Argument(help="A Hugging Face repository, e.g. meta-llama/Llama-2-7b-chat-hf.")],
+    revision: Annotated[str | None, typer.Option("--revision", help="Branch, tag or commit (default: main).")] = None,
+    name: Annotated[
+        str | None, typer.Option("--name", help="Store name (default from the repo: Llama-2-7b-chat-hf -> 7b-chat).")
+    ] = None,
+    include: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--include",
+            help="Only files matching this glob (repeatable). Default: all but redundant "
+            "weight formats (.bin/.pth ...) when safetensors are present.",
+        ),
+    ] = None,
+    json_output: Annotated[bool, typer.Option("--json", help=JSON_HELP)] = False,
+) -> None:
+    """Download a Hugging Face repository into the store (resumable, verified by size and hash).
+
+    Gated repositories (meta-llama/*) use your token from HF_TOKEN or `hf auth login`.
+    """
+    with _Bar(f"pulling {repo_id}") as bar:
+        result = pull_model(repo_id, name=name, revision=revision, include=include, progress=bar)
+    if json_output:
+        print_json(
+            {
+                "name": result.name,
+                "path": str(result.path),
+                "repo_id": result.repo_id,
+                "commit": result.commit,
+                "files": result.files,
+                "size": result.size,
+                "downloaded": result.downloaded,
+            }
+        )
+    else:
+        print(
+            f"pulled {result.repo_id}@{result.commit[:12]} as {result.name} "
+            f"({result.files} files, {human_bytes(result.size)}): {result.path}"
+        )
+
+
+def register(app: typer.Typer) -> None:
+    app.command("list")(cli_command(list_command))
+    app.command("show")(cli_command(show_command))
+    app.command("rm")(cli_command(rm_command))
+    app.command("import")(cli_command(import_command))
+    app.command("pull")(cli_command(pull_command))
