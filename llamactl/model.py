@@ -11,8 +11,15 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from llamactl.config import ModelArgs
+
+# cuDNN's SDPA backend (torch's first choice for bf16 on Hopper) plans a new graph for every
+# new key length, i.e. at every decoding step: on an H100 with stories260K in bf16, 15 tok/s
+# with it against 120-270 tok/s without. Flash / memory-efficient kernels have no per-shape
+# setup, so the model leaves cuDNN out.
+_SDPA_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
 class RMSNorm(nn.Module):
@@ -178,6 +185,7 @@ class Transformer(nn.Module):
             raise ValueError(f"positions {start}..{start + t - 1} exceed the rotary table ({self.rope_cos.shape[0]})")
         cos, sin = self.rope_cos[start : start + t], self.rope_sin[start : start + t]
         h = self.tok_embeddings(tokens)
-        for layer in self.layers:
-            h = layer(h, start, cos, sin)
+        with sdpa_kernel(_SDPA_BACKENDS):
+            for layer in self.layers:
+                h = layer(h, start, cos, sin)
         return self.output(self.norm(h)).float()

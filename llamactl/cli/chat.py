@@ -1,0 +1,161 @@
+"""`llamactl chat`: the Llama 2 chat REPL, or one-shot answers for scripts.
+
+Interactive when stdin is a terminal and no --prompt is given; otherwise stdout carries
+only the answers (plain text, or one JSON object per answer with --json).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from llamactl.chat import TEMPLATE_NAME, load_dialog
+from llamactl.cli._common import cli_command, warn
+from llamactl.cli.generate import (
+    Bits,
+    Ctx,
+    Device,
+    DType,
+    JsonOpt,
+    MaxNew,
+    ModelArg,
+    Seed,
+    Temperature,
+    TokenizerOpt,
+    TopK,
+    TopP,
+    _sampling_dict,
+    loading_status,
+    sampling_from,
+    write,
+)
+from llamactl.errors import UsageError
+from llamactl.generate import ChatSession, load_for_generation, parse_dtype
+
+
+def chat(
+    model: ModelArg,
+    prompt: Annotated[
+        str | None, typer.Option("--prompt", "-p", help="Answer this message and exit (no REPL).")
+    ] = None,
+    system: Annotated[str | None, typer.Option("--system", "-s", help="System prompt for the conversation.")] = None,
+    dialog: Annotated[Path | None, typer.Option("--dialog", help="Start from a messages JSON dialog.")] = None,
+    each_line: Annotated[
+        bool, typer.Option("--each-line", help="Answer every stdin line in turn, in one conversation.")
+    ] = False,
+    temperature: Temperature = 0.6,
+    top_p: TopP = 0.9,
+    top_k: TopK = 0,
+    seed: Seed = None,
+    max_new_tokens: MaxNew = None,
+    overflow: Annotated[
+        str, typer.Option("--overflow", help="When the context is full: drop (oldest exchanges) or error.")
+    ] = "drop",
+    device: Device = None,
+    dtype: DType = None,
+    bits: Bits = None,
+    tokenizer: TokenizerOpt = None,
+    ctx: Ctx = None,
+    json_out: JsonOpt = False,
+) -> None:
+    """Chat with a Llama 2 chat model: a REPL on a terminal, plain answers in pipes."""
+    if overflow not in ("drop", "error"):
+        raise UsageError(f"--overflow {overflow}: choose drop or error")
+    sampling = sampling_from(temperature, top_p, top_k, seed, max_new_tokens)
+    messages = load_dialog(dialog) if dialog is not None else []
+    interactive = prompt is None and sys.stdin.isatty()
+    inputs: list[str] = []
+    if not interactive:
+        inputs = _script_inputs(prompt, each_line)
+    with loading_status(model):
+        loaded, tok = load_for_generation(model, tokenizer, device, parse_dtype(dtype), ctx, bits)
+    session = ChatSession(
+        loaded.model, tok, sampling=sampling, messages=messages, overflow=overflow, context=loaded.args.max_seq_len
+    )
+    if system is not None:
+        session.set_system(system)
+    if interactive:
+        _repl(session, loaded, model)
+        return
+    pending = bool(session.messages) and session.messages[-1].role == "user"
+    if not inputs and not pending:
+        raise UsageError(
+            "nothing to answer: give --prompt TEXT, pipe a message on stdin, or a --dialog ending with a user message"
+        )
+    meta = {
+        "seed": session.seed_used,
+        "sampling": _sampling_dict(sampling),
+        "template": TEMPLATE_NAME,
+        "model": str(loaded.reader.path),
+    }
+    if pending:
+        _answer(session, session.retry, json_out, meta)
+    for text in inputs:
+        _answer(session, lambda text=text: session.ask(text), json_out, meta)
+
+
+def _script_inputs(prompt: str | None, each_line: bool) -> list[str]:
+    if prompt is not None:
+        if each_line:
+            raise UsageError("--each-line reads stdin; it cannot be combined with --prompt")
+        return [prompt] if prompt.strip() else []
+    text = sys.stdin.read()
+    if each_line:
+        return [line for line in text.splitlines() if line.strip()]
+    return [text.strip()] if text.strip() else []
+
+
+def _answer(session: ChatSession, start: Any, json_out: bool, meta: dict[str, Any]) -> None:
+    t0 = time.perf_counter()
+    stream = start()
+    if session.last_dropped:
+        warn(f"context full: dropped the {session.last_dropped} oldest exchange(s), system prompt kept")
+    for piece in stream:
+        if not json_out:
+            write(piece)
+    last = session.last
+    answer = session.messages[-1]
+    if json_out:
+        record = {
+            "content": answer.content,
+            "cut": answer.cut,
+            "tokens_in": last.prompt_tokens,
+            "tokens_prefilled": last.prefilled_tokens,
+            "tokens_out": last.new_tokens,
+            "tokens_per_second": round(last.tokens_per_second, 2) if last.tokens_per_second else None,
+            "time_to_first_token_s": round(last.ttft, 4) if last.ttft is not None else None,
+            "seconds": round(time.perf_counter() - t0, 4),
+            "stop_reason": last.stop_reason,
+            "dropped_exchanges": last.dropped_exchanges,
+            **meta,
+        }
+        write(json.dumps(record, ensure_ascii=False) + "\n")
+    else:
+        write("\n")
+
+
+def _repl(session: ChatSession, loaded: Any, name: str) -> None:
+    from llamactl.checkpoint import models_home
+    from llamactl.repl import ModelInfo, Repl
+
+    args = loaded.args
+    info = ModelInfo(
+        name=name,
+        path=str(loaded.reader.path),
+        format=loaded.reader.format,
+        shape=f"{args.n_layers} layers, dim {args.dim}, {args.attention_kind} {args.n_heads}/{args.kv_heads} heads",
+        context=session.context or args.max_seq_len,
+        device=str(loaded.device),
+        dtype=str(loaded.dtype).removeprefix("torch."),
+    )
+    history = models_home().parent / "chat_history"
+    raise typer.Exit(Repl(session, info, history=history).run())
+
+
+def register(app: typer.Typer) -> None:
+    app.command("chat")(cli_command(chat))

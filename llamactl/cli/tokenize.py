@@ -1,0 +1,66 @@
+"""`llamactl tokenize`: show exactly which token ids the model reads for a text or a dialog."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from llamactl.chat import encode_history, load_dialog
+from llamactl.cli._common import cli_command
+from llamactl.errors import UsageError
+from llamactl.tokenizer import Tokenizer, open_tokenizer
+
+
+def _tokenizer(model: str | None, tokenizer: Path | None) -> Tokenizer:
+    if (model is None) == (tokenizer is None):
+        raise UsageError("give exactly one of --model MODEL or --tokenizer FILE")
+    if tokenizer is not None:
+        return Tokenizer(tokenizer)
+    from llamactl.checkpoint import open_checkpoint
+
+    reader = open_checkpoint(model)
+    return open_tokenizer(None, reader.tokenizer_path, reader.path, reader.args.vocab_size)
+
+
+def tokenize(
+    text: Annotated[str | None, typer.Argument(help="Text to encode; read from stdin when omitted.")] = None,
+    chat: Annotated[
+        Path | None, typer.Option("--chat", help="Encode a messages JSON dialog with the Llama 2 chat template.")
+    ] = None,
+    model: Annotated[
+        str | None, typer.Option("--model", "-m", help="Use this model's tokenizer (name or directory).")
+    ] = None,
+    tokenizer: Annotated[Path | None, typer.Option("--tokenizer", help="A SentencePiece tokenizer.model file.")] = None,
+    bos: Annotated[
+        bool, typer.Option("--bos/--no-bos", help="Prefix the BOS id to plain text, as generate does.")
+    ] = True,
+    pieces: Annotated[bool, typer.Option("--pieces", help="Show each id with its SentencePiece piece.")] = False,
+    json_out: Annotated[bool, typer.Option("--json", help="Print one JSON list.")] = False,
+) -> None:
+    """Print the token ids of TEXT (or of a chat dialog with --chat)."""
+    if chat is not None and text is not None:
+        raise UsageError("give either TEXT or --chat DIALOG.json, not both")
+    tok = _tokenizer(model, tokenizer)
+    if chat is not None:
+        ids = encode_history(tok, load_dialog(chat))
+    else:
+        if text is None:
+            if sys.stdin.isatty():
+                raise UsageError("give TEXT, --chat DIALOG.json, or pipe text on stdin")
+            text = sys.stdin.read().removesuffix("\n")
+        ids = tok.encode(text, bos=bos)
+    if json_out:
+        data = [{"id": i, "piece": tok.piece(i)} for i in ids] if pieces else ids
+        sys.stdout.write(json.dumps(data, ensure_ascii=False) + "\n")
+    elif pieces:
+        sys.stdout.write("".join(f"{i}\t{tok.piece(i)}\n" for i in ids))
+    else:
+        sys.stdout.write(" ".join(map(str, ids)) + "\n")
+
+
+def register(app: typer.Typer) -> None:
+    app.command("tokenize")(cli_command(tokenize))
