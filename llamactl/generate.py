@@ -267,13 +267,7 @@ class Completion:
 
     def __iter__(self) -> Iterator[str]:
         decoder = StreamDecoder(self.tokenizer, context=self.prompt_ids)
-        for token in self.run:
-            piece = decoder.push(token)
-            if piece:
-                yield piece
-        tail = decoder.finish()
-        if tail:
-            yield tail
+        yield from decoder.stream(self.run)
         self.text = decoder.text
 
 
@@ -449,13 +443,7 @@ class ChatSession:
         decoder = StreamDecoder(self.tokenizer)
         finished = False
         try:
-            for token in run:
-                piece = decoder.push(token)
-                if piece:
-                    yield piece
-            tail = decoder.finish()
-            if tail:
-                yield tail
+            yield from decoder.stream(run)
             finished = True
         finally:
             self.cached = (prompt + run.produced)[: run.cache_len]

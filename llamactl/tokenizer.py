@@ -9,7 +9,7 @@ decode of all tokens will contain.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
 from llamactl.errors import LlamactlError
@@ -148,6 +148,16 @@ class StreamDecoder:
         self._prefix = self._read = len(self.ids)
         self.text += piece
         return piece
+
+    def stream(self, tokens: Iterable[int]) -> Iterator[str]:
+        """Push every token, yielding each non-empty piece, then the held-back tail."""
+        for token in tokens:
+            piece = self.push(token)
+            if piece:
+                yield piece
+        tail = self.finish()
+        if tail:
+            yield tail
 
 
 def _common_prefix(old: str, new: str) -> int:

@@ -11,7 +11,6 @@ from typing import Annotated, Any
 import typer
 
 from llamactl.cli._common import cli_command, fail, print_json, warn
-from llamactl.errors import LlamactlError
 from llamactl.plugins import ENTRY_POINT_GROUP, PluginInfo, get_registry
 
 
@@ -22,16 +21,12 @@ def _is_control_flow(exc: BaseException) -> bool:
 
 def guard_plugin_command(plugin: str, command: str, func: Callable[..., Any]) -> Callable[..., Any]:
     """A crash in a plugin's command becomes one line naming the plugin, exit 1."""
+    guarded = cli_command(func)  # library errors and Ctrl-C as for built-in commands
 
     @functools.wraps(func)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
-            return func(*args, **kwargs)
-        except LlamactlError as exc:
-            raise fail(str(exc), exc.exit_code) from None
-        except KeyboardInterrupt:
-            print("llamactl: interrupted", file=sys.stderr)
-            raise typer.Exit(130) from None
+            return guarded(*args, **kwargs)
         except Exception as exc:
             if _is_control_flow(exc):
                 raise
