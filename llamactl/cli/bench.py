@@ -1,0 +1,293 @@
+"""`llamactl bench`: prefill/decode tokens/s, KV-cache and weight memory, MHA vs GQA vs MQA.
+
+Parses the options (comma lists form a cross product, like llama-bench), calls
+`llamactl.bench.run_bench` and prints the report as a table, markdown, csv, json or jsonl.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich import box
+from rich.console import Console
+from rich.table import Table
+
+from llamactl.bench import (
+    CPU_DEFAULTS,
+    FIELDS,
+    BenchOptions,
+    BenchReport,
+    BenchRow,
+    apply_device_defaults,
+    resolve_device,
+    validate_options,
+)
+from llamactl.cli._common import cli_command, stderr, stdout
+from llamactl.errors import UsageError
+
+FORMATS = ("table", "md", "csv", "json", "jsonl")
+_MIB = 1 << 20
+
+
+def register(app: typer.Typer) -> None:
+    app.command("bench")(cli_command(bench))
+
+
+def _ints(flag: str, text: str) -> list[int]:
+    values = []
+    for part in text.split(","):
+        try:
+            values.append(int(part.strip()))
+        except ValueError:
+            raise UsageError(f"{flag} {text}: {part.strip()!r} is not an integer") from None
+    return values
+
+
+def _words(flag: str, text: str) -> list[str]:
+    values = [part.strip().lower() for part in text.split(",")]
+    if not all(values):
+        raise UsageError(f"{flag} {text}: empty item in the list")
+    return values
+
+
+def bench(
+    model: Annotated[
+        str | None,
+        typer.Argument(help="Checkpoint directory or installed model name; omit to benchmark --preset."),
+    ] = None,
+    preset: Annotated[str, typer.Option(help="Preset shape(s) built with random weights: 7b,13b,70b.")] = "7b",
+    ctx: Annotated[str, typer.Option(help="Context length(s) the KV cache holds; decode runs filled to it.")] = "4096",
+    prompt_tokens: Annotated[str, typer.Option(help="Prompt length(s) for the prefill test (pp).")] = "512",
+    gen_tokens: Annotated[
+        str | None,
+        typer.Option(help=f"Tokens generated in the decode test (tg) (default 128; CPU {CPU_DEFAULTS['gen_tokens']})."),
+    ] = None,
+    batch: Annotated[str, typer.Option(help="Batch size(s).")] = "1",
+    attn: Annotated[
+        str | None,
+        typer.Option(help="Attention variant(s) of the same shape: mha,gqa,mqa (default: the preset's own).."),
+    ] = None,
+    kv_heads: Annotated[str, typer.Option(help="KV heads for --attn gqa (comma list).")] = "8",
+    dtype: Annotated[
+        str | None, typer.Option(help="bf16, fp16 or fp32 (comma list; default CUDA bf16, CPU fp32).")
+    ] = None,
+    bits: Annotated[str, typer.Option(help="Weight bits: 16, 8 (int8) or 4 (nf4) (comma list).")] = "16",
+    layers: Annotated[
+        str | None, typer.Option(help=f"Keep only N layers of the preset (default all; CPU {CPU_DEFAULTS['layers']}).")
+    ] = None,
+    warmup: Annotated[int, typer.Option(help="Untimed runs before the repeats.")] = 1,
+    repeat: Annotated[
+        int | None, typer.Option(help=f"Timed repeats per test (default 5; CPU {CPU_DEFAULTS['repeat']}).")
+    ] = None,
+    device: Annotated[str | None, typer.Option(help="cuda or cpu (default cuda when available).")] = None,
+    output: Annotated[str, typer.Option("--output", "-o", help="table, md, csv, json or jsonl.")] = "table",
+    json_output: Annotated[bool, typer.Option("--json", help="Same as -o json.")] = False,
+    plot: Annotated[
+        Path | None, typer.Option(help="Also draw tokens/s and KV memory against context to FILE.png.")
+    ] = None,
+    vs: Annotated[
+        str | None, typer.Option(help="Compare with 'transformers' (LlamaForCausalLM, same weights, interleaved).")
+    ] = None,
+    seed: Annotated[int, typer.Option(help="Seed for random weights and tokens.")] = 0,
+) -> None:
+    """Benchmark prefill and decode speed and memory (like llama-bench, plus KV cache and bandwidth)."""
+    fmt = "json" if json_output else output.lower()
+    if fmt not in FORMATS:
+        raise UsageError(f"--output {output}: expected one of {', '.join(FORMATS)}")
+    opts = BenchOptions(
+        model=model,
+        presets=_words("--preset", preset),
+        ctx=_ints("--ctx", ctx),
+        prompt_tokens=_ints("--prompt-tokens", prompt_tokens),
+        gen_tokens=_ints("--gen-tokens", gen_tokens) if gen_tokens is not None else None,
+        batch=_ints("--batch", batch),
+        attn=_words("--attn", attn) if attn is not None else ["native"],
+        kv_heads=_ints("--kv-heads", kv_heads),
+        dtypes=_words("--dtype", dtype) if dtype is not None else None,
+        bits=_ints("--bits", bits),
+        layers=_ints("--layers", layers) if layers is not None else None,  # type: ignore[arg-type]
+        warmup=warmup,
+        repeat=repeat,
+        device=device,
+        vs=vs.lower() if vs else None,
+        seed=seed,
+    )
+    if plot is not None:
+        from llamactl.plot import check_plot_path
+
+        check_plot_path(plot)
+    resolved, fell_back = resolve_device(device)
+    validate_options(apply_device_defaults(opts, resolved))
+    if fell_back:
+        print(f"llamactl: no CUDA GPU found; benchmarking on the CPU{_cpu_note(opts)}", file=sys.stderr)
+    report = _run(opts, resolved, fell_back)
+    _print(report, fmt)
+    if plot is not None:
+        from llamactl.plot import plot_report
+
+        plot_report(report, plot)
+        stderr.print(f"plot written to {plot}")
+
+
+def _cpu_note(opts: BenchOptions) -> str:
+    """Which CPU defaults apply (only those the user did not set)."""
+    parts = []
+    if opts.layers is None and opts.model is None:
+        parts.append(f"--layers {CPU_DEFAULTS['layers']}")
+    if opts.gen_tokens is None:
+        parts.append(f"--gen-tokens {CPU_DEFAULTS['gen_tokens']}")
+    if opts.repeat is None:
+        parts.append(f"--repeat {CPU_DEFAULTS['repeat']}")
+    if opts.dtypes is None:
+        parts.append(f"--dtype {CPU_DEFAULTS['dtype']}")
+    return f" with {' '.join(parts)} (pass them to change)" if parts else ""
+
+
+def _run(opts: BenchOptions, device: Any, fell_back: bool) -> BenchReport:
+    from llamactl.bench import run_bench
+
+    if not stderr.is_terminal:
+        return run_bench(opts, device=device, cpu_fallback=fell_back)
+    with stderr.status("benchmarking") as status:
+        return run_bench(opts, progress=lambda msg: status.update(msg), device=device, cpu_fallback=fell_back)
+
+
+# --------------------------------------------------------------------------- output
+
+
+def _print(report: BenchReport, fmt: str) -> None:
+    if fmt == "json":
+        sys.stdout.write(json.dumps(report.records(), indent=2) + "\n")
+    elif fmt == "jsonl":
+        for record in report.records():
+            sys.stdout.write(json.dumps(record) + "\n")
+    elif fmt == "csv":
+        sys.stdout.write(_csv(report))
+    elif fmt == "md":
+        sys.stdout.write("\n".join([*_header_lines(report), "", *_markdown(report)]) + "\n")
+    else:
+        console = stdout()
+        if not console.is_terminal:  # plain text at its natural width when piped
+            console = Console(width=1000, highlight=False, soft_wrap=True, no_color=True)
+        for line in _header_lines(report):
+            console.print(line, markup=False)
+        console.print(_table(report, ascii_only=not console.is_terminal))
+
+
+def _csv(report: BenchReport) -> str:
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=list(FIELDS), lineterminator="\n")
+    writer.writeheader()
+    for record in report.records():
+        writer.writerow({k: ";".join(str(x) for x in v) if isinstance(v, list) else v for k, v in record.items()})
+    return buffer.getvalue()
+
+
+def _gib(n: int | None) -> str:
+    return f"{n / (1 << 30):.1f} GiB" if n else "?"
+
+
+def _header_lines(report: BenchReport) -> list[str]:
+    env = report.environment
+    device = f"{env.gpu_info} ({_gib(env.gpu_memory_bytes)})" if env.gpu_info else "CPU"
+    cuda = f", CUDA {env.cuda_version}" if env.cuda_version else ""
+    commit = f" ({env.build_commit})" if env.build_commit else ""
+    lines = [
+        f"llamactl {env.llamactl_version}{commit}, torch {env.torch_version}{cuda}",
+        f"device: {device}; peak copy bandwidth {env.peak_bandwidth_gbs:.0f} GB/s",
+        f"cpu: {env.cpu_info}, {env.cpu_cores} cores / {env.cpu_threads} threads, "
+        f"{env.n_threads} torch threads, RAM {_gib(env.ram_bytes)}",
+    ]
+    reduced = sorted({(r.n_layer, r.n_layer_model) for r in report.rows if r.n_layer != r.n_layer_model})
+    if reduced:
+        why = "CPU default, " if env.cpu_fallback and report.options.layers == [CPU_DEFAULTS["layers"]] else ""
+        shown = ", ".join(f"{n} of {full}" for n, full in reduced)
+        lines.append(f"layers: {shown} ({why}--layers to change); sizes and speeds are for these layers")
+    if env.backends == "CPU":
+        lines.append("memory: peak = process RSS high-water mark; KV measured = cache tensor storage")
+    return lines
+
+
+def _columns(report: BenchReport) -> list[str]:
+    cols = [
+        "model",
+        "layers",
+        "attn",
+        "kv heads",
+        "dtype",
+        "bits",
+        "batch",
+        "test",
+        "t/s",
+        "median",
+        "ms/tok",
+        "KV MiB",
+        "weights MiB",
+        "peak MiB",
+        "GB/s",
+        "% peak",
+    ]
+    if any(r.vs for r in report.rows):
+        cols += ["transformers median", "speedup"]
+    return cols
+
+
+def _cells(row: BenchRow, with_vs: bool) -> list[str]:
+    def mib(n: int | None) -> str:
+        return f"{n / _MIB:,.1f}" if n is not None else ""
+
+    def num(x: float | None, fmt: str) -> str:
+        return format(x, fmt) if x is not None else ""
+
+    kv = mib(row.kv_bytes)
+    if row.kv_bytes is not None and row.kv_bytes != row.kv_bytes_formula:
+        kv += f" (formula {mib(row.kv_bytes_formula)})"
+    speed = f"{row.avg_ts:.2f} ± {row.stddev_ts:.2f}" if row.avg_ts is not None else row.status.upper()
+    cells = [
+        row.model_type,
+        f"{row.n_layer}/{row.n_layer_model}",
+        row.attn,
+        str(row.n_kv_head),
+        row.type_w,
+        str(row.bits),
+        str(row.n_batch),
+        row.test,
+        speed,
+        num(row.median_ts, ".2f"),
+        num(row.ms_per_token, ".2f"),
+        kv if row.status == "ok" else mib(row.kv_bytes_formula),
+        mib(row.weight_bytes),
+        mib(row.peak_bytes),
+        num(row.bandwidth_gbs, ".1f"),
+        num(row.bandwidth_frac * 100 if row.bandwidth_frac is not None else None, ".0f"),
+    ]
+    if with_vs:
+        vs = f"{row.vs_median_ts:.2f}" if row.vs_median_ts is not None else ""
+        cells += [vs, f"{row.speedup:.2f}x" if row.speedup is not None else ""]
+    return cells
+
+
+def _table(report: BenchReport, ascii_only: bool = False) -> Table:
+    cols = _columns(report)
+    table = Table(*cols, title="llamactl bench", box=box.ASCII if ascii_only else box.HEAVY_HEAD)
+    for col in table.columns[8:]:
+        col.justify = "right"
+    for row in report.rows:
+        table.add_row(*_cells(row, "speedup" in cols))
+    return table
+
+
+def _markdown(report: BenchReport) -> list[str]:
+    cols = _columns(report)
+    lines = [
+        "| " + " | ".join(cols) + " |",
+        "|" + "|".join("---:" if i >= 8 else "---" for i in range(len(cols))) + "|",
+    ]
+    lines += ["| " + " | ".join(_cells(row, "speedup" in cols)) + " |" for row in report.rows]
+    return lines

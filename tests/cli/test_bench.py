@@ -1,0 +1,271 @@
+"""`llamactl bench` through the real app: the no-GPU default run, output schemas, plot, bad input.
+
+The presets are 7B-wide; to keep CI fast the "7b" preset is swapped for a tiny shape with the
+same 32 layers and 32 heads, so the CPU defaults (--layers 2 ...) are exercised as they are.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from llamactl import bench, config
+from tests.cli._run import assert_one_line_error, run_cli
+
+TINY_7B = config.ModelArgs(dim=128, n_layers=32, n_heads=32, vocab_size=320, multiple_of=32)
+# Names llama-bench uses for the same things, which the schema must keep.
+LLAMA_BENCH_FIELDS = (
+    "n_prompt",
+    "n_gen",
+    "n_batch",
+    "n_threads",
+    "avg_ns",
+    "stddev_ns",
+    "avg_ts",
+    "stddev_ts",
+    "samples_ns",
+    "samples_ts",
+    "model_type",
+    "model_n_params",
+    "cpu_info",
+    "gpu_info",
+    "backends",
+    "build_commit",
+    "test_time",
+    "type_k",
+    "n_depth",
+)
+OUR_FIELDS = (
+    "kv_bytes",
+    "kv_bytes_formula",
+    "weight_bytes",
+    "peak_bytes",
+    "bandwidth_gbs",
+    "bandwidth_frac",
+    "n_kv_head",
+    "attn",
+    "status",
+    "median_ts",
+    "ms_per_token",
+    "speedup",
+    "n_ctx",
+)
+FAST = ("--prompt-tokens", "16", "--gen-tokens", "4", "--repeat", "2", "--warmup", "0")
+
+
+@pytest.fixture(autouse=True)
+def _tiny_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(config.PRESETS, "7b", TINY_7B)
+    monkeypatch.setitem(
+        config.PRESETS,
+        "70b",
+        config.ModelArgs(dim=128, n_layers=80, n_heads=16, n_kv_heads=2, vocab_size=320, multiple_of=32),
+    )
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+
+
+def test_default_run_falls_back_to_the_cpu_and_prints_a_table() -> None:
+    out = run_cli("bench", "--ctx", "4096")
+    assert out.exit_code == 0, out.stderr
+    # One line on stderr says there is no GPU and which CPU defaults apply.
+    assert out.stderr.strip().splitlines() == [
+        "llamactl: no CUDA GPU found; benchmarking on the CPU with --layers 2 --gen-tokens 32 --repeat 3 "
+        "--dtype fp32 (pass them to change)"
+    ]
+    assert "layers: 2 of 32 (CPU default, --layers to change)" in out.stdout
+    assert "device: CPU" in out.stdout and "torch " in out.stdout
+    lines = out.stdout.splitlines()
+    pp = next(line for line in lines if "pp512" in line)
+    tg = next(line for line in lines if "tg32@4096" in line)
+    assert "7b" in pp and "2/32" in pp and "MHA" in pp and "fp32" in pp
+    # KV column: 2 layers × 32 heads × 4 × 4096 × 4 bytes × 2 = 8 MiB
+    assert "8.0" in tg.split("|")[12]
+    assert "\x1b[" not in out.stdout  # no ANSI when not a terminal
+
+
+def test_explicit_options_are_kept_and_no_fallback_line_with_device_cpu() -> None:
+    out = run_cli("bench", "--device", "cpu", "--ctx", "64", "--layers", "3", "-o", "json", *FAST)
+    assert out.exit_code == 0, out.stderr
+    assert out.stderr == ""
+    records = json.loads(out.stdout)
+    assert {(r["n_layer"], r["n_layer_model"], r["n_gen"] or r["n_prompt"]) for r in records} == {
+        (3, 32, 16),
+        (3, 32, 4),
+    }
+
+
+def test_json_schema_is_stable_and_uses_llama_bench_names() -> None:
+    out = run_cli("bench", "--ctx", "64", "--attn", "mha,gqa,mqa", "--kv-heads", "8", "--json", *FAST)
+    assert out.exit_code == 0, out.stderr
+    records = json.loads(out.stdout)
+    assert len(records) == 6
+    for record in records:
+        assert tuple(record) == bench.FIELDS
+        assert set(LLAMA_BENCH_FIELDS) <= set(record) and set(OUR_FIELDS) <= set(record)
+        assert isinstance(record["samples_ts"], list) and len(record["samples_ts"]) == 2
+        assert record["kv_bytes"] == record["kv_bytes_formula"]
+        assert record["backends"] == "CPU" and record["status"] == "ok"
+    kv = {r["attn"]: (r["n_kv_head"], r["kv_bytes"]) for r in records if r["n_gen"]}
+    assert kv["MHA"][0] == 32 and kv["GQA"][0] == 8 and kv["MQA"][0] == 1
+    assert kv["MHA"][1] == 4 * kv["GQA"][1] == 32 * kv["MQA"][1]
+
+
+def test_jsonl_is_one_record_per_line() -> None:
+    out = run_cli("bench", "--ctx", "64,128", "-o", "jsonl", *FAST)
+    assert out.exit_code == 0, out.stderr
+    records = [json.loads(line) for line in out.stdout.splitlines()]
+    assert [(r["n_ctx"], r["test"]) for r in records] == [(64, "pp16"), (64, "tg4@64"), (128, "pp16"), (128, "tg4@128")]
+    assert all(tuple(r) == bench.FIELDS for r in records)
+
+
+def test_csv_has_the_schema_header_and_parses() -> None:
+    out = run_cli("bench", "--ctx", "64", "--batch", "1,2", "-o", "csv", *FAST)
+    assert out.exit_code == 0, out.stderr
+    rows = list(csv.DictReader(io.StringIO(out.stdout)))
+    assert tuple(rows[0]) == bench.FIELDS
+    assert [(r["n_batch"], r["test"]) for r in rows] == [("1", "pp16"), ("1", "tg4@64"), ("2", "pp16"), ("2", "tg4@64")]
+    for r in rows:
+        samples = [float(x) for x in r["samples_ts"].split(";")]
+        assert len(samples) == 2
+        assert float(r["avg_ts"]) == pytest.approx(sum(samples) / 2)
+        assert int(r["kv_bytes"]) == int(r["kv_bytes_formula"]) == 2 * 2 * 32 * 4 * 64 * int(r["n_batch"]) * 4
+
+
+def test_markdown_table() -> None:
+    out = run_cli("bench", "--ctx", "64", "-o", "md", "--preset", "70b", "--layers", "1", *FAST)
+    assert out.exit_code == 0, out.stderr
+    table = [line for line in out.stdout.splitlines() if line.startswith("|")]
+    assert table[0].startswith("| model | layers | attn | kv heads |")
+    assert table[1].startswith("|---|")
+    assert len(table) == 4
+    assert "| 70b | 1/80 | GQA | 2 |" in table[2]
+
+
+def test_vs_transformers_adds_the_ratio() -> None:
+    pytest.importorskip("transformers")
+    out = run_cli("bench", "--ctx", "64", "--vs", "transformers", "-o", "json", *FAST)
+    assert out.exit_code == 0, out.stderr
+    for record in json.loads(out.stdout):
+        assert record["vs"] == "transformers" and record["speedup"] > 0
+    table = run_cli("bench", "--ctx", "64", "--vs", "transformers", *FAST)
+    assert "speedup" in table.stdout and "transformers median" in table.stdout
+
+
+def test_plot_writes_a_png(tmp_path: Path) -> None:
+    pytest.importorskip("matplotlib")
+    target = tmp_path / "bench.png"
+    out = run_cli("bench", "--ctx", "64,128", "--attn", "mha,mqa", "--plot", str(target), "-o", "json", *FAST)
+    assert out.exit_code == 0, out.stderr
+    assert target.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert [p.name for p in tmp_path.iterdir()] == ["bench.png"]  # no temporary left behind
+
+
+def test_plot_without_matplotlib_is_a_clear_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import sys
+
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib -> ImportError
+    out = run_cli("bench", "--plot", str(tmp_path / "x.png"))
+    assert_one_line_error(out, "matplotlib is not installed", "llamactl[plot]")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_injected_oom_is_a_row_in_the_table(monkeypatch: pytest.MonkeyPatch) -> None:
+    from llamactl.model import Transformer
+
+    real = Transformer.setup_cache
+
+    def setup(self: Transformer, batch: int = 1, max_seq_len: int | None = None, dtype: torch.dtype | None = None):
+        if max_seq_len == 128:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+        return real(self, batch, max_seq_len, dtype)
+
+    monkeypatch.setattr(Transformer, "setup_cache", setup)
+    out = run_cli("bench", "--ctx", "64,128,256", *FAST)
+    assert out.exit_code == 0, out.stderr
+    oom = [line for line in out.stdout.splitlines() if "OOM" in line]
+    assert len(oom) == 2 and all("@128" in line or "pp16" in line for line in oom)
+    assert sum("tg4@" in line for line in out.stdout.splitlines()) == 3
+
+
+@pytest.mark.parametrize(
+    ("args", "fragments", "code"),
+    [
+        (("--ctx", "4k"), ("--ctx 4k", "'4k' is not an integer"), 2),
+        (("--attn", "mha,mla"), ("--attn mla",), 2),
+        (("--kv-heads", "5", "--attn", "gqa"), ("--kv-heads 5", "32 attention heads"), 2),
+        (("--ctx", "256", "--prompt-tokens", "512"), ("--prompt-tokens 512: longer than --ctx 256",), 2),
+        (("-o", "xml"), ("--output xml",), 2),
+        (("--dtype", "fp8"), ("--dtype fp8",), 2),
+        (("--preset", "8b"), ("unknown preset '8b'",), 1),
+        (("--device", "cuda"), ("--device cuda: CUDA is not available",), 1),
+        (("--device", "tpu"), ("--device tpu",), 2),
+        (("some/model", "--attn", "gqa"), ("--attn needs --preset",), 2),
+        (("--vs", "llama.cpp"), ("--vs llama.cpp",), 2),
+        (("--plot", "chart.svg"), ("must end in .png",), 1),
+    ],
+)
+def test_bad_input_is_one_line(args: tuple[str, ...], fragments: tuple[str, ...], code: int) -> None:
+    if "--plot" in args:
+        pytest.importorskip("matplotlib")
+    assert_one_line_error(run_cli("bench", *args), *fragments, code=code)
+
+
+def test_help_lists_every_option_of_the_issue() -> None:
+    out = run_cli("bench", "--help")
+    assert out.exit_code == 0
+    for option in (
+        "--preset",
+        "--ctx",
+        "--prompt-tokens",
+        "--gen-tokens",
+        "--batch",
+        "--attn",
+        "--kv-heads",
+        "--dtype",
+        "--bits",
+        "--layers",
+        "--warmup",
+        "--repeat",
+        "--device",
+        "--output",
+        "--plot",
+        "--vs",
+    ):
+        assert option in out.stdout, option
+
+
+@pytest.mark.parametrize("fmt", ["meta", "hf"])
+def test_benchmarks_a_checkpoint_in_either_format(fmt: str, tmp_path: Path) -> None:
+    from tests._ckpt import random_meta_state, tiny_args, write_hf_checkpoint, write_meta_checkpoint
+
+    args = tiny_args(gqa=True)
+    write = write_meta_checkpoint if fmt == "meta" else write_hf_checkpoint
+    path = write(tmp_path / fmt, args, random_meta_state(args))
+    out = run_cli("bench", str(path), "--device", "cpu", "--ctx", "64", "-o", "json", *FAST)
+    assert out.exit_code == 0, out.stderr
+    records = json.loads(out.stdout)
+    assert [r["test"] for r in records] == ["pp16", "tg4@64"]
+    for r in records:
+        assert (r["model_type"], r["model_filename"]) == (fmt, str(path))
+        assert (r["n_layer"], r["n_head"], r["n_kv_head"]) == (args.n_layers, args.n_heads, args.kv_heads)
+        assert r["kv_bytes"] == r["kv_bytes_formula"] == bench.kv_cache_bytes(args, 64, 1, torch.float32)
+        assert r["weight_bytes"] == bench.param_count(args) * 4
+
+
+def test_benchmarks_a_checkpoint_quantized_on_load(tmp_path: Path) -> None:
+    pytest.importorskip("bitsandbytes")
+    from tests._ckpt import random_meta_state, tiny_args, write_meta_checkpoint
+
+    args = tiny_args(gqa=True)
+    path = write_meta_checkpoint(tmp_path / "m", args, random_meta_state(args))
+    out = run_cli(
+        "bench", str(path), "--device", "cpu", "--ctx", "64", "--bits", "16,8,4", "--dtype", "bf16", "-o", "json", *FAST
+    )
+    assert out.exit_code == 0, out.stderr
+    held = {r["bits"]: r["weight_bytes"] for r in json.loads(out.stdout)}
+    assert held[16] > held[8] > held[4]
