@@ -328,10 +328,15 @@ class PeakMemory:
         return psutil.Process().memory_info().rss
 
     def allocated(self) -> int:
-        """Bytes held right now (CUDA allocator, or RSS on CPU)."""
+        """Bytes held right now: what tensors asked the CUDA allocator for, or RSS on CPU.
+
+        `requested_bytes` rather than memory_allocated(): the latter counts whole allocator
+        blocks, and a cached block too big to split (remainder <= 1 MiB) would be charged to
+        the KV cache in full.
+        """
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
-            return torch.cuda.memory_allocated(self.device)
+            return int(torch.cuda.memory_stats(self.device)["requested_bytes.all.current"])
         import psutil
 
         return psutil.Process().memory_info().rss
@@ -428,6 +433,8 @@ def _build(opts: BenchOptions, key: tuple, device: torch.device) -> _Built:
         built = _Built(model, args, full, _model_name(opts, preset), "", dtype, bits)
     if bits != 16:
         quantize_in_place(built.model, bits, dtype, device)
+    else:
+        built.model.fuse_projections()
     return built
 
 

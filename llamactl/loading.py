@@ -79,7 +79,7 @@ def load_model(
             raise UsageError(
                 f"{reader.path}: already quantized ({reader.quantization.get('quant_method')}); drop --bits"
             )
-        net = build_model(reader, dev, dt, max_seq_len)
+        net = build_model(reader, dev, dt, max_seq_len).fuse_projections()
         return LoadedModel(net, net.args, reader, dev, dt)
     from llamactl.quantize import QuantSpec, quantize_model
 

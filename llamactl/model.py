@@ -30,24 +30,35 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # Normalise in fp32 then cast back, as Meta and transformers both do.
-        xf = x.float()
-        return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x) * self.weight
+        return F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).type_as(x) * self.weight
 
 
-def rope_tables(head_dim: int, max_positions: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos/sin tables [max_positions, D/2] in fp32, Meta's precompute_freqs_cis without complex."""
+def rope_table(head_dim: int, max_positions: int, theta: float) -> torch.Tensor:
+    """Meta's precompute_freqs_cis: unit complex rotations [max_positions, D/2] (complex64)."""
     freqs = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
     angles = torch.outer(torch.arange(max_positions, dtype=torch.float32), freqs)
-    return angles.cos(), angles.sin()
+    return torch.polar(torch.ones_like(angles), angles)
 
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate interleaved pairs (x0,x1),(x2,x3)...; x [B,T,H,D], cos/sin [T,D/2]."""
-    pairs = x.float().unflatten(-1, (-1, 2))  # [B,T,H,D/2,2]
-    real, imag = pairs[..., 0], pairs[..., 1]
-    cos, sin = cos[None, :, None, :], sin[None, :, None, :]
-    rotated = torch.stack((real * cos - imag * sin, real * sin + imag * cos), dim=-1)
-    return rotated.flatten(-2).type_as(x)
+def apply_rope(x: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
+    """Rotate interleaved pairs (x0,x1),(x2,x3)... as complex numbers; x [B,T,H,D], freqs [T,D/2]."""
+    pairs = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)))  # [B,T,H,D/2]
+    return torch.view_as_real(pairs * freqs[None, :, None, :]).flatten(-2).type_as(x)
+
+
+def _fuse(linears: list[nn.Linear]) -> torch.Tensor | None:
+    """One weight for several projections of the same input; the originals become views of it.
+
+    Fewer matmuls per token matters when decoding is launch-bound (small batches on a GPU).
+    The views keep state_dict() in Meta's names and layout. Quantized projections (not plain
+    nn.Linear) are left alone.
+    """
+    if not all(type(m) is nn.Linear and m.weight.device.type != "meta" for m in linears):
+        return None
+    fused = torch.cat([m.weight.detach() for m in linears])
+    for module, part in zip(linears, fused.split([m.out_features for m in linears])):
+        module.weight = nn.Parameter(part, requires_grad=False)
+    return fused
 
 
 class KVCache(nn.Module):
@@ -88,12 +99,18 @@ class Attention(nn.Module):
         self.wv = nn.Linear(args.dim, args.kv_heads * args.head_dim, bias=False)
         self.wo = nn.Linear(args.n_heads * args.head_dim, args.dim, bias=False)
         self.cache: KVCache | None = None
+        self.wqkv: torch.Tensor | None = None  # set by Transformer.fuse_projections
 
-    def forward(self, x: torch.Tensor, start: int, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, start: int, freqs: torch.Tensor) -> torch.Tensor:
         b, t, _ = x.shape
-        q = apply_rope(self.wq(x).view(b, t, self.n_heads, self.head_dim), cos, sin).transpose(1, 2)
-        k = apply_rope(self.wk(x).view(b, t, self.n_kv_heads, self.head_dim), cos, sin).transpose(1, 2)
-        v = self.wv(x).view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        if self.wqkv is not None:
+            kv_size = self.n_kv_heads * self.head_dim
+            q, k, v = F.linear(x, self.wqkv).split([self.n_heads * self.head_dim, kv_size, kv_size], dim=-1)
+        else:
+            q, k, v = self.wq(x), self.wk(x), self.wv(x)
+        q = apply_rope(q.view(b, t, self.n_heads, self.head_dim), freqs).transpose(1, 2)
+        k = apply_rope(k.view(b, t, self.n_kv_heads, self.head_dim), freqs).transpose(1, 2)
+        v = v.view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)
         if self.cache is not None:
             k, v = self.cache.update(start, k, v)  # [B,K,S,D] with S = start + t
         if t == 1:
@@ -113,8 +130,12 @@ class FeedForward(nn.Module):
         self.w1 = nn.Linear(args.dim, args.hidden_dim, bias=False)
         self.w2 = nn.Linear(args.hidden_dim, args.dim, bias=False)
         self.w3 = nn.Linear(args.dim, args.hidden_dim, bias=False)
+        self.w13: torch.Tensor | None = None  # set by Transformer.fuse_projections
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.w13 is not None:
+            gate, up = F.linear(x, self.w13).chunk(2, dim=-1)
+            return self.w2(F.silu(gate) * up)
         return self.w2(F.silu(self.w1(x)) * self.w3(x))
 
 
@@ -126,8 +147,8 @@ class TransformerBlock(nn.Module):
         self.attention_norm = RMSNorm(args.dim, args.norm_eps)
         self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
 
-    def forward(self, x: torch.Tensor, start: int, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        h = x + self.attention(self.attention_norm(x), start, cos, sin)
+    def forward(self, x: torch.Tensor, start: int, freqs: torch.Tensor) -> torch.Tensor:
+        h = x + self.attention(self.attention_norm(x), start, freqs)
         return h + self.feed_forward(self.ffn_norm(h))
 
 
@@ -141,27 +162,42 @@ class Transformer(nn.Module):
         self.layers = nn.ModuleList(TransformerBlock(args) for _ in range(args.n_layers))
         self.norm = RMSNorm(args.dim, args.norm_eps)
         self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
-        cos, sin = rope_tables(args.head_dim, args.max_seq_len, args.rope_theta)
-        self.register_buffer("rope_cos", cos, persistent=False)
-        self.register_buffer("rope_sin", sin, persistent=False)
+        # A plain attribute, not a buffer: .to(bf16) must never touch it; _apply rebuilds it.
+        self.freqs_cis = rope_table(args.head_dim, args.max_seq_len, args.rope_theta)
 
     def _apply(self, fn, recurse=True):  # type: ignore[no-untyped-def]
-        # .to(bf16) must not round the rotary tables: rebuild them in fp32 on the new device.
+        # Fused projections are views of one tensor: moving or casting would silently split them.
+        self.unfuse_projections()
         super()._apply(fn, recurse)
-        if self.rope_cos.dtype != torch.float32 and self.rope_cos.device.type != "meta":
-            self.reset_rope(self.rope_cos.shape[0])
+        if self.tok_embeddings.weight.device.type != "meta":
+            self.reset_rope(self.freqs_cis.shape[0])  # follow the weights to their device
         return self
 
     def reset_rope(self, positions: int) -> None:
-        """(Re)build the fp32 rotary tables for `positions` positions on the weights' device."""
-        cos, sin = rope_tables(self.args.head_dim, positions, self.args.rope_theta)
-        device = self.tok_embeddings.weight.device
-        self.rope_cos, self.rope_sin = cos.to(device), sin.to(device)
+        """(Re)build the rotary table for `positions` positions on the weights' device."""
+        table = rope_table(self.args.head_dim, positions, self.args.rope_theta)
+        self.freqs_cis = table.to(self.tok_embeddings.weight.device)
+
+    def fuse_projections(self) -> Transformer:
+        """wq|wk|wv and w1|w3 as one matmul each; call after the model is on its device.
+
+        Decoding a token at batch 1 on a GPU is bound by kernel launches, not bandwidth, so
+        3 fewer matmuls per layer is measurable. Undone by any .to() / .cuda().
+        """
+        for layer in self.layers:
+            attn, ffn = layer.attention, layer.feed_forward
+            attn.wqkv = attn.wqkv if attn.wqkv is not None else _fuse([attn.wq, attn.wk, attn.wv])
+            ffn.w13 = ffn.w13 if ffn.w13 is not None else _fuse([ffn.w1, ffn.w3])
+        return self
+
+    def unfuse_projections(self) -> None:
+        for layer in self.layers:
+            layer.attention.wqkv = layer.feed_forward.w13 = None
 
     def setup_cache(self, batch: int = 1, max_seq_len: int | None = None, dtype: torch.dtype | None = None) -> int:
         """Allocate a KV cache in every layer; returns its size in bytes."""
         length = max_seq_len or self.args.max_seq_len
-        if length > self.rope_cos.shape[0]:
+        if length > self.freqs_cis.shape[0]:
             self.reset_rope(length)
         dtype = dtype or self.tok_embeddings.weight.dtype
         device = self.tok_embeddings.weight.device
@@ -181,11 +217,11 @@ class Transformer(nn.Module):
 
     def forward(self, tokens: torch.Tensor, start: int = 0) -> torch.Tensor:
         t = tokens.shape[1]
-        if start + t > self.rope_cos.shape[0]:
-            raise ValueError(f"positions {start}..{start + t - 1} exceed the rotary table ({self.rope_cos.shape[0]})")
-        cos, sin = self.rope_cos[start : start + t], self.rope_sin[start : start + t]
+        if start + t > self.freqs_cis.shape[0]:
+            raise ValueError(f"positions {start}..{start + t - 1} exceed the rotary table ({self.freqs_cis.shape[0]})")
+        freqs = self.freqs_cis[start : start + t]
         h = self.tok_embeddings(tokens)
         with sdpa_kernel(_SDPA_BACKENDS):
             for layer in self.layers:
-                h = layer(h, start, cos, sin)
+                h = layer(h, start, freqs)
         return self.output(self.norm(h)).float()

@@ -393,6 +393,7 @@ def quantize_model(
     would write for the same weights. Returns the number of layers quantized.
     """
     spec.validate()
+    model.unfuse_projections()  # type: ignore[operator]  # fused weights would bypass the quantized layers
     args: ModelArgs = model.args  # type: ignore[assignment]
     require_bitsandbytes(device or next(model.parameters()).device)
     count = 0

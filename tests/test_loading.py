@@ -27,7 +27,7 @@ def test_auto_device_without_cuda_is_cpu_fp32() -> None:
 @pytest.mark.parametrize("bits", [8, 4])
 def test_quantize_on_load_equals_loading_the_quantized_checkpoint(tmp_path: Path, bits: int) -> None:
     src = meta_src(tmp_path / "src")
-    run_quantize(plan_quantize(src, tmp_path / "q", QuantSpec(bits=bits)))
+    run_quantize(plan_quantize(src, tmp_path / "q", QuantSpec(bits=bits), device="cpu"))
     tokens = torch.randint(0, 320, (1, 11), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         on_load = load_model(src, device="cpu", bits=bits).model(tokens)
@@ -42,7 +42,7 @@ def test_quantize_on_load_equals_loading_the_quantized_checkpoint(tmp_path: Path
 
 def test_info_reports_quantized_scheme_and_bits(tmp_path: Path) -> None:
     src = meta_src(tmp_path / "src")
-    stats = run_quantize(plan_quantize(src, tmp_path / "q", QuantSpec(bits=4)))
+    stats = run_quantize(plan_quantize(src, tmp_path / "q", QuantSpec(bits=4), device="cpu"))
     outcome = run_cli("info", str(tmp_path / "q"), "--json")
     assert outcome.exit_code == 0, outcome.stderr
     report = json.loads(outcome.stdout)

@@ -48,7 +48,7 @@ def test_half_precision_runs_close_to_fp32(dtype: torch.dtype) -> None:
         low = _model(args, state, dtype)(tokens)
     assert low.dtype == torch.float32  # logits always come back in fp32
     assert torch.equal(low.argmax(-1), ref.argmax(-1)) or (low - ref).abs().max() < 0.1
-    assert _model(args, state, dtype).rope_cos.dtype == torch.float32  # rotary tables never rounded
+    assert _model(args, state, dtype).freqs_cis.dtype == torch.complex64  # rotary table never rounded
 
 
 def test_setup_cache_size_follows_formula() -> None:
@@ -76,3 +76,21 @@ def test_cuda_matches_cpu(dtype: torch.dtype) -> None:
     tol = 1e-3 if dtype == torch.float32 else 0.15
     assert (gpu - cpu).abs().max().item() <= tol
     assert (inc.cpu() - gpu).abs().max().item() <= tol
+
+
+def test_fused_projections_change_nothing_but_the_matmul_count() -> None:
+    args = tiny_args()
+    state = random_meta_state(args)
+    model = _model(args, state)
+    tokens = torch.randint(0, args.vocab_size, (1, 9), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        plain = model(tokens)
+        model.fuse_projections()
+        attention = model.layers[0].attention
+        assert attention.wqkv is not None and attention.wq.weight.data_ptr() == attention.wqkv.data_ptr()
+        assert (model(tokens) - plain).abs().max().item() <= 1e-5
+        saved = model.state_dict()
+        assert saved.keys() == state.keys() and all(torch.equal(saved[k], state[k]) for k in state)
+        model.to(torch.float64)  # any move or cast undoes the fusion rather than splitting it silently
+        assert attention.wqkv is None and model.layers[0].feed_forward.w13 is None
+        assert (model(tokens) - plain).abs().max().item() <= 1e-5

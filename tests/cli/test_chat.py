@@ -38,7 +38,7 @@ def test_piped_stdin_writes_only_the_answer(tiny) -> None:
     env = dict(os.environ, PYTHONPATH=str(ROOT), TERM="xterm-256color", FORCE_COLOR="")
     env.pop("FORCE_COLOR")
     done = subprocess.run(
-        [sys.executable, "-m", "llamactl", "chat", str(path), "-t", "0", "-n", "12"],
+        [sys.executable, "-m", "llamactl", "chat", str(path), "-t", "0", "-n", "12", "--device", "cpu"],
         input="hi\n",
         capture_output=True,
         text=True,

@@ -36,18 +36,20 @@ def test_greedy_equals_transformers_and_continues_the_prompt(tiny) -> None:
     prompt = "Once upon a time"
     ids = tok.encode(prompt, bos=True)
     want = tok.decode(ids + hf_greedy(hf_twin(model), ids, 30))[len(tok.decode(ids)) :]
-    out = run_cli("generate", str(path), prompt, "-t", "0", "-n", "30")
+    out = run_cli("generate", str(path), prompt, "-t", "0", "-n", "30", "--device", "cpu")
     assert out.exit_code == 0, out.stderr
     assert out.stdout == want + "\n"
     # The prompt may also come from stdin (one trailing newline ignored).
-    piped = run_cli("generate", str(path), "-t", "0", "-n", "30", input=prompt + "\n")
+    piped = run_cli("generate", str(path), "-t", "0", "-n", "30", "--device", "cpu", input=prompt + "\n")
     assert piped.stdout == out.stdout
 
 
 def test_json_and_seed_reproducibility(tiny) -> None:
     path, _ = tiny
     runs = [
-        run_cli("generate", str(path), "The cat", "-n", "16", "--seed", str(s), "--json", "--top-k", "50")
+        run_cli(
+            "generate", str(path), "The cat", "-n", "16", "--seed", str(s), "--json", "--top-k", "50", "--device", "cpu"
+        )
         for s in (5, 5, 6)
     ]
     records = [json.loads(r.stdout) for r in runs]
