@@ -32,11 +32,10 @@ from typing import Any
 import torch
 
 from llamactl import __version__
-from llamactl.config import ModelArgs, get_preset
+from llamactl.config import DTYPES, ModelArgs, dtype_short_name, get_preset
 from llamactl.errors import LlamactlError, UsageError
 from llamactl.model import Transformer
 
-DTYPES: dict[str, torch.dtype] = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 ATTN_KINDS = ("mha", "gqa", "mqa")
 # Without a GPU, `llamactl bench` must finish in under two minutes on two cores: 7B-wide
 # layers, but only a few of them, fewer generated tokens and repeats. Printed in the output.
@@ -395,7 +394,7 @@ def quantize_in_place(model: Transformer, bits: int, dtype: torch.dtype, device:
     """int8 / nf4 through llamactl.quantize (bitsandbytes), computing in the benchmark's dtype."""
     from llamactl.quantize import QuantSpec, quantize_model
 
-    quantize_model(model, QuantSpec(bits=bits, compute_dtype=_dtype_name(dtype)), device)
+    quantize_model(model, QuantSpec(bits=bits, compute_dtype=dtype_short_name(dtype)), device)
 
 
 def weight_bytes(model: torch.nn.Module) -> int:
@@ -560,8 +559,8 @@ def _row(built: _Built, attn: str, cfg: _Config, test: str, n_prompt: int, n_gen
         n_head=args.n_heads,
         n_kv_head=args.kv_heads,
         head_dim=args.head_dim,
-        type_w=_dtype_name(built.dtype),
-        type_k=_dtype_name(built.dtype),
+        type_w=dtype_short_name(built.dtype),
+        type_k=dtype_short_name(built.dtype),
         bits=built.bits,
         n_batch=cfg.batch,
         n_ctx=cfg.ctx,
@@ -572,10 +571,6 @@ def _row(built: _Built, attn: str, cfg: _Config, test: str, n_prompt: int, n_gen
         model_n_params=param_count(args),
         kv_bytes_formula=kv_cache_bytes(args, cfg.ctx, cfg.batch, built.dtype),
     )
-
-
-def _dtype_name(dtype: torch.dtype) -> str:
-    return {v: k for k, v in DTYPES.items()}[dtype]
 
 
 def _fill_stats(row: BenchRow, samples_ns: list[int], tokens: int, steps: int) -> None:

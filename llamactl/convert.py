@@ -12,22 +12,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
-
 from llamactl.atomic import atomic_directory, check_destination
 from llamactl.checkpoint import CheckpointFormat, CheckpointReader, WriteOptions, WritePlan, get_format, open_checkpoint
+from llamactl.config import parse_dtype
 from llamactl.errors import UsageError
-
-DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-
-
-def parse_dtype(name: str | None) -> torch.dtype | None:
-    if name is None:
-        return None
-    try:
-        return DTYPES[name]
-    except KeyError:
-        raise UsageError(f"unknown dtype {name!r}; choose one of: {', '.join(DTYPES)}") from None
 
 
 @dataclass

@@ -56,26 +56,6 @@ class SamplingParams:
         return self
 
 
-DTYPES: dict[str, torch.dtype] = {
-    "fp32": torch.float32,
-    "float32": torch.float32,
-    "bf16": torch.bfloat16,
-    "bfloat16": torch.bfloat16,
-    "fp16": torch.float16,
-    "float16": torch.float16,
-}
-
-
-def parse_dtype(name: str | None) -> torch.dtype | None:
-    """'bf16' -> torch.bfloat16; None stays None (automatic choice)."""
-    if name is None:
-        return None
-    try:
-        return DTYPES[name.lower()]
-    except KeyError:
-        raise UsageError(f"--dtype {name}: choose one of fp32, bf16, fp16") from None
-
-
 # ---------------------------------------------------------------- sampling (pure functions)
 
 

@@ -38,13 +38,13 @@ from llamactl.checkpoint.keymap import (
     rotary_heads,
     unpermute_from_hf,
 )
-from llamactl.config import ModelArgs
+from llamactl.config import DTYPES, ModelArgs
 from llamactl.errors import CheckpointError, ConfigError, MissingDependencyError, UsageError
 
 SUPPORTED_BITS = (8, 4)
 QUANT_TYPES = ("nf4", "fp4")
 BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
-COMPUTE_DTYPES: dict[str, torch.dtype] = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+COMPUTE_DTYPES = DTYPES  # bitsandbytes computes in any of them
 _DTYPE_NAMES = {torch.bfloat16: "bfloat16", torch.float16: "float16", torch.float32: "float32"}
 INSTALL_HINT = "pip install 'bitsandbytes>=0.45'"
 # Only the seven projections of each block are quantized: embeddings, norms and the output

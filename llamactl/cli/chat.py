@@ -34,8 +34,9 @@ from llamactl.cli.generate import (
     sampling_from,
     write,
 )
+from llamactl.config import parse_dtype
 from llamactl.errors import UsageError
-from llamactl.generate import ChatSession, load_for_generation, parse_dtype
+from llamactl.generate import ChatSession, load_for_generation
 
 
 def chat(

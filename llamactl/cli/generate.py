@@ -14,8 +14,9 @@ from typing import Annotated, Any
 import typer
 
 from llamactl.cli._common import cli_command, stderr
+from llamactl.config import parse_dtype
 from llamactl.errors import UsageError
-from llamactl.generate import Completion, SamplingParams, load_for_generation, parse_dtype
+from llamactl.generate import Completion, SamplingParams, load_for_generation
 
 ModelArg = Annotated[
     str, typer.Argument(help="A model directory (Meta or Hugging Face) or a name under the models home.")
