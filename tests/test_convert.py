@@ -128,3 +128,18 @@ def test_stories260k_matches_transformers_on_our_hf_conversion(tmp_path: Path, s
     from transformers import AutoTokenizer  # our tokenizer files load in transformers too
 
     assert AutoTokenizer.from_pretrained(dst)("Once upon a time")["input_ids"] == [1, 403, 407, 261, 378]
+
+
+@pytest.mark.parametrize(("to", "shards"), [("hf", None), ("meta", 4), ("meta", 1)])
+def test_progress_reports_every_planned_byte(tmp_path: Path, to: str, shards: int | None) -> None:
+    from llamactl.convert import run_convert
+
+    args = tiny_args()
+    src = write_meta_checkpoint(tmp_path / "m", args, random_meta_state(args), mp=2)
+    plan = plan_convert(src, tmp_path / "out", to, shards=shards)
+    seen: list[tuple[str, int]] = []
+    run_convert(plan, on_tensor=lambda name, nbytes: seen.append((name, nbytes)))
+    assert len(seen) == len(random_meta_state(args))
+    assert sum(n for _, n in seen) == plan.total_bytes
+    written = sum(p.stat().st_size for p in (tmp_path / "out").iterdir() if p.suffix in (".pth", ".safetensors"))
+    assert written >= plan.total_bytes

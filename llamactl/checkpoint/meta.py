@@ -210,12 +210,13 @@ def write_meta(
         handles = [stack.enter_context(open(f, "r+b")) for f in files]
         for name, tensor in tensors:
             info = wanted.pop(name)
+            written = 0
             for handle, offs, piece in zip(handles, offsets, split_tensor(name, tensor.to(info.dtype), shards)):
                 assert tuple(piece.shape) == info.shape, (name, piece.shape, info.shape)
                 handle.seek(offs[name])
-                handle.write(tensor_bytes(piece))
+                written += handle.write(tensor_bytes(piece))
             if on_tensor:
-                on_tensor(name, tensor.numel() * info.dtype.itemsize)
+                on_tensor(name, written)  # replicated tensors count once per shard, as in the plan
     if wanted:
         raise ConfigError(f"source ended before tensor {next(iter(wanted))} was written")
 

@@ -38,7 +38,7 @@ def convert(
         def advance(_name: str, nbytes: int) -> None:
             progress.update(
                 task,
-                advance=nbytes * len(plan.files) if to == "meta" else nbytes,
+                advance=nbytes,
                 items=progress.tasks[task].fields["items"] + 1,
             )
 
