@@ -134,7 +134,7 @@ def test_stories260k_matches_transformers_on_our_hf_conversion(tmp_path: Path, s
 def test_progress_reports_every_planned_byte(tmp_path: Path, to: str, shards: int | None) -> None:
     from llamactl.convert import run_convert
 
-    args = tiny_args()
+    args = tiny_args(n_heads=8, n_kv_heads=4)
     src = write_meta_checkpoint(tmp_path / "m", args, random_meta_state(args), mp=2)
     plan = plan_convert(src, tmp_path / "out", to, shards=shards)
     seen: list[tuple[str, int]] = []
