@@ -1,9 +1,8 @@
 """Helpers for the chat/generate tests: a tiny trained tokenizer, tiny random models, HF twins.
 
-The Hugging Face conversion here is written from transformers' own
-convert_llama_weights_to_hf.py rules (q/k rows permuted per head), independently of
-llamactl.checkpoint, so that comparing against LlamaForCausalLM checks our model and
-generation code rather than our converter.
+The Hugging Face twin comes from tests._ckpt.hf_reference_model, written from transformers'
+own convert_llama_weights_to_hf.py rules independently of llamactl.checkpoint, so comparing
+against LlamaForCausalLM checks our model and generation code rather than our converter.
 """
 
 from __future__ import annotations
@@ -15,6 +14,7 @@ import torch
 
 from llamactl.config import ModelArgs
 from llamactl.model import Transformer
+from tests._ckpt import hf_reference_model
 
 FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures"
 LLAMA2_TOKENIZER = FIXTURES / "llama2-tokenizer.model"
@@ -89,53 +89,9 @@ def write_meta_checkpoint(directory: Path, model: Transformer, tokenizer: Path |
     return directory
 
 
-def _permute(w: torch.Tensor, heads: int) -> torch.Tensor:
-    # transformers' convert_llama_weights_to_hf: interleaved rotary pairs -> rotate_half halves.
-    rows, cols = w.shape
-    return w.view(heads, rows // heads // 2, 2, cols).transpose(1, 2).reshape(rows, cols)
-
-
 def hf_twin(model: Transformer):  # -> transformers.LlamaForCausalLM
     """The same weights in transformers' LlamaForCausalLM (fp32, eager attention)."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    args = model.args
-    config = LlamaConfig(
-        vocab_size=args.vocab_size,
-        hidden_size=args.dim,
-        intermediate_size=args.hidden_dim,
-        num_hidden_layers=args.n_layers,
-        num_attention_heads=args.n_heads,
-        num_key_value_heads=args.kv_heads,
-        rms_norm_eps=args.norm_eps,
-        rope_theta=args.rope_theta,
-        max_position_embeddings=args.max_seq_len,
-        tie_word_embeddings=False,
-        bos_token_id=1,
-        eos_token_id=2,
-        attn_implementation="eager",
-    )
-    hf = LlamaForCausalLM(config)
-    sd = model.state_dict()
-    out = {
-        "model.embed_tokens.weight": sd["tok_embeddings.weight"],
-        "model.norm.weight": sd["norm.weight"],
-        "lm_head.weight": sd["output.weight"],
-    }
-    for i in range(args.n_layers):
-        p, q = f"layers.{i}.", f"model.layers.{i}."
-        out[q + "self_attn.q_proj.weight"] = _permute(sd[p + "attention.wq.weight"], args.n_heads)
-        out[q + "self_attn.k_proj.weight"] = _permute(sd[p + "attention.wk.weight"], args.kv_heads)
-        out[q + "self_attn.v_proj.weight"] = sd[p + "attention.wv.weight"]
-        out[q + "self_attn.o_proj.weight"] = sd[p + "attention.wo.weight"]
-        out[q + "mlp.gate_proj.weight"] = sd[p + "feed_forward.w1.weight"]
-        out[q + "mlp.down_proj.weight"] = sd[p + "feed_forward.w2.weight"]
-        out[q + "mlp.up_proj.weight"] = sd[p + "feed_forward.w3.weight"]
-        out[q + "input_layernorm.weight"] = sd[p + "attention_norm.weight"]
-        out[q + "post_attention_layernorm.weight"] = sd[p + "ffn_norm.weight"]
-    missing, unexpected = hf.load_state_dict(out, strict=False)
-    assert not unexpected and all("rotary" in m for m in missing), (missing, unexpected)
-    return hf.eval()
+    return hf_reference_model(model.args, {k: v.detach() for k, v in model.state_dict().items()})
 
 
 def hf_greedy(hf, prompt: list[int], new_tokens: int, eos_id: int | None = 2) -> list[int]:

@@ -125,8 +125,12 @@ def hf_reference_model(args: ModelArgs, state: dict[str, torch.Tensor]):  # type
         num_key_value_heads=kv,
         vocab_size=args.vocab_size,
         rms_norm_eps=args.norm_eps,
+        rope_theta=args.rope_theta,
         max_position_embeddings=args.max_seq_len,
         tie_word_embeddings=False,
+        bos_token_id=1,
+        eos_token_id=2,
+        attn_implementation="eager",  # the plain reference path
     )
     model = LlamaForCausalLM(config).eval()
 

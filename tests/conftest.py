@@ -7,19 +7,12 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests._chat_util import train_tiny_tokenizer
 from tests._ckpt import random_meta_state, tiny_args, write_hf_checkpoint, write_meta_checkpoint
 
 FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures"
 LLAMA2_TOKENIZER = FIXTURES / "llama2-tokenizer.model"
 STORIES = FIXTURES / "stories260K"
-
-_CORPUS = (
-    """Once upon a time there was a little llama named Lily. She liked to play in the park with her friends.
-The quick brown fox jumps over the lazy dog. Numbers like 12345 and 2026 appear too.
-Llamas are friendly animals; they hum and they spit when angry! Why? Nobody knows.
-"""
-    * 20
-)
 
 
 def need(path: Path) -> Path:
@@ -42,26 +35,7 @@ def stories_dir() -> Path:
 @pytest.fixture(scope="session")
 def tiny_tokenizer(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A 320-piece SentencePiece BPE model with byte fallback, trained here."""
-    import sentencepiece as spm
-
-    out = tmp_path_factory.mktemp("spm")
-    corpus = out / "corpus.txt"
-    corpus.write_text(_CORPUS)
-    spm.SentencePieceTrainer.train(
-        input=str(corpus),
-        model_prefix=str(out / "tok"),
-        vocab_size=320,
-        model_type="bpe",
-        byte_fallback=True,
-        character_coverage=1.0,
-        bos_id=1,
-        eos_id=2,
-        unk_id=0,
-        pad_id=-1,
-        split_digits=True,
-        minloglevel=2,
-    )
-    return out / "tok.model"
+    return train_tiny_tokenizer(tmp_path_factory.mktemp("spm"))
 
 
 @pytest.fixture(autouse=True)
