@@ -11,12 +11,12 @@ degrades a chat model, so this module is the only place that knows the template.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, Protocol
 
-from llamactl.errors import LlamactlError
+from llamactl.errors import LlamactlError, UsageError
 
 Role = Literal["system", "user", "assistant"]
 ROLES: tuple[str, ...] = ("system", "user", "assistant")
@@ -181,3 +181,26 @@ def save_dialog(path: str | Path, dialog: Iterable[Message]) -> None:
     except OSError as exc:
         tmp.unlink(missing_ok=True)
         raise DialogError(f"{path}: cannot write: {exc.strerror or exc}") from None
+
+
+ChatTemplate = Callable[[Any, Sequence[Message]], list[int]]
+
+
+def encode_with(encode: ChatTemplate, tokenizer: Any, dialog: Sequence[Message]) -> list[int]:
+    """A prompt through `encode` when the dialog ends with the user; otherwise the history
+    as far as it goes (the built-in template's exchanges)."""
+    if encode is encode_dialog or not dialog or dialog[-1].role != "user":
+        return encode_history(tokenizer, dialog)
+    return encode(tokenizer, dialog)
+
+
+def chat_template(name: str) -> ChatTemplate:
+    """The encoder registered under `name`: the built-in llama-2-chat or a plugin's."""
+    if name == TEMPLATE_NAME:
+        return encode_dialog
+    from llamactl.plugins import get_registry
+
+    templates = get_registry().chat_templates()
+    if name not in templates:
+        raise UsageError(f"--template {name}: unknown chat template; choose one of: {', '.join(sorted(templates))}")
+    return templates[name]

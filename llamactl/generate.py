@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from llamactl.chat import Dialog, Message, check_special_tags, encode_dialog, encode_history
+from llamactl.chat import TEMPLATE_NAME, ChatTemplate, Dialog, Message, check_special_tags, encode_dialog, encode_with
 from llamactl.errors import LlamactlError, UsageError
 from llamactl.model import Transformer
 from llamactl.tokenizer import StreamDecoder, Tokenizer, open_tokenizer
@@ -298,6 +298,8 @@ class ChatSession:
     last: TurnStats | None = None
     seed_used: int | None = None
     last_dropped: int = 0
+    template: str = TEMPLATE_NAME  # its name, for /show and --json
+    encode: ChatTemplate = encode_dialog  # a plugin's template (llamactl.chat.chat_template) may replace it
 
     def __post_init__(self) -> None:
         if self.overflow not in ("drop", "error"):
@@ -319,7 +321,7 @@ class ChatSession:
 
     def token_ids(self) -> list[int]:
         """The exact ids of the current dialog (a prompt if it ends with the user)."""
-        return encode_history(self.tokenizer, self.dialog())
+        return encode_with(self.encode, self.tokenizer, self.dialog())
 
     def reset(self) -> None:
         self.messages = []
@@ -358,7 +360,7 @@ class ChatSession:
         head = [Message("system", self.system)] if self.system else []
         dropped = 0
         while True:
-            size = len(encode_dialog(self.tokenizer, head + messages))
+            size = len(self.encode(self.tokenizer, head + messages))
             if size + reserve <= self.context:
                 self.messages = messages
                 return dropped
@@ -404,7 +406,7 @@ class ChatSession:
 
     def _answer(self, dropped: int) -> Iterator[str]:
         t0 = time.perf_counter()
-        prompt = encode_dialog(self.tokenizer, self.dialog())
+        prompt = self.encode(self.tokenizer, self.dialog())
         reuse = _common_prefix_len(self.cached, prompt)
         if reuse == len(prompt):  # the last prompt token must run to give logits
             reuse -= 1

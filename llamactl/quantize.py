@@ -17,6 +17,7 @@ back into Meta's order (`out_index`), which is exact.
 
 from __future__ import annotations
 
+import dataclasses
 import fnmatch
 import json
 import logging
@@ -501,6 +502,19 @@ def _add_plain(
     plain[meta_name] = tensor.to(device=device, dtype=dtype)
 
 
+def quant_scheme(name: str) -> QuantSpec:
+    """A quantization scheme registered under `name` (int8, nf4, fp4 or a plugin's QuantSpec)."""
+    from llamactl.plugins import get_registry
+
+    schemes = get_registry().quantizers()
+    if name not in schemes:
+        raise UsageError(f"--scheme {name}: unknown quantization scheme; choose one of: {', '.join(sorted(schemes))}")
+    spec = schemes[name]
+    if not isinstance(spec, QuantSpec):
+        raise UsageError(f"--scheme {name}: registered as {type(spec).__name__}, not a llamactl.quantize.QuantSpec")
+    return dataclasses.replace(spec).validate()
+
+
 # ----------------------------------------------------------------------------- report
 
 
@@ -628,7 +642,6 @@ def build_quantized_model(
 
     `dtype` is that of the unquantized tensors (embeddings, norms, head) and of activations.
     """
-    import dataclasses
 
     from llamactl.model import Transformer
 

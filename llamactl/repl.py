@@ -97,7 +97,7 @@ class Repl:
     def banner(self) -> None:
         i = self.info
         self.console.print(f"[bold]llamactl chat[/bold] · {escape(i.name)} · {i.format} · {i.shape}")
-        self.note(f"context {i.context} tokens · {i.device} {i.dtype} · template {TEMPLATE_NAME}")
+        self.note(f"context {i.context} tokens · {i.device} {i.dtype} · template {self.session.template}")
         self.note('Type /help for commands, """ for multi-line input, /exit or Ctrl-D to quit.')
         if self.session.system:
             self.note(f"system: {self.session.system}")
@@ -332,7 +332,12 @@ class Repl:
             ("max_new_tokens", s.max_new_tokens or "until EOS"),
             ("overflow", self.session.overflow),
             ("system", self.session.system or "(none)"),
-            ("template", f"{TEMPLATE_NAME}: {TEMPLATE_TEXT}"),
+            (
+                "template",
+                f"{TEMPLATE_NAME}: {TEMPLATE_TEXT}"
+                if self.session.template == TEMPLATE_NAME
+                else self.session.template,
+            ),
         ]
         for key, value in rows:
             self.console.print(f"  [bold]{key:<15}[/bold] {escape(str(value))}")

@@ -14,7 +14,7 @@ from typing import Annotated, Any
 
 import typer
 
-from llamactl.chat import TEMPLATE_NAME, load_dialog
+from llamactl.chat import TEMPLATE_NAME, chat_template, load_dialog
 from llamactl.cli._common import cli_command, warn
 from llamactl.cli.generate import (
     Bits,
@@ -60,6 +60,9 @@ def chat(
     device: Device = None,
     dtype: DType = None,
     bits: Bits = None,
+    template: Annotated[
+        str, typer.Option("--template", help="Chat template: llama-2-chat or one a plugin registers.")
+    ] = TEMPLATE_NAME,
     tokenizer: TokenizerOpt = None,
     ctx: Ctx = None,
     json_out: JsonOpt = False,
@@ -68,6 +71,7 @@ def chat(
     if overflow not in ("drop", "error"):
         raise UsageError(f"--overflow {overflow}: choose drop or error")
     sampling = sampling_from(temperature, top_p, top_k, seed, max_new_tokens)
+    encode = chat_template(template)
     messages = load_dialog(dialog) if dialog is not None else []
     interactive = prompt is None and sys.stdin.isatty()
     inputs: list[str] = []
@@ -76,7 +80,14 @@ def chat(
     with loading_status(model):
         loaded, tok = load_for_generation(model, tokenizer, device, parse_dtype(dtype), ctx, bits)
     session = ChatSession(
-        loaded.model, tok, sampling=sampling, messages=messages, overflow=overflow, context=loaded.args.max_seq_len
+        loaded.model,
+        tok,
+        sampling=sampling,
+        messages=messages,
+        overflow=overflow,
+        context=loaded.args.max_seq_len,
+        template=template,
+        encode=encode,
     )
     if system is not None:
         session.set_system(system)
@@ -91,7 +102,7 @@ def chat(
     meta = {
         "seed": session.seed_used,
         "sampling": _sampling_dict(sampling),
-        "template": TEMPLATE_NAME,
+        "template": template,
         "model": str(loaded.reader.path),
     }
     if pending:

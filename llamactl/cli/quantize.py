@@ -10,7 +10,7 @@ from rich.table import Table
 
 from llamactl.cli._common import byte_progress, cli_command, human_bytes, print_json, stdout, warn
 from llamactl.errors import UsageError
-from llamactl.quantize import BUILTIN_SAMPLE, Quality, QuantSpec, QuantStats
+from llamactl.quantize import BUILTIN_SAMPLE, Quality, QuantSpec, QuantStats, quant_scheme
 from llamactl.quantize_run import (
     QuantizePlan,
     eval_tokens,
@@ -26,7 +26,11 @@ def quantize(
     dst: Annotated[
         Path, typer.Argument(help="Destination directory: an HF checkpoint (must not exist unless --force).")
     ],
-    bits: Annotated[int, typer.Option("--bits", help="8 (LLM.int8) or 4 (nf4 / fp4).")],
+    bits: Annotated[int | None, typer.Option("--bits", help="8 (LLM.int8) or 4 (nf4 / fp4).")] = None,
+    scheme: Annotated[
+        str | None,
+        typer.Option("--scheme", help="A registered scheme instead of --bits: int8, nf4, fp4 or a plugin's."),
+    ] = None,
     quant_type: Annotated[str | None, typer.Option(help="4-bit data type: nf4 (default) or fp4.")] = None,
     double_quant: Annotated[
         bool | None,
@@ -53,7 +57,12 @@ def quantize(
     json_out: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
 ) -> None:
     """Quantize a checkpoint with bitsandbytes (LLM.int8 or 4-bit nf4/fp4) and report the cost."""
-    spec = _spec(bits, quant_type, double_quant, blocksize, compute_dtype, int8_threshold)
+    if (bits is None) == (scheme is None):
+        raise UsageError("give exactly one of --bits 8|4 or --scheme NAME")
+    if scheme is not None:
+        spec = quant_scheme(scheme)
+    else:
+        spec = _spec(bits, quant_type, double_quant, blocksize, compute_dtype, int8_threshold)
     if no_eval and eval_file is not None:
         raise UsageError("--eval and --no-eval contradict each other")
     plan = plan_quantize(src, dst, spec, skip=skip or (), force=force, device=device)

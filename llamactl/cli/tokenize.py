@@ -9,7 +9,7 @@ from typing import Annotated
 
 import typer
 
-from llamactl.chat import encode_history, load_dialog
+from llamactl.chat import TEMPLATE_NAME, chat_template, encode_with, load_dialog
 from llamactl.cli._common import cli_command
 from llamactl.errors import UsageError
 from llamactl.tokenizer import Tokenizer, open_tokenizer
@@ -38,6 +38,9 @@ def tokenize(
     bos: Annotated[
         bool, typer.Option("--bos/--no-bos", help="Prefix the BOS id to plain text, as generate does.")
     ] = True,
+    template: Annotated[
+        str, typer.Option("--template", help="Chat template for --chat: llama-2-chat or one a plugin registers.")
+    ] = TEMPLATE_NAME,
     pieces: Annotated[bool, typer.Option("--pieces", help="Show each id with its SentencePiece piece.")] = False,
     json_out: Annotated[bool, typer.Option("--json", help="Print one JSON list.")] = False,
 ) -> None:
@@ -46,7 +49,7 @@ def tokenize(
         raise UsageError("give either TEXT or --chat DIALOG.json, not both")
     tok = _tokenizer(model, tokenizer)
     if chat is not None:
-        ids = encode_history(tok, load_dialog(chat))
+        ids = encode_with(chat_template(template), tok, load_dialog(chat))
     else:
         if text is None:
             if sys.stdin.isatty():

@@ -79,3 +79,95 @@ def test_completion_offers_plugin_commands(plugin_site: Path) -> None:
     done = _run_subprocess(plugin_site, _LLAMACTL_COMPLETE="complete_bash", COMP_WORDS="llamactl hel", COMP_CWORD="1")
     assert done.returncode == 0, done.stderr
     assert done.stdout.split() == ["hello"] and done.stderr == ""
+
+
+TEMPLATE_PLUGIN = """
+from llamactl.plugins import hookimpl
+
+@hookimpl
+def register_chat_templates(register):
+    def encode(tokenizer, dialog):
+        return tokenizer.encode("USER: " + dialog[-1].content + " BOT:", bos=True)
+
+    register("toy-chat", encode)
+"""
+
+
+def test_a_plugin_chat_template_is_used_by_tokenize_and_chat(plugin_site: Path, tmp_path: Path) -> None:
+    from llamactl.tokenizer import Tokenizer
+    from tests._chat_util import tiny_checkpoint
+
+    make_plugin(plugin_site, "toychat", TEMPLATE_PLUGIN)
+    model, _ = tiny_checkpoint(tmp_path / "m")
+    expected = Tokenizer(model / "tokenizer.model").encode("USER: hi there BOT:", bos=True)
+    dialog = tmp_path / "dialog.json"
+    dialog.write_text(json.dumps([{"role": "user", "content": "hi there"}]))
+
+    out = run_cli("tokenize", "--chat", str(dialog), "--model", str(model), "--template", "toy-chat", "--json")
+    assert out.exit_code == 0, out.stderr
+    assert json.loads(out.stdout) == expected
+    builtin = run_cli("tokenize", "--chat", str(dialog), "--model", str(model), "--json")
+    assert json.loads(builtin.stdout) != expected  # the default stays Meta's template
+
+    chat = run_cli(
+        "chat",
+        str(model),
+        "-p",
+        "hi there",
+        "--template",
+        "toy-chat",
+        "-t",
+        "0",
+        "-n",
+        "3",
+        "--json",
+        "--device",
+        "cpu",
+    )
+    assert chat.exit_code == 0, chat.stderr
+    record = json.loads(chat.stdout)
+    assert record["template"] == "toy-chat" and record["tokens_in"] == len(expected)
+
+    assert_one_line_error(
+        run_cli("tokenize", "--chat", str(dialog), "--model", str(model), "--template", "nope"),
+        "--template nope",
+        "llama-2-chat, toy-chat",
+        code=2,
+    )
+
+
+SCHEME_PLUGIN = """
+from llamactl.plugins import hookimpl
+from llamactl.quantize import QuantSpec
+
+@hookimpl
+def register_quantizers(register):
+    register("fp4-plain", QuantSpec(bits=4, quant_type="fp4", double_quant=False))
+    register("not-a-spec", object())
+"""
+
+
+def test_a_plugin_quantization_scheme_is_used_by_quantize(plugin_site: Path, tmp_path: Path) -> None:
+    from tests._quantize_util import meta_src
+
+    make_plugin(plugin_site, "toyq", SCHEME_PLUGIN)
+    src = meta_src(tmp_path / "src")
+    out = run_cli(
+        "quantize", str(src), str(tmp_path / "q"), "--scheme", "fp4-plain", "--no-eval", "--json", "--device", "cpu"
+    )
+    assert out.exit_code == 0, out.stderr
+    config = json.loads((tmp_path / "q" / "config.json").read_text())["quantization_config"]
+    assert config["bnb_4bit_quant_type"] == "fp4" and config["bnb_4bit_use_double_quant"] is False
+
+    builtin = run_cli("quantize", str(src), str(tmp_path / "q8"), "--scheme", "int8", "--no-eval", "--device", "cpu")
+    assert builtin.exit_code == 0, builtin.stderr
+    assert json.loads((tmp_path / "q8" / "config.json").read_text())["quantization_config"]["load_in_8bit"] is True
+
+    for args, fragment in (
+        (["--scheme", "nope"], "fp4, fp4-plain, int8, nf4, not-a-spec"),
+        (["--scheme", "not-a-spec"], "not a llamactl.quantize.QuantSpec"),
+        (["--scheme", "nf4", "--bits", "4"], "exactly one of --bits"),
+        ([], "exactly one of --bits"),
+    ):
+        assert_one_line_error(run_cli("quantize", str(src), str(tmp_path / "bad"), *args), fragment, code=2)
+    assert not (tmp_path / "bad").exists()
