@@ -34,6 +34,7 @@ import torch
 from llamactl import __version__
 from llamactl.config import DTYPES, ModelArgs, dtype_short_name, get_preset
 from llamactl.errors import LlamactlError, UsageError
+from llamactl.graphs import decode_step
 from llamactl.model import Transformer
 
 ATTN_KINDS = ("mha", "gqa", "mqa")
@@ -521,7 +522,7 @@ def _decode(model: Transformer, first: torch.Tensor, start: int, n_gen: int) -> 
     """Greedy decode of n_gen tokens at start..; the next token stays on the device (no sync)."""
     tok = first
     for pos in range(start, start + n_gen):
-        tok = model(tok, pos)[:, -1].argmax(-1, keepdim=True)
+        tok = decode_step(model, tok, pos)[:, -1].argmax(-1, keepdim=True)
 
 
 def _fill_cache(model: Transformer, depth: int, generator: torch.Generator) -> None:

@@ -19,6 +19,7 @@ import torch
 
 from llamactl.chat import TEMPLATE_NAME, ChatTemplate, Dialog, Message, check_special_tags, encode_dialog, encode_with
 from llamactl.errors import LlamactlError, UsageError
+from llamactl.graphs import decode_step
 from llamactl.model import Transformer
 from llamactl.tokenizer import StreamDecoder, Tokenizer, open_tokenizer
 
@@ -127,7 +128,7 @@ def prefill(model: Transformer, ids: Sequence[int], start: int, chunk: int = 512
 def decode_one(model: Transformer, token: int, pos: int) -> torch.Tensor:
     """One decoding step: `token` at position `pos`; logits [V] for the next one."""
     device = model.tok_embeddings.weight.device
-    return model(torch.tensor([[token]], dtype=torch.long, device=device), pos)[0, -1]
+    return decode_step(model, torch.tensor([[token]], dtype=torch.long, device=device), pos)[0, -1]
 
 
 class Generation:

@@ -85,9 +85,26 @@ class KVCache(nn.Module):
         self.v[: v.shape[0], :, start:end] = v
         return self.k[: k.shape[0], :, :end], self.v[: v.shape[0], :, :end]
 
+    def update_at(self, pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store one step's k/v [B,K,1,D] at the position held in `pos` ([1] long tensor) and
+        return the whole cache: shapes never change, so the step can be a CUDA graph."""
+        self.k[: k.shape[0]].index_copy_(2, pos, k)
+        self.v[: v.shape[0]].index_copy_(2, pos, v)
+        return self.k[: k.shape[0]], self.v[: v.shape[0]]
+
     @property
     def nbytes(self) -> int:
         return self.k.nbytes + self.v.nbytes
+
+
+def _causal_mask(t: int, s: int, start: int, device: torch.device) -> tuple[torch.Tensor | None, bool]:
+    """(attn_mask, is_causal) for t new tokens at positions start.. against s cached keys."""
+    if t == 1:
+        return None, False  # one new token sees every cached position
+    if s == t:
+        return None, True
+    # a later chat turn: new tokens see the cache and earlier new tokens
+    return torch.ones(t, s, dtype=torch.bool, device=device).tril(start), False
 
 
 class Attention(nn.Module):
@@ -101,7 +118,10 @@ class Attention(nn.Module):
         self.cache: KVCache | None = None
         self.wqkv: torch.Tensor | None = None  # set by Transformer.fuse_projections
 
-    def forward(self, x: torch.Tensor, start: int, freqs: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, start: int | torch.Tensor, freqs: torch.Tensor, mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """`mask` [1,1,1,max_seq_len] comes with a tensor `start` (the static decode step)."""
         b, t, _ = x.shape
         if self.wqkv is not None:
             kv_size = self.n_kv_heads * self.head_dim
@@ -111,14 +131,18 @@ class Attention(nn.Module):
         q = apply_rope(q.view(b, t, self.n_heads, self.head_dim), freqs).transpose(1, 2)
         k = apply_rope(k.view(b, t, self.n_kv_heads, self.head_dim), freqs).transpose(1, 2)
         v = v.view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        if self.cache is not None:
-            k, v = self.cache.update(start, k, v)  # [B,K,S,D] with S = start + t
-        if t == 1:
-            mask, causal = None, False  # one new token sees every cached position
-        elif k.shape[2] == t:
-            mask, causal = None, True
-        else:  # a later chat turn: new tokens see the cache and earlier new tokens
-            mask, causal = torch.ones(t, k.shape[2], dtype=torch.bool, device=x.device).tril(start), False
+        if isinstance(start, torch.Tensor):  # static decode step: attend over the whole cache, masked
+            assert self.cache is not None and mask is not None and t == 1
+            k, v = self.cache.update_at(start, k, v)  # [B,K,max_seq_len,D]
+            # GQA without copying keys: each KV head's query heads become its "query positions"
+            # ([B,K,H/K,D]); head h uses KV head h // (H/K), as repeat_interleave would.
+            grouped = q.reshape(b, self.n_kv_heads, self.n_heads // self.n_kv_heads, self.head_dim)
+            out = F.scaled_dot_product_attention(grouped, k, v, attn_mask=mask)
+            return self.wo(out.reshape(b, 1, -1))
+        else:
+            if self.cache is not None:
+                k, v = self.cache.update(start, k, v)  # [B,K,S,D] with S = start + t
+            mask, causal = _causal_mask(t, k.shape[2], start, x.device)
         gqa = self.n_kv_heads != self.n_heads
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=gqa)
         return self.wo(out.transpose(1, 2).reshape(b, t, -1))
@@ -147,8 +171,10 @@ class TransformerBlock(nn.Module):
         self.attention_norm = RMSNorm(args.dim, args.norm_eps)
         self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
 
-    def forward(self, x: torch.Tensor, start: int, freqs: torch.Tensor) -> torch.Tensor:
-        h = x + self.attention(self.attention_norm(x), start, freqs)
+    def forward(
+        self, x: torch.Tensor, start: int | torch.Tensor, freqs: torch.Tensor, mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        h = x + self.attention(self.attention_norm(x), start, freqs, mask)
         return h + self.feed_forward(self.ffn_norm(h))
 
 
@@ -215,13 +241,20 @@ class Transformer(nn.Module):
         cache = self.layers[0].attention.cache if len(self.layers) else None
         return cache.k.shape[2] if cache is not None else 0
 
-    def forward(self, tokens: torch.Tensor, start: int = 0) -> torch.Tensor:
+    def forward(self, tokens: torch.Tensor, start: int | torch.Tensor = 0) -> torch.Tensor:
+        """`start` an int: positions start..start+T-1. A [1] long tensor: one decode step
+        (T=1) whose position lives on the device, the form a CUDA graph can replay."""
         t = tokens.shape[1]
-        if start + t > self.freqs_cis.shape[0]:
+        mask = None
+        if isinstance(start, torch.Tensor):
+            freqs = self.freqs_cis.index_select(0, start)
+            mask = (torch.arange(self.cache_len, device=tokens.device) <= start).view(1, 1, 1, -1)
+        elif start + t > self.freqs_cis.shape[0]:
             raise ValueError(f"positions {start}..{start + t - 1} exceed the rotary table ({self.freqs_cis.shape[0]})")
-        freqs = self.freqs_cis[start : start + t]
+        else:
+            freqs = self.freqs_cis[start : start + t]
         h = self.tok_embeddings(tokens)
         with sdpa_kernel(_SDPA_BACKENDS):
             for layer in self.layers:
-                h = layer(h, start, freqs)
+                h = layer(h, start, freqs, mask)
         return self.output(self.norm(h)).float()
