@@ -32,8 +32,10 @@ from typing import Any
 import torch
 
 from llamactl import __version__
-from llamactl.config import DTYPES, ModelArgs, dtype_short_name, get_preset
-from llamactl.errors import LlamactlError, UsageError
+from llamactl.config import ModelArgs, get_preset
+from llamactl.devices import resolve_device
+from llamactl.dtypes import FLOAT_NAMES, name_of, to_torch
+from llamactl.errors import UsageError
 from llamactl.graphs import decode_step
 from llamactl.model import Transformer
 
@@ -395,7 +397,7 @@ def quantize_in_place(model: Transformer, bits: int, dtype: torch.dtype, device:
     """int8 / nf4 through llamactl.quantize (bitsandbytes), computing in the benchmark's dtype."""
     from llamactl.quantize import QuantSpec, quantize_model
 
-    quantize_model(model, QuantSpec(bits=bits, compute_dtype=dtype_short_name(dtype)), device)
+    quantize_model(model, QuantSpec(bits=bits, compute_dtype=name_of(dtype)), device)
 
 
 def weight_bytes(model: torch.nn.Module) -> int:
@@ -419,7 +421,7 @@ def _preset_args(preset: str | ModelArgs, attn: str, gqa_heads: int, layers: int
 
 def _build(opts: BenchOptions, key: tuple, device: torch.device) -> _Built:
     preset, attn, gqa_heads, dtype_name, bits, layers = key
-    dtype = DTYPES[dtype_name]
+    dtype = to_torch(dtype_name)
     if opts.model is not None:
         from llamactl.loading import load_model
 
@@ -560,8 +562,8 @@ def _row(built: _Built, attn: str, cfg: _Config, test: str, n_prompt: int, n_gen
         n_head=args.n_heads,
         n_kv_head=args.kv_heads,
         head_dim=args.head_dim,
-        type_w=dtype_short_name(built.dtype),
-        type_k=dtype_short_name(built.dtype),
+        type_w=name_of(built.dtype),
+        type_k=name_of(built.dtype),
         bits=built.bits,
         n_batch=cfg.batch,
         n_ctx=cfg.ctx,
@@ -730,19 +732,6 @@ def _oom_message(exc: BaseException) -> str:
 # --------------------------------------------------------------------------- the whole run
 
 
-def resolve_device(requested: str | None) -> tuple[torch.device, bool]:
-    """(device, fell_back_to_cpu). `None` picks CUDA when there is one."""
-    if requested is None:
-        if torch.cuda.is_available():
-            return torch.device("cuda"), False
-        return torch.device("cpu"), True
-    if requested not in ("cuda", "cpu"):
-        raise UsageError(f"--device {requested}: expected cuda or cpu")
-    if requested == "cuda" and not torch.cuda.is_available():
-        raise LlamactlError("--device cuda: CUDA is not available on this machine")
-    return torch.device(requested), False
-
-
 def apply_device_defaults(opts: BenchOptions, device: torch.device) -> BenchOptions:
     """Fill options left unset with the device's defaults (smaller on the CPU, see CPU_DEFAULTS)."""
     cpu = device.type == "cpu"
@@ -774,8 +763,8 @@ def validate_options(opts: BenchOptions) -> None:
         if a not in (*ATTN_KINDS, "native"):
             raise UsageError(f"--attn {a}: expected one of {', '.join(ATTN_KINDS)}")
     for d in opts.dtypes or []:
-        if d not in DTYPES:
-            raise UsageError(f"--dtype {d}: expected one of {', '.join(DTYPES)}")
+        if d not in FLOAT_NAMES:
+            raise UsageError(f"--dtype {d}: expected one of {', '.join(FLOAT_NAMES)}")
     for b in opts.bits:
         if b not in (16, 8, 4):
             raise UsageError(f"--bits {b}: expected 16, 8 or 4")
@@ -867,7 +856,7 @@ def _oom_rows(opts: BenchOptions, key: tuple, configs: list[_Config], exc: BaseE
     else:
         args, full = _preset_args(opts.args or preset, attn, gqa_heads, layers)
         name = _model_name(opts, preset)
-    dtype = DTYPES[dtype_name]
+    dtype = to_torch(dtype_name)
     stub = _Built(
         model=torch.nn.Linear(1, 1, bias=False),
         args=args,

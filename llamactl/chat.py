@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, Literal, Protocol
 
 from llamactl.errors import LlamactlError, UsageError
+from llamactl.plugins import get_registry, hookimpl
 
 Role = Literal["system", "user", "assistant"]
 ROLES: tuple[str, ...] = ("system", "user", "assistant")
@@ -198,9 +199,12 @@ def chat_template(name: str) -> ChatTemplate:
     """The encoder registered under `name`: the built-in llama-2-chat or a plugin's."""
     if name == TEMPLATE_NAME:
         return encode_dialog
-    from llamactl.plugins import get_registry
-
     templates = get_registry().chat_templates()
     if name not in templates:
         raise UsageError(f"--template {name}: unknown chat template; choose one of: {', '.join(sorted(templates))}")
     return templates[name]
+
+
+@hookimpl
+def register_chat_templates(register: Callable[[str, ChatTemplate], None]) -> None:
+    register(TEMPLATE_NAME, encode_dialog)

@@ -13,30 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
-
-from llamactl.errors import ConfigError, UsageError
-
-# The floating dtypes every command accepts, by their short names.
-DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-_DTYPE_ALIASES = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}
-
-
-def parse_dtype(name: str | None, option: str = "--dtype") -> torch.dtype | None:
-    """'bf16' (or 'bfloat16') -> torch.bfloat16; None stays None (automatic choice)."""
-    if name is None:
-        return None
-    key = _DTYPE_ALIASES.get(name.lower(), name.lower())
-    try:
-        return DTYPES[key]
-    except KeyError:
-        raise UsageError(f"{option} {name}: choose one of {', '.join(DTYPES)}") from None
-
-
-def dtype_short_name(dtype: torch.dtype) -> str:
-    """torch.bfloat16 -> 'bf16'."""
-    return {v: k for k, v in DTYPES.items()}[dtype]
-
+from llamactl.errors import ConfigError
 
 # Sizes Meta uses for multiple_of / ffn_dim_multiplier, tried in this order when the FFN
 # width has to be recovered from a Hugging Face config's intermediate_size.

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from llamactl.atomic import atomic_directory, check_destination
 from llamactl.checkpoint import CheckpointFormat, CheckpointReader, WriteOptions, WritePlan, get_format, open_checkpoint
-from llamactl.config import parse_dtype
+from llamactl.dtypes import parse_float_dtype, to_torch
 from llamactl.errors import UsageError
 
 
@@ -57,7 +57,8 @@ def plan_convert(
     reader = open_checkpoint(src)
     dst_path = Path(dst).expanduser()
     check_destination(reader.path, dst_path, force)
-    options = WriteOptions(dtype=parse_dtype(dtype), shards=shards)
+    name = parse_float_dtype(dtype)
+    options = WriteOptions(dtype=to_torch(name) if name else None, shards=shards)
     if max_shard_bytes is not None:
         options.max_shard_bytes = max_shard_bytes
     return ConvertPlan(reader, target, dst_path, target.plan(reader, options), options)

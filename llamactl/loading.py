@@ -10,6 +10,7 @@ import torch
 
 from llamactl.checkpoint import CheckpointReader, open_checkpoint
 from llamactl.config import ModelArgs
+from llamactl.devices import resolve
 from llamactl.errors import UsageError
 from llamactl.model import Transformer
 
@@ -21,22 +22,6 @@ class LoadedModel:
     reader: CheckpointReader
     device: torch.device
     dtype: torch.dtype
-
-
-def pick_device(
-    device: str | torch.device | None = None, dtype: torch.dtype | None = None
-) -> tuple[torch.device, torch.dtype]:
-    """CUDA + bf16 when available, else CPU + fp32; explicit choices are checked."""
-    if device is None:
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    dev = torch.device(device)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise UsageError("--device cuda: no CUDA device is available (torch.cuda.is_available() is False)")
-    if dev.type not in ("cpu", "cuda", "mps"):
-        raise UsageError(f"unsupported device {str(device)!r}; use cpu or cuda")
-    if dtype is None:
-        dtype = torch.bfloat16 if dev.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
-    return dev, dtype
 
 
 def build_model(
@@ -62,7 +47,7 @@ def build_model(
 def load_model(
     model: str | os.PathLike[str],
     device: str | torch.device | None = None,
-    dtype: torch.dtype | None = None,
+    dtype: str | torch.dtype | None = None,
     max_seq_len: int | None = None,
     bits: int | None = None,
 ) -> LoadedModel:
@@ -73,7 +58,8 @@ def load_model(
     checkpoint's own precision (before any cast to `dtype`).
     """
     reader = open_checkpoint(model)
-    dev, dt = pick_device(device, dtype)
+    placement = resolve(device, dtype)
+    dev, dt = placement.device, placement.dtype
     if bits is None or reader.quantization is not None:
         if bits is not None:
             raise UsageError(

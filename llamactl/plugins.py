@@ -10,31 +10,39 @@ whose target (a module or object) carries `@hookimpl` functions:
     @hookimpl
     def register_formats(register): ...      # register(CheckpointFormat)
     @hookimpl
-    def register_chat_templates(register): ...  # register(name, encode(tokenizer, dialog) -> ids)
+    def register_chat_templates(register): ...  # register(name, template)
     @hookimpl
-    def register_quantizers(register): ...   # register(name, scheme object)
+    def register_quantizers(register): ...   # register(name, QuantSpec)
 
-`LLAMACTL_LOAD_PLUGINS` (comma list of entry-point or distribution names) picks which
-plugins load; empty loads none, unset loads all. A plugin that fails to import (or raises,
-or calls sys.exit) is recorded as failed and skipped: the library never prints, so the CLI
-reports `Registry.failures` as warnings. Each plugin's hooks run in isolation so one broken
-plugin cannot take registrations of others (or of the built-ins) down with it.
+llamactl's own modules are plugins of the same group, declared in its pyproject.toml: this
+module imports none of them and knows none by name. They always load; third-party plugins
+load unless `LLAMACTL_LOAD_PLUGINS` (comma list of entry-point or distribution names; empty:
+none) leaves them out. A third-party plugin that fails to import, raises, calls sys.exit or
+takes longer than `LLAMACTL_PLUGIN_TIMEOUT` seconds to import is recorded as failed and
+skipped: the library never prints, so the CLI reports `Registry.failures` as warnings. Each
+plugin's hooks run in isolation so one broken plugin cannot take the registrations of others
+(or of the built-ins) down with it.
 """
 
 from __future__ import annotations
 
 import importlib.metadata as md
 import os
+import threading
+import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
 import pluggy
 
+from llamactl.errors import LlamactlError
+
 PROJECT = "llamactl"
 ENTRY_POINT_GROUP = "llamactl.plugins"
 ENV_VAR = "LLAMACTL_LOAD_PLUGINS"
-BUILTIN = "llamactl"
+TIMEOUT_ENV_VAR = "LLAMACTL_PLUGIN_TIMEOUT"
+DEFAULT_TIMEOUT_S = 10.0
 
 hookspec = pluggy.HookspecMarker(PROJECT)
 hookimpl = pluggy.HookimplMarker(PROJECT)
@@ -56,46 +64,19 @@ class HookSpecs:
 
     @hookspec
     def register_chat_templates(self, register: Callable[[str, Any], None]) -> None:
-        """Call `register(name, encode)`, encode(tokenizer, dialog) -> list[int] of prompt token ids."""
+        """Call `register(name, template)`: a ChatTemplate, or a function encode(tokenizer, dialog) -> ids."""
 
     @hookspec
     def register_quantizers(self, register: Callable[[str, Any], None]) -> None:
-        """Call `register(name, scheme)` for each quantization scheme (e.g. a llamactl.quantize.QuantSpec)."""
+        """Call `register(name, spec)` for each quantization scheme (a llamactl.quantize.QuantSpec)."""
 
 
-class _Builtins:
-    """llamactl's own commands, formats, chat template and quantizers, registered like a plugin's."""
-
-    @hookimpl
-    def register_commands(self, app: Any) -> None:
-        import importlib
-
-        from llamactl.cli import COMMAND_MODULES
-
-        for name in COMMAND_MODULES:
-            importlib.import_module(f"llamactl.cli.{name}").register(app)
-
-    @hookimpl
-    def register_formats(self, register: Callable[[Any], None]) -> None:
-        from llamactl.checkpoint.formats import FORMATS
-
-        for name in ("meta", "hf"):
-            if name in FORMATS:
-                register(FORMATS[name])
-
-    @hookimpl
-    def register_chat_templates(self, register: Callable[[str, Any], None]) -> None:
-        from llamactl.chat import TEMPLATE_NAME, encode_dialog
-
-        register(TEMPLATE_NAME, encode_dialog)
-
-    @hookimpl
-    def register_quantizers(self, register: Callable[[str, Any], None]) -> None:
-        from llamactl.quantize import QuantSpec
-
-        register("int8", QuantSpec(bits=8))
-        register("nf4", QuantSpec(bits=4, quant_type="nf4"))
-        register("fp4", QuantSpec(bits=4, quant_type="fp4"))
+# hook -> (what one registration is called, PluginInfo field that lists them)
+KINDS: dict[str, tuple[str, str]] = {
+    "register_formats": ("format", "formats"),
+    "register_chat_templates": ("chat template", "chat_templates"),
+    "register_quantizers": ("quantizer", "quantizers"),
+}
 
 
 @dataclass
@@ -150,36 +131,63 @@ def _describe(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__
 
 
+def _timeout_s() -> float:
+    try:
+        return max(0.0, float(os.environ.get(TIMEOUT_ENV_VAR, DEFAULT_TIMEOUT_S)))
+    except ValueError:
+        return DEFAULT_TIMEOUT_S
+
+
 class Registry:
-    """The loaded plugins and everything they registered."""
+    """The loaded plugins and, per kind, everything they registered."""
 
     def __init__(self) -> None:
         self.manager = pluggy.PluginManager(PROJECT)
         self.manager.add_hookspecs(HookSpecs)
-        self.infos: dict[str, PluginInfo] = {}
+        self.infos: dict[str, PluginInfo] = {}  # by plugin name; the built-ins share one, "llamactl"
+        self._owner: dict[str, PluginInfo] = {}  # pluggy's name of each registered object -> its plugin
         self.failures: list[str] = []
-        self._collected: dict[str, dict[str, Any]] = {}
-        self.manager.register(_Builtins(), name=BUILTIN)
-        self.infos[BUILTIN] = PluginInfo(BUILTIN, PROJECT, _version(PROJECT), builtin=True)
+        self._tables: dict[str, dict[str, Any]] = {}
+        self._load_builtins()
         self._load_entry_points()
 
     # ------------------------------------------------------------------ loading
 
+    def _load_builtins(self) -> None:
+        """llamactl's own plugin modules: a failure here is a bug, so it raises."""
+        eps = _builtin_entry_points(ENTRY_POINT_GROUP)
+        if not eps:
+            raise LlamactlError(
+                "llamactl's built-in commands and formats are missing: they register through the "
+                f"{ENTRY_POINT_GROUP!r} entry points, so install the package (pip install -e .)"
+            )
+        info = self.infos[PROJECT] = PluginInfo(PROJECT, PROJECT, eps[0].dist.version if eps[0].dist else None, True)
+        for ep in eps:
+            name = f"{PROJECT}:{ep.name}"
+            self._owner[name] = info
+            self.manager.register(ep.load(), name=name)
+
     def _load_entry_points(self) -> None:
         wanted = selected_names()
         found: set[str] = set()
+        pending: list[tuple[md.EntryPoint, PluginInfo]] = []
         for ep in _entry_points(ENTRY_POINT_GROUP):
             dist = ep.dist.name if ep.dist is not None else None
             keys = {_normalise(ep.name)} | ({_normalise(dist)} if dist else set())
-            if ep.name in self.infos or (wanted is not None and not keys & wanted):
+            if ep.name in self.infos or dist == PROJECT or (wanted is not None and not keys & wanted):
                 continue
             found |= keys
             info = PluginInfo(ep.name, dist, ep.dist.version if ep.dist is not None else None)
             self.infos[ep.name] = info
+            pending.append((ep, info))
+        for (ep, info), (plugin, error) in zip(pending, _import_all([ep for ep, _ in pending], _timeout_s())):
+            if error is not None:
+                self._fail(info, error)
+                continue
             try:
-                plugin = ep.load()
                 self.manager.register(plugin, name=ep.name)
-            except (Exception, SystemExit) as exc:  # a broken plugin must not break llamactl
+                self._owner[ep.name] = info
+            except Exception as exc:  # e.g. a hookimpl whose signature matches no hookspec
                 self._fail(info, f"failed to load ({_describe(exc)})")
         for name in sorted((wanted or set()) - found):
             self.failures.append(f"plugin {name!r} named in {ENV_VAR} is not installed")
@@ -189,20 +197,22 @@ class Registry:
         self.failures.append(f"plugin {info.name!r} {why}; ignoring it")
 
     def _impls(self, hook: str) -> list[tuple[PluginInfo, Callable[..., Any]]]:
-        """Each loaded plugin's implementation of `hook`, built-ins first."""
-        out = []
-        for impl in getattr(self.manager.hook, hook).get_hookimpls():
-            info = self.infos[impl.plugin_name]
-            if info.ok:
-                out.append((info, impl.function))
-        return sorted(out, key=lambda item: not item[0].builtin)
+        """Each loaded plugin's implementation of `hook`, built-ins first, each in load order."""
+        order = {name: i for i, name in enumerate(self._owner)}
+        impls = sorted(getattr(self.manager.hook, hook).get_hookimpls(), key=lambda impl: order[impl.plugin_name])
+        return [(self._owner[i.plugin_name], i.function) for i in impls if self._owner[i.plugin_name].ok]
 
     # ------------------------------------------------------------------ hooks
 
-    def _collect(self, hook: str, kind: str) -> dict[str, Any]:
-        """Run `hook(register)` for each plugin; a plugin's registrations count only if it finished."""
-        if hook in self._collected:
-            return self._collected[hook]
+    def table(self, hook: str) -> dict[str, Any]:
+        """name -> object for one kind, filled once by running `hook(register)` for each plugin.
+
+        A plugin's registrations count only if its hook finished; a name registered again by a
+        later plugin replaces the earlier one (with a warning when a third party does it).
+        """
+        if hook in self._tables:
+            return self._tables[hook]
+        kind, listing = KINDS[hook]
         table: dict[str, Any] = {}
         for info, function in self._impls(hook):
             mine: dict[str, Any] = {}
@@ -216,7 +226,7 @@ class Registry:
 
             try:
                 function(register=register)
-            except (Exception, SystemExit) as exc:
+            except (Exception, SystemExit, KeyboardInterrupt) as exc:
                 if info.builtin:
                     raise
                 self._fail(info, f"raised in {hook} ({_describe(exc)})")
@@ -225,25 +235,19 @@ class Registry:
                 if name in table and not info.builtin:
                     self.failures.append(f"plugin {info.name!r}: {kind} {name!r} replaces an earlier one")
                 table[name] = obj
-                getattr(info, kind + "s").append(name)
-        self._collected[hook] = table
+                getattr(info, listing).append(name)
+        self._tables[hook] = table
         return table
 
     def formats(self) -> dict[str, Any]:
-        """Every registered CheckpointFormat by name (also added to llamactl.checkpoint's registry)."""
-        table = self._collect("register_formats", "format")
-        from llamactl.checkpoint.formats import FORMATS, register_format
-
-        for fmt in table.values():
-            if FORMATS.get(fmt.name) is not fmt:
-                register_format(fmt)
-        return table
+        """Every registered CheckpointFormat by name, built-ins first."""
+        return self.table("register_formats")
 
     def chat_templates(self) -> dict[str, Any]:
-        return self._collect("register_chat_templates", "chat_template")
+        return self.table("register_chat_templates")
 
     def quantizers(self) -> dict[str, Any]:
-        return self._collect("register_quantizers", "quantizer")
+        return self.table("register_quantizers")
 
     def add_commands(self, app: Any, guard: CommandGuard | None = None) -> None:
         """Let every plugin add its commands to `app`; plugin callbacks are wrapped by `guard`."""
@@ -252,7 +256,7 @@ class Registry:
             existing = _command_names(app.registered_commands[:before_cmds], app.registered_groups[:before_groups])
             try:
                 function(app=app)
-            except (Exception, SystemExit) as exc:
+            except (Exception, SystemExit, KeyboardInterrupt) as exc:
                 if info.builtin:
                     raise  # a broken built-in is a bug, not a plugin to skip
                 del app.registered_commands[before_cmds:], app.registered_groups[before_groups:]
@@ -277,10 +281,35 @@ class Registry:
 
     def plugins(self, include_builtin: bool = False) -> list[PluginInfo]:
         """What each plugin registered (runs every registration hook first)."""
-        self.formats()
-        self.chat_templates()
-        self.quantizers()
+        for hook in KINDS:
+            self.table(hook)
         return [info for info in self.infos.values() if include_builtin or not info.builtin]
+
+
+def _import_all(eps: list[md.EntryPoint], timeout: float) -> list[tuple[Any, str | None]]:
+    """Load entry points side by side in daemon threads; (object, None) or (None, why) for each.
+
+    A plugin that blocks at import (waiting on a network, a lock, input) must not hang every
+    llamactl command, `--help` included: whatever has not finished by the deadline is
+    abandoned (its thread dies with the process) and reported.
+    """
+    results: list[tuple[Any, str | None]] = [(None, "did not finish importing")] * len(eps)
+
+    def load(i: int, ep: md.EntryPoint) -> None:
+        try:
+            results[i] = (ep.load(), None)
+        except BaseException as exc:  # a plugin's ImportError, SystemExit, KeyboardInterrupt...
+            results[i] = (None, f"failed to load ({_describe(exc)})")
+
+    threads = [threading.Thread(target=load, args=(i, ep), daemon=True) for i, ep in enumerate(eps)]
+    for thread in threads:
+        thread.start()
+    deadline = time.monotonic() + timeout
+    for i, thread in enumerate(threads):
+        thread.join(max(0.0, deadline - time.monotonic()))
+        if thread.is_alive():
+            results[i] = (None, f"did not finish importing within {timeout:g} s ({TIMEOUT_ENV_VAR})")
+    return results
 
 
 def _command_name(cmd: Any) -> str:
@@ -309,11 +338,13 @@ def _guard_group(app: Any, plugin: str, guard: CommandGuard) -> None:
         _guard_group(group.typer_instance, plugin, guard)
 
 
-def _version(dist: str) -> str | None:
+def _builtin_entry_points(group: str) -> list[md.EntryPoint]:
+    """llamactl's own entry points of `group`, in the order pyproject.toml lists them."""
     try:
-        return md.version(dist)
+        dist = md.distribution(PROJECT)
     except md.PackageNotFoundError:
-        return None
+        return []
+    return [ep for ep in dist.entry_points if ep.group == group]
 
 
 def _entry_points(group: str) -> list[md.EntryPoint]:

@@ -23,7 +23,7 @@ import json
 import logging
 import math
 import re
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from types import ModuleType
@@ -39,13 +39,15 @@ from llamactl.checkpoint.keymap import (
     rotary_heads,
     unpermute_from_hf,
 )
-from llamactl.config import DTYPES, ModelArgs
+from llamactl.config import ModelArgs
+from llamactl.dtypes import FLOAT_NAMES, to_torch
 from llamactl.errors import CheckpointError, ConfigError, MissingDependencyError, UsageError
+from llamactl.plugins import get_registry, hookimpl
 
 SUPPORTED_BITS = (8, 4)
 QUANT_TYPES = ("nf4", "fp4")
 BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
-COMPUTE_DTYPES = DTYPES  # bitsandbytes computes in any of them
+COMPUTE_DTYPES = {name: to_torch(name) for name in FLOAT_NAMES}  # bitsandbytes computes in any of them
 _DTYPE_NAMES = {torch.bfloat16: "bfloat16", torch.float16: "float16", torch.float32: "float32"}
 INSTALL_HINT = "pip install 'bitsandbytes>=0.45'"
 # Only the seven projections of each block are quantized: embeddings, norms and the output
@@ -504,8 +506,6 @@ def _add_plain(
 
 def quant_scheme(name: str) -> QuantSpec:
     """A quantization scheme registered under `name` (int8, nf4, fp4 or a plugin's QuantSpec)."""
-    from llamactl.plugins import get_registry
-
     schemes = get_registry().quantizers()
     if name not in schemes:
         raise UsageError(f"--scheme {name}: unknown quantization scheme; choose one of: {', '.join(sorted(schemes))}")
@@ -652,3 +652,10 @@ def build_quantized_model(
     load_quantized_state(model, reader.files, spec, device, dtype)
     model.reset_rope(args.max_seq_len)
     return model.eval()
+
+
+@hookimpl
+def register_quantizers(register: Callable[[str, QuantSpec], None]) -> None:
+    register("int8", QuantSpec(bits=8))
+    register("nf4", QuantSpec(bits=4, quant_type="nf4"))
+    register("fp4", QuantSpec(bits=4, quant_type="fp4"))

@@ -24,6 +24,7 @@ from llamactl.checkpoint.keymap import meta_to_hf_name, permute_for_hf, rotary_h
 from llamactl.checkpoint.meta import tensor_bytes
 from llamactl.checkpoint.safetensors_io import safetensors_header
 from llamactl.checkpoint.sharding import TensorInfo
+from llamactl.devices import resolve, resolve_device
 from llamactl.errors import CheckpointError, UsageError
 from llamactl.quantize import (
     Quality,
@@ -89,7 +90,7 @@ def plan_quantize(
         raise CheckpointError(f"{reader.path}: already quantized ({method}); quantize the unquantized original")
     dst_path = Path(dst).expanduser()
     check_destination(reader.path, dst_path, force)
-    dev = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
+    dev, _ = resolve_device(device)
     require_bitsandbytes(dev)
     names = [info.name for info in reader.tensor_infos() if is_quantizable(info.name)]
     used: set[str] = set()
@@ -232,10 +233,11 @@ def evaluate_quality(
     The unquantized model is loaded, run and freed before the quantized one is loaded, so
     peak memory is one model, not two.
     """
-    from llamactl.loading import build_model, pick_device
+    from llamactl.loading import build_model
 
     reader = open_checkpoint(src)
-    dev, dt = pick_device(device, dtype)
+    placement = resolve(device, dtype)
+    dev, dt = placement.device, placement.dtype
     window = min(reader.args.max_seq_len, 512)
     model = build_model(reader, dev, dt)
     ref = model_logits(model, tokens, window)

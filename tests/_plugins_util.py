@@ -106,6 +106,3 @@ def plugin_site(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Pat
         if mod.endswith("_testplugin"):
             del sys.modules[mod]
     plugins.reset()
-    from llamactl.checkpoint.formats import FORMATS
-
-    FORMATS.pop("toy", None)

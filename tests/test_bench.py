@@ -11,7 +11,7 @@ import torch
 
 from llamactl import bench
 from llamactl.config import ModelArgs, get_preset
-from llamactl.errors import UsageError
+from llamactl.errors import LlamactlError, UsageError
 from llamactl.model import Transformer
 
 CPU = torch.device("cpu")
@@ -236,7 +236,7 @@ def test_bad_options_are_rejected_before_any_work(change: dict[str, object], mes
 def test_device_cuda_without_cuda_is_an_error(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert bench.resolve_device(None) == (CPU, True)
-    with pytest.raises(bench.LlamactlError, match="--device cuda"):
+    with pytest.raises(LlamactlError, match="device cuda: no CUDA device"):
         bench.resolve_device("cuda")
 
 

@@ -8,8 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from llamactl.devices import resolve
 from llamactl.errors import UsageError
-from llamactl.loading import load_model, pick_device
+from llamactl.loading import load_model
 from llamactl.quantize import QuantSpec
 from llamactl.quantize_run import plan_quantize, run_quantize
 from tests._quantize_util import meta_src
@@ -19,9 +20,10 @@ from tests.cli._run import run_cli
 def test_auto_device_without_cuda_is_cpu_fp32() -> None:
     if torch.cuda.is_available():
         pytest.skip("this machine has CUDA")
-    assert pick_device() == (torch.device("cpu"), torch.float32)
+    placement = resolve()
+    assert (placement.device, placement.dtype, placement.fell_back) == (torch.device("cpu"), torch.float32, True)
     with pytest.raises(UsageError, match="no CUDA device"):
-        pick_device("cuda")
+        resolve("cuda")
 
 
 @pytest.mark.parametrize("bits", [8, 4])

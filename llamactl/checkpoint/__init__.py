@@ -6,71 +6,39 @@ import os
 from pathlib import Path
 
 from llamactl.checkpoint.base import CheckpointReader
-from llamactl.checkpoint.formats import (
-    FORMATS,
-    CheckpointFormat,
-    WriteOptions,
-    WritePlan,
-    get_format,
-    load_plugin_formats,
-    register_format,
-)
-from llamactl.checkpoint.sharding import TensorInfo
-from llamactl.errors import CheckpointError, ModelNotFoundError
+from llamactl.checkpoint.formats import CheckpointFormat, WriteOptions, WritePlan
+from llamactl.errors import CheckpointError, ModelNotFoundError, UsageError
+from llamactl.home import models_home
+from llamactl.layout import TensorInfo
+from llamactl.plugins import get_registry
 
 __all__ = [
-    "FORMATS",
     "CheckpointFormat",
     "CheckpointReader",
     "TensorInfo",
     "WriteOptions",
     "WritePlan",
     "detect_format",
+    "formats",
     "get_format",
     "list_model_names",
     "models_home",
     "open_checkpoint",
-    "register_format",
     "resolve_model",
 ]
 
 
-def _register_builtins() -> None:
-    from llamactl.checkpoint import hf, meta
-
-    register_format(
-        CheckpointFormat(
-            "meta",
-            meta.detect_meta,
-            meta.MetaReader.open,
-            meta.plan_format,
-            meta.write_format,
-            "Meta: params.json + consolidated.NN.pth model-parallel shards",
-        )
-    )
-    register_format(
-        CheckpointFormat(
-            "hf",
-            hf.detect_hf,
-            hf.HFReader.open,
-            hf.plan_format,
-            hf.write_format,
-            "Hugging Face: config.json + safetensors shards + index",
-        )
-    )
+def formats() -> dict[str, CheckpointFormat]:
+    """Every registered format by name: llamactl's own and those of installed plugins."""
+    return get_registry().formats()
 
 
-_register_builtins()
-
-
-def models_home() -> Path:
-    """`$LLAMACTL_HOME/models`, by default in the user's data directory (XDG on Linux)."""
-    home = os.environ.get("LLAMACTL_HOME")
-    if not home:
-        from platformdirs import user_data_dir
-
-        home = user_data_dir("llamactl")
-    return Path(home).expanduser() / "models"
+def get_format(name: str) -> CheckpointFormat:
+    table = formats()
+    try:
+        return table[name]
+    except KeyError:
+        raise UsageError(f"unknown format {name!r}; choose one of: {', '.join(sorted(table))}") from None
 
 
 def list_model_names() -> list[str]:
@@ -98,8 +66,7 @@ def resolve_model(model: str | os.PathLike[str]) -> Path:
 
 def detect_format(path: Path) -> CheckpointFormat:
     """The first registered format that recognises `path` (plugins before built-ins)."""
-    load_plugin_formats()
-    for fmt in reversed(list(FORMATS.values())):
+    for fmt in reversed(list(formats().values())):
         if fmt.detect(path):
             return fmt
     raise CheckpointError(f"{path}: not a model directory (no params.json, config.json or other known checkpoint)")

@@ -1,4 +1,4 @@
-"""The registry of checkpoint formats: built-ins and plugins register the same way."""
+"""What a checkpoint format is: how to recognise, read, plan and write it (registered through plugins)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,6 @@ import torch
 
 from llamactl.checkpoint.base import CheckpointReader
 from llamactl.checkpoint.sharding import TensorInfo
-from llamactl.errors import UsageError
 
 
 @dataclass
@@ -42,36 +41,3 @@ class CheckpointFormat:
     plan: Callable[[CheckpointReader, WriteOptions], WritePlan] | None = None
     write: Callable[[Path, CheckpointReader, WritePlan, WriteOptions], None] | None = None
     description: str = ""
-
-
-FORMATS: dict[str, CheckpointFormat] = {}
-
-
-def register_format(fmt: CheckpointFormat) -> None:
-    """Add or replace a format (later registrations win, so plugins can override)."""
-    FORMATS[fmt.name] = fmt
-
-
-_plugins_loaded = False
-
-
-def load_plugin_formats() -> None:
-    """Pull in formats from installed plugins once, so library callers see them too."""
-    global _plugins_loaded
-    if not _plugins_loaded:
-        _plugins_loaded = True
-        from llamactl.plugins import get_registry
-
-        get_registry().formats()  # registers each plugin format here; broken plugins are reported by the CLI
-
-
-def get_format(name: str) -> CheckpointFormat:
-    load_plugin_formats()
-    try:
-        return FORMATS[name]
-    except KeyError:
-        raise UsageError(f"unknown format {name!r}; choose one of: {', '.join(sorted(FORMATS))}") from None
-
-
-def writable_formats() -> list[str]:
-    return sorted(name for name, fmt in FORMATS.items() if fmt.write is not None)

@@ -18,7 +18,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from llamactl.checkpoint.base import TOKENIZER_FILE, CheckpointReader, ReaderBase, check_against_args
-from llamactl.checkpoint.formats import WriteOptions, WritePlan
+from llamactl.checkpoint.formats import CheckpointFormat, WriteOptions, WritePlan
 from llamactl.checkpoint.keymap import (
     HF_IGNORED,
     hf_to_meta_name,
@@ -32,6 +32,7 @@ from llamactl.checkpoint.safetensors_io import SafetensorsFileWriter
 from llamactl.checkpoint.sharding import TensorInfo, plan_size_shards
 from llamactl.config import ModelArgs, args_from_hf_config, hf_config_from_args, read_json
 from llamactl.errors import CheckpointError, ConfigError
+from llamactl.plugins import hookimpl
 
 CONFIG_FILE = "config.json"
 SINGLE_FILE = "model.safetensors"
@@ -309,3 +310,13 @@ def write_tokenizer_files(out_dir: Path, tokenizer_model: Path, args: ModelArgs)
     }
     (out_dir / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
     (out_dir / "special_tokens_map.json").write_text(json.dumps(special, indent=2) + "\n")
+
+
+FORMAT = CheckpointFormat(
+    "hf", detect_hf, HFReader.open, plan_format, write_format, "Hugging Face: config.json + safetensors shards + index"
+)
+
+
+@hookimpl
+def register_formats(register: Callable[[CheckpointFormat], None]) -> None:
+    register(FORMAT)

@@ -24,7 +24,7 @@ import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 from llamactl.checkpoint.base import TOKENIZER_FILE, CheckpointReader, ReaderBase, check_against_args
-from llamactl.checkpoint.formats import WriteOptions, WritePlan
+from llamactl.checkpoint.formats import CheckpointFormat, WriteOptions, WritePlan
 from llamactl.checkpoint.keymap import META_IGNORED
 from llamactl.checkpoint.sharding import (
     TensorInfo,
@@ -36,12 +36,16 @@ from llamactl.checkpoint.sharding import (
 )
 from llamactl.config import ModelArgs, args_from_params, read_json
 from llamactl.errors import CheckpointError, ConfigError
+from llamactl.plugins import hookimpl
 
 PARAMS_FILE = "params.json"
 _SHARD = re.compile(r"^consolidated\.(\d+)\.pth$")
 
 
 def detect_meta(path: Path) -> bool:
+    """params.json or consolidated.NN.pth, and no config.json (a directory with both is read as HF)."""
+    if (path / "config.json").is_file():
+        return False
     return (path / PARAMS_FILE).is_file() or any(_SHARD.match(p.name) for p in path.glob("consolidated.*.pth"))
 
 
@@ -234,3 +238,18 @@ def write_format(out_dir: Path, reader: CheckpointReader, plan: WritePlan, optio
     (out_dir / PARAMS_FILE).write_text(json.dumps(meta_params(reader.args), indent=2) + "\n")
     if reader.tokenizer_path is not None:
         shutil.copyfile(reader.tokenizer_path, out_dir / TOKENIZER_FILE)
+
+
+FORMAT = CheckpointFormat(
+    "meta",
+    detect_meta,
+    MetaReader.open,
+    plan_format,
+    write_format,
+    "Meta: params.json + consolidated.NN.pth model-parallel shards",
+)
+
+
+@hookimpl
+def register_formats(register: Callable[[CheckpointFormat], None]) -> None:
+    register(FORMAT)

@@ -6,19 +6,6 @@ import typer
 
 from llamactl import __version__
 
-# Built-in command modules under llamactl.cli; each defines register(app).
-COMMAND_MODULES: list[str] = [
-    "bench",
-    "chat",
-    "convert",
-    "generate",
-    "info",
-    "plugins",
-    "quantize",
-    "store",
-    "tokenize",
-]
-
 
 def _version(value: bool) -> None:
     if value:
@@ -42,8 +29,8 @@ def build_app() -> typer.Typer:
     ) -> None:
         """Convert, quantize, chat with and benchmark Llama-2-family models."""
 
-    # Built-in commands (COMMAND_MODULES) and plugin commands arrive through the same
-    # register_commands hook (llamactl.plugins); broken plugins become warnings.
+    # Built-in commands (each llamactl.cli module is a plugin listed in pyproject.toml) and
+    # plugin commands arrive through the same register_commands hook; broken plugins warn.
     from llamactl.cli.plugins import install_commands
 
     install_commands(app)

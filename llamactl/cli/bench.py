@@ -30,12 +30,14 @@ from llamactl.bench import (
 )
 from llamactl.cli._common import cli_command, stderr, stdout
 from llamactl.errors import UsageError
+from llamactl.plugins import hookimpl
 
 FORMATS = ("table", "md", "csv", "json", "jsonl")
 _MIB = 1 << 20
 
 
-def register(app: typer.Typer) -> None:
+@hookimpl
+def register_commands(app: typer.Typer) -> None:
     app.command("bench")(cli_command(bench))
 
 

@@ -34,9 +34,10 @@ from llamactl.cli.generate import (
     sampling_from,
     write,
 )
-from llamactl.config import parse_dtype
+from llamactl.dtypes import parse_float_dtype
 from llamactl.errors import UsageError
 from llamactl.generate import ChatSession, load_for_generation
+from llamactl.plugins import hookimpl
 
 
 def chat(
@@ -78,7 +79,7 @@ def chat(
     if not interactive:
         inputs = _script_inputs(prompt, each_line)
     with loading_status(model):
-        loaded, tok = load_for_generation(model, tokenizer, device, parse_dtype(dtype), ctx, bits)
+        loaded, tok = load_for_generation(model, tokenizer, device, parse_float_dtype(dtype), ctx, bits)
     session = ChatSession(
         loaded.model,
         tok,
@@ -169,5 +170,6 @@ def _repl(session: ChatSession, loaded: Any, name: str) -> None:
     raise typer.Exit(Repl(session, info, history=history).run())
 
 
-def register(app: typer.Typer) -> None:
+@hookimpl
+def register_commands(app: typer.Typer) -> None:
     app.command("chat")(cli_command(chat))

@@ -10,6 +10,7 @@ import typer
 from llamactl.checkpoint.sharding import parse_size
 from llamactl.cli._common import byte_progress, cli_command, human_bytes, print_json, stdout
 from llamactl.convert import ConvertPlan, plan_convert, run_convert
+from llamactl.plugins import hookimpl
 
 
 def convert(
@@ -83,5 +84,6 @@ def _print_plan(plan: ConvertPlan, json_out: bool) -> None:
     out.print(f"total {human_bytes(plan.total_bytes)}")
 
 
-def register(app: typer.Typer) -> None:
+@hookimpl
+def register_commands(app: typer.Typer) -> None:
     app.command("convert")(cli_command(convert))

@@ -14,9 +14,10 @@ from typing import Annotated, Any
 import typer
 
 from llamactl.cli._common import cli_command, stderr
-from llamactl.config import parse_dtype
+from llamactl.dtypes import parse_float_dtype
 from llamactl.errors import UsageError
 from llamactl.generate import Completion, SamplingParams, load_for_generation
+from llamactl.plugins import hookimpl
 
 ModelArg = Annotated[
     str, typer.Argument(help="A model directory (Meta or Hugging Face) or a name under the models home.")
@@ -102,7 +103,7 @@ def generate(
         prompt = sys.stdin.read().removesuffix("\n")  # `echo text |` adds one
     sampling = sampling_from(temperature, top_p, top_k, seed, max_new_tokens)
     with loading_status(model):
-        loaded, tok = load_for_generation(model, tokenizer, device, parse_dtype(dtype), ctx, bits)
+        loaded, tok = load_for_generation(model, tokenizer, device, parse_float_dtype(dtype), ctx, bits)
     completion = Completion(loaded.model, tok, prompt, sampling)
     start = time.perf_counter()
     for piece in completion:
@@ -136,5 +137,6 @@ def _sampling_dict(sampling: SamplingParams) -> dict[str, Any]:
     }
 
 
-def register(app: typer.Typer) -> None:
+@hookimpl
+def register_commands(app: typer.Typer) -> None:
     app.command("generate")(cli_command(generate))

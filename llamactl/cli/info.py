@@ -10,6 +10,7 @@ from rich.table import Table
 from llamactl.checkpoint import open_checkpoint
 from llamactl.cli._common import cli_command, human_bytes, print_json, stdout
 from llamactl.info import model_info
+from llamactl.plugins import hookimpl
 
 
 def info(
@@ -56,5 +57,6 @@ def info(
     stdout().print(table)
 
 
-def register(app: typer.Typer) -> None:
+@hookimpl
+def register_commands(app: typer.Typer) -> None:
     app.command("info")(cli_command(info))

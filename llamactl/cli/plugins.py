@@ -11,7 +11,7 @@ from typing import Annotated, Any
 import typer
 
 from llamactl.cli._common import cli_command, fail, print_json, warn
-from llamactl.plugins import ENTRY_POINT_GROUP, PluginInfo, get_registry
+from llamactl.plugins import ENTRY_POINT_GROUP, PluginInfo, get_registry, hookimpl
 
 
 def _is_control_flow(exc: BaseException) -> bool:
@@ -82,5 +82,6 @@ def plugins_command(
         print(f"{info.name}\t{version}\t{source}\t{what}")
 
 
-def register(app: typer.Typer) -> None:
+@hookimpl
+def register_commands(app: typer.Typer) -> None:
     app.command("plugins")(cli_command(plugins_command))

@@ -10,6 +10,7 @@ from rich.table import Table
 
 from llamactl.cli._common import byte_progress, cli_command, human_bytes, print_json, stdout, warn
 from llamactl.errors import UsageError
+from llamactl.plugins import hookimpl
 from llamactl.quantize import BUILTIN_SAMPLE, Quality, QuantSpec, QuantStats, quant_scheme
 from llamactl.quantize_run import (
     QuantizePlan,
@@ -161,5 +162,6 @@ def _print_table(plan: QuantizePlan, stats: QuantStats, quality: Quality | None)
     stdout().print(table)
 
 
-def register(app: typer.Typer) -> None:
+@hookimpl
+def register_commands(app: typer.Typer) -> None:
     app.command("quantize")(cli_command(quantize))

@@ -18,6 +18,7 @@ from rich.progress import (
 
 from llamactl.checkpoint import models_home
 from llamactl.cli._common import cli_command, fail, human_bytes, print_json, stderr
+from llamactl.plugins import hookimpl
 from llamactl.pull import pull_model
 from llamactl.store import hash_work, import_model, list_models, remove_model, show_model, store_path
 
@@ -221,7 +222,8 @@ def pull_command(
         )
 
 
-def register(app: typer.Typer) -> None:
+@hookimpl
+def register_commands(app: typer.Typer) -> None:
     app.command("list")(cli_command(list_command))
     app.command("show")(cli_command(show_command))
     app.command("rm")(cli_command(rm_command))

@@ -12,6 +12,7 @@ import typer
 from llamactl.chat import TEMPLATE_NAME, chat_template, encode_with, load_dialog
 from llamactl.cli._common import cli_command
 from llamactl.errors import UsageError
+from llamactl.plugins import hookimpl
 from llamactl.tokenizer import Tokenizer, open_tokenizer
 
 
@@ -65,5 +66,6 @@ def tokenize(
         sys.stdout.write(" ".join(map(str, ids)) + "\n")
 
 
-def register(app: typer.Typer) -> None:
+@hookimpl
+def register_commands(app: typer.Typer) -> None:
     app.command("tokenize")(cli_command(tokenize))

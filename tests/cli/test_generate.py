@@ -101,7 +101,7 @@ def test_prompt_longer_than_the_context(tiny) -> None:
 
 def test_bad_options(tiny) -> None:
     path, _ = tiny
-    assert_one_line_error(run_cli("generate", str(path), "hi", "--dtype", "fp8"), "--dtype fp8", code=2)
+    assert_one_line_error(run_cli("generate", str(path), "hi", "--dtype", "fp8"), "dtype 'fp8'", code=2)
     if not torch.cuda.is_available():
         assert_one_line_error(run_cli("generate", str(path), "hi", "--device", "cuda"), "no CUDA device", code=2)
     assert run_cli("generate", str(path), "hi", "--temperature", "-1").exit_code == 2

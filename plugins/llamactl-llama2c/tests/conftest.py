@@ -35,9 +35,6 @@ def llama2c_plugin(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[
     plugins.get_registry(fresh=True).formats()
     yield
     plugins.reset()
-    from llamactl.checkpoint.formats import FORMATS
-
-    FORMATS.pop("llama2c", None)
 
 
 @pytest.fixture
