@@ -11,7 +11,9 @@ import contextlib
 import errno
 import os
 import shutil
+import signal
 import tempfile
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -36,7 +38,8 @@ def check_destination(src: Path, dst: Path, force: bool) -> None:
 @contextlib.contextmanager
 def atomic_directory(dst: Path) -> Iterator[Path]:
     """Yield a fresh temporary directory beside dst; on success it replaces dst."""
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", suffix=".partial", dir=dst.resolve().parent))
+    with _signals_held():  # a Ctrl-C between mkdtemp and `try` would strand the directory
+        tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", suffix=".partial", dir=dst.resolve().parent))
     try:
         yield tmp
         os.chmod(tmp, 0o755)
@@ -49,6 +52,20 @@ def atomic_directory(dst: Path) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+@contextlib.contextmanager
+def _signals_held() -> Iterator[None]:
+    """Hold SIGINT / SIGTERM until the block is done (they are delivered right after)."""
+    held = {signal.SIGINT, signal.SIGTERM}
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, held)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
 def _replace_dir(tmp: Path, dst: Path) -> None:

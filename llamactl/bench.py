@@ -395,9 +395,16 @@ def build_random_model(args: ModelArgs, device: torch.device, dtype: torch.dtype
 
 def quantize_in_place(model: Transformer, bits: int, dtype: torch.dtype, device: torch.device) -> None:
     """int8 / nf4 through llamactl.quantize (bitsandbytes), computing in the benchmark's dtype."""
-    from llamactl.quantize import QuantSpec, quantize_model
+    import dataclasses
 
-    quantize_model(model, QuantSpec(bits=bits, compute_dtype=name_of(dtype)), device)
+    from llamactl.loading import quantize_model
+    from llamactl.quantize import parse_spec
+
+    spec = parse_spec(bits)
+    assert spec is not None
+    if spec.bits == 4:
+        spec = dataclasses.replace(spec, compute_dtype=name_of(dtype))
+    quantize_model(model, spec, device)
 
 
 def weight_bytes(model: torch.nn.Module) -> int:
@@ -457,8 +464,9 @@ class _HFTwin:
             raise MissingDependencyError(
                 "--vs transformers: transformers is not installed (pip install transformers)"
             ) from None
-        from llamactl.checkpoint.keymap import meta_to_hf_name, permute_for_hf, rotary_heads
         from llamactl.config import hf_config_from_args
+        from llamactl.layout import meta_to_hf, rotary_heads
+        from llamactl.rotary import permute_for_hf
 
         transformers.logging.set_verbosity_error()
         args = built.args
@@ -469,8 +477,8 @@ class _HFTwin:
             hf = LlamaForCausalLM(config)
         state = {}
         for name, tensor in built.model.state_dict().items():
-            heads = rotary_heads(name, args.n_heads, args.kv_heads)
-            hf_name = meta_to_hf_name(name)
+            heads = rotary_heads(name, args)
+            hf_name = meta_to_hf(name)
             if hf_name is not None:
                 state[hf_name] = permute_for_hf(tensor, heads).contiguous() if heads else tensor
         hf.load_state_dict(state, strict=True, assign=True)

@@ -1,21 +1,33 @@
-"""Convert a checkpoint between formats and shard layouts, atomically.
+"""Convert a checkpoint between formats, shard layouts and quantization schemes, atomically.
 
 `plan_convert` validates everything and lists what will be written without touching the
 disk; `run_convert` writes into a temporary directory beside DST and renames it into place
-only when complete, so a failure or Ctrl-C never leaves a half-written DST.
+only when complete, so a failure or Ctrl-C never leaves a half-written DST. Quantizing is
+converting with a scheme: the source is read through a `QuantizedView` and written by a
+format that stores that scheme (bitsandbytes: `bnb`).
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from llamactl.atomic import atomic_directory, check_destination
-from llamactl.checkpoint import CheckpointFormat, CheckpointReader, WriteOptions, WritePlan, get_format, open_checkpoint
-from llamactl.dtypes import parse_float_dtype, to_torch
-from llamactl.errors import UsageError
+from llamactl.checkpoint import (
+    CheckpointFormat,
+    CheckpointReader,
+    WriteOptions,
+    WritePlan,
+    formats,
+    get_format,
+    open_checkpoint,
+)
+from llamactl.checkpoint.quantized import QuantizedView
+from llamactl.dtypes import parse_float_dtype
+from llamactl.errors import CheckpointError, UsageError
+from llamactl.quantize import QuantSpec
 
 
 @dataclass
@@ -37,28 +49,65 @@ class ConvertPlan:
     def tensor_count(self) -> int:
         return len(self.reader.tensor_infos())
 
+    @property
+    def quantized(self) -> QuantizedView | None:
+        """The quantizing view the writer reads through (None when not quantizing)."""
+        return self.reader if isinstance(self.reader, QuantizedView) else None
+
+    @property
+    def source(self) -> CheckpointReader:
+        """The checkpoint as stored (under a quantizing view, its original)."""
+        return self.quantized.source if self.quantized is not None else self.reader
+
+
+def format_for(quant: QuantSpec) -> CheckpointFormat:
+    """The first registered format that stores `quant`'s method (bitsandbytes -> bnb)."""
+    for fmt in formats().values():
+        if quant.method in fmt.schemes and fmt.write is not None:
+            return fmt
+    raise UsageError(f"no registered checkpoint format stores {quant.method} ({quant.scheme}) weights")
+
 
 def plan_convert(
     src: str | os.PathLike[str],
     dst: str | os.PathLike[str],
-    to: str,
+    to: str | None = None,
     *,
     dtype: str | None = None,
     shards: int | None = None,
     max_shard_bytes: int | None = None,
     force: bool = False,
+    quant: QuantSpec | None = None,
+    skip: Sequence[str] = (),
+    device: str | None = None,
 ) -> ConvertPlan:
-    """Open SRC, validate the request and return the plan (nothing is written)."""
-    target = get_format(to)
+    """Open SRC, validate the request and return the plan (nothing is written).
+
+    `to` defaults to the format that stores `quant` when quantizing; `skip` (glob patterns)
+    leaves matching block projections unquantized.
+    """
+    if to is None and quant is None:
+        raise UsageError("give a target format (hf, meta, ...) or a quantization scheme")
+    target = get_format(to) if to is not None else format_for(quant)  # type: ignore[arg-type]
     if target.plan is None or target.write is None:
-        raise UsageError(f"format {to!r} cannot be written")
-    if shards is not None and to != "meta":
-        raise UsageError("--shards applies to --to meta (model-parallel shards); use --max-shard-size for hf")
-    reader = open_checkpoint(src)
+        raise UsageError(f"format {target.name!r} cannot be written")
+    if shards is not None and target.name != "meta":
+        raise UsageError("shards apply to the meta format (model-parallel shards); use a max shard size for hf")
+    reader: CheckpointReader = open_checkpoint(src)
+    if quant is not None:
+        if quant.method not in target.schemes:
+            raise UsageError(f"format {target.name!r} cannot store {quant.scheme} weights")
+        reader = QuantizedView(reader, quant, skip, device)
+    elif skip:
+        raise UsageError("skip patterns apply when quantizing")
+    elif reader.quant is not None and reader.quant.method not in target.schemes:
+        raise CheckpointError(
+            f"{reader.path}: quantized checkpoint ({reader.quant.method} {reader.quant.scheme}); "
+            f"format {target.name!r} cannot hold it, it can only be loaded"
+        )
     dst_path = Path(dst).expanduser()
     check_destination(reader.path, dst_path, force)
-    name = parse_float_dtype(dtype)
-    options = WriteOptions(dtype=to_torch(name) if name else None, shards=shards)
+    options = WriteOptions(dtype=parse_float_dtype(dtype), shards=shards)
     if max_shard_bytes is not None:
         options.max_shard_bytes = max_shard_bytes
     return ConvertPlan(reader, target, dst_path, target.plan(reader, options), options)
@@ -68,12 +117,18 @@ def run_convert(plan: ConvertPlan, on_tensor: Callable[[str, int], None] | None 
     """Write the plan into a temporary directory beside DST, then move it into place."""
     assert plan.target.write is not None
     plan.options.on_tensor = on_tensor
+    # Writers need torch (and Meta's skeleton writer its fake tensors): import them before the
+    # temporary directory exists. Those imports take seconds on a cold start, and a Ctrl-C
+    # landing inside C-extension initialisation makes CPython re-raise SIGINT at exit (-2
+    # instead of our 130) and can skip the cleanup below.
+    import torch._subclasses.fake_tensor  # noqa: F401
+
     with atomic_directory(plan.dst) as tmp:
         plan.target.write(tmp, plan.reader, plan.files, plan.options)
     return plan.dst
 
 
-def convert(src: str | os.PathLike[str], dst: str | os.PathLike[str], to: str, **kwargs: object) -> Path:
+def convert(src: str | os.PathLike[str], dst: str | os.PathLike[str], to: str | None = None, **kwargs: object) -> Path:
     """Library one-call form: plan and run (see plan_convert for the options)."""
     plan = plan_convert(src, dst, to, **kwargs)  # type: ignore[arg-type]
     return run_convert(plan)

@@ -37,3 +37,15 @@ class DestinationError(LlamactlError):
 
 class MissingDependencyError(LlamactlError):
     """An optional dependency is not installed; the message carries the install hint."""
+
+
+_CONTROL = {c: f"\\x{c:02x}" for c in (*range(0x20), 0x7F)} | {c: f"\\x{c:02x}" for c in range(0x80, 0xA0)}
+
+
+def printable(text: str) -> str:
+    """`text` with control characters escaped, for messages that quote file content.
+
+    A tensor name or config value holding terminal escapes (OSC, CSI) must never reach the
+    user's terminal raw.
+    """
+    return text.translate(_CONTROL)

@@ -461,4 +461,6 @@ def load_for_generation(
         raise UsageError(f"--ctx {ctx}: the context must hold at least 2 tokens")
     reader = open_checkpoint(model)
     tok = open_tokenizer(tokenizer, reader.tokenizer_path, reader.path, reader.args.vocab_size)
-    return load_model(reader.path, device=device, dtype=dtype, max_seq_len=ctx, bits=bits), tok
+    from llamactl.quantize import parse_spec
+
+    return load_model(reader, device=device, dtype=dtype, max_seq_len=ctx, quant=parse_spec(bits)), tok

@@ -1,18 +1,28 @@
-"""Build a ready-to-run Transformer from a checkpoint, streaming weights onto the device."""
+"""Build a ready-to-run Transformer from a checkpoint, streaming weights onto the device.
+
+Every entry a reader yields lands on the device once: plain tensors are cast and assigned
+into a model built on the meta device (no second copy in RAM), and quantized block
+projections become their backend's module in place of the nn.Linear. Quantize-on-load is the
+same path through a `QuantizedView`.
+"""
 
 from __future__ import annotations
 
 import dataclasses
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 
 from llamactl.checkpoint import CheckpointReader, open_checkpoint
+from llamactl.checkpoint.quantized import QuantizedView
 from llamactl.config import ModelArgs
 from llamactl.devices import resolve
-from llamactl.errors import UsageError
+from llamactl.errors import CheckpointError
+from llamactl.layout import is_quantizable, module_path, rotary_heads
 from llamactl.model import Transformer
+from llamactl.quantize import QuantizedTensor, QuantSpec, backend, matches_skip
 
 
 @dataclass
@@ -30,68 +40,71 @@ def build_model(
     dtype: torch.dtype,
     max_seq_len: int | None = None,
 ) -> Transformer:
-    """Construct on the meta device, then assign streamed tensors: no second copy in RAM."""
-    if reader.quantization is not None:
-        from llamactl.quantize import build_quantized_model
+    """Construct on the meta device, then assign streamed tensors: no second copy in RAM.
 
-        return build_quantized_model(reader, device, dtype, max_seq_len)
+    `dtype` is that of every unquantized tensor (embeddings, norms, head) and of activations.
+    """
     args = dataclasses.replace(reader.args, max_seq_len=max_seq_len or reader.args.max_seq_len)
     with torch.device("meta"):
         model = Transformer(args)
-    state = {name: tensor.to(device=device, dtype=dtype) for name, tensor in reader.iter_tensors()}
-    model.load_state_dict(state, strict=True, assign=True)
+    state: dict[str, torch.Tensor] = {}
+    replaced: set[str] = set()
+    for name, entry in reader.iter_tensors():
+        if isinstance(entry, QuantizedTensor):
+            _install(model, name, backend(entry.spec).linear(entry, device), reader)
+            replaced.add(module_path(name))
+        else:
+            state[name] = entry.to(device=device, dtype=dtype)
+    missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
+    missing = [m for m in missing if module_path(m) not in replaced and not m.startswith(tuple(replaced))]
+    if missing or unexpected:
+        raise CheckpointError(f"{reader.path}: tensor {(missing or unexpected)[0]} is missing or unexpected")
     model.reset_rope(args.max_seq_len)
     return model.eval()
 
 
+def _install(model: Transformer, name: str, module: torch.nn.Module, reader: CheckpointReader) -> None:
+    if not is_quantizable(name):
+        raise CheckpointError(f"{reader.path}: quantized tensor {name} is not a block projection")
+    model.set_submodule(module_path(name), module)
+
+
 def load_model(
-    model: str | os.PathLike[str],
+    model: str | os.PathLike[str] | CheckpointReader,
     device: str | torch.device | None = None,
     dtype: str | torch.dtype | None = None,
     max_seq_len: int | None = None,
-    bits: int | None = None,
+    quant: QuantSpec | None = None,
 ) -> LoadedModel:
-    """Open a checkpoint by name or path and load it for inference.
+    """Open a checkpoint (name, path or an open reader) and load it for inference.
 
-    `bits` (8 or 4) quantizes the block projections on load with bitsandbytes, exactly as
-    `llamactl quantize` would, without writing anything. Weights are quantized from the
-    checkpoint's own precision (before any cast to `dtype`).
+    `quant` quantizes the block projections on load, exactly as `llamactl quantize` would,
+    without writing anything; weights are quantized from the checkpoint's own precision.
     """
-    reader = open_checkpoint(model)
+    reader = open_checkpoint(model) if isinstance(model, (str, os.PathLike)) else model
     placement = resolve(device, dtype)
-    dev, dt = placement.device, placement.dtype
-    if bits is None or reader.quantization is not None:
-        if bits is not None:
-            raise UsageError(
-                f"{reader.path}: already quantized ({reader.quantization.get('quant_method')}); drop --bits"
-            )
-        net = build_model(reader, dev, dt, max_seq_len).fuse_projections()
-        return LoadedModel(net, net.args, reader, dev, dt)
-    from llamactl.quantize import QuantSpec, quantize_model
-
-    spec = QuantSpec(bits=bits).validate()
-    net = build_model(reader, torch.device("cpu"), _source_dtype(reader), max_seq_len)
-    quantize_model(net, spec, dev)  # quantized layers land on dev; the rest is moved below
-    _move_unquantized(net, dev, dt)
-    return LoadedModel(net, net.args, reader, dev, dt)
+    source = QuantizedView(reader, quant, device=placement.device) if quant is not None else reader
+    net = build_model(source, placement.device, placement.dtype, max_seq_len).fuse_projections()
+    return LoadedModel(net, net.args, reader, placement.device, placement.dtype)
 
 
-def _move_unquantized(model: Transformer, device: torch.device, dtype: torch.dtype) -> None:
-    """Cast embeddings, norms and head; bitsandbytes' parameters must not see a dtype cast."""
-    from llamactl.quantize import QuantizedLinear
+def quantize_model(
+    model: Transformer, spec: QuantSpec, device: torch.device | str | None = None, skip: Sequence[str] = ()
+) -> int:
+    """Replace the block projections of a loaded Transformer by quantized modules, in place.
 
-    quantized = {id(m) for q in model.modules() if isinstance(q, QuantizedLinear) for m in q.modules()}
-    for module in model.modules():
-        if id(module) in quantized:
+    For models that exist only in memory (bench's random weights); the bytes are those
+    `llamactl quantize` would write for the same weights. Returns the number replaced.
+    """
+    model.unfuse_projections()  # fused weights would bypass the quantized layers
+    dev = torch.device(device) if device is not None else model.tok_embeddings.weight.device
+    impl = backend(spec)
+    impl.prepare(dev)
+    count = 0
+    for name, param in list(model.named_parameters()):
+        if not is_quantizable(name) or matches_skip(name, skip):
             continue
-        for name, param in list(module.named_parameters(recurse=False)):
-            setattr(
-                module, name, torch.nn.Parameter(param.detach().to(device=device, dtype=dtype), requires_grad=False)
-            )
-    model.reset_rope(model.args.max_seq_len)
-
-
-def _source_dtype(reader: CheckpointReader) -> torch.dtype:
-    """The checkpoint's floating dtype (most tensors), used to quantize from full precision."""
-    dtypes = [info.dtype for info in reader.tensor_infos()]
-    return max(set(dtypes), key=dtypes.count) if dtypes else torch.float32
+        heads = rotary_heads(name, model.args)
+        model.set_submodule(module_path(name), impl.linear(impl.quantize(param.data, spec, heads, dev), dev))
+        count += 1
+    return count

@@ -26,8 +26,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Protocol
 
-from llamactl.checkpoint import models_home
 from llamactl.errors import CheckpointError, DestinationError, LlamactlError, ModelNotFoundError, UsageError
+from llamactl.home import models_home
 from llamactl.store import SOURCE_FILE, validate_name
 
 STATE_FILE = ".llamactl-pull.json"

@@ -20,8 +20,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from llamactl.checkpoint import list_model_names, models_home, open_checkpoint, resolve_model
+from llamactl.checkpoint import list_model_names, open_checkpoint, resolve_model
 from llamactl.errors import DestinationError, LlamactlError, ModelNotFoundError, UsageError
+from llamactl.home import hash_cache_file, models_home
 from llamactl.info import model_info
 
 SOURCE_FILE = ".llamactl-source.json"
@@ -30,10 +31,6 @@ _HASH_CHUNK = 1 << 20
 
 # progress(bytes_done_delta) while hashing; the CLI draws a bar from it.
 HashProgress = Callable[[int], None]
-
-
-def llamactl_home() -> Path:
-    return models_home().parent
 
 
 def validate_name(name: str) -> str:
@@ -83,19 +80,6 @@ def model_files(path: Path) -> list[Path]:
     return out
 
 
-def quantization_label(config: dict[str, Any] | None, detailed: bool = False) -> str | None:
-    """`nf4`, `int8` ... from an HF quantization_config (the full description when `detailed`)."""
-    if not config:
-        return None
-    try:
-        from llamactl.quantize import QuantSpec
-
-        spec = QuantSpec.from_hf_config(config)
-        return spec.describe() if detailed else spec.scheme
-    except LlamactlError:
-        return str(config.get("quant_method") or "unknown")
-
-
 def describe_entry(name: str, path: Path) -> ModelEntry:
     """Summarise one store directory; an unreadable model gets `error` rather than breaking `list`."""
     entry = ModelEntry(name=name, path=str(path))
@@ -105,7 +89,7 @@ def describe_entry(name: str, path: Path) -> ModelEntry:
         entry.size = sum(f.stat().st_size for f in model_files(path))
         report = model_info(open_checkpoint(path))
         entry.format, entry.params, entry.dtype = report.format, report.parameters, report.dtype
-        entry.quantization = quantization_label(report.quantization)
+        entry.quantization = report.quantization["scheme"] if report.quantization else None
     except (LlamactlError, OSError) as exc:
         entry.error = str(exc)
     return entry
@@ -120,20 +104,16 @@ def list_models() -> list[ModelEntry]:
 # ----------------------------------------------------------------------------- hashes
 
 
-def _hash_cache_file() -> Path:
-    return llamactl_home() / "cache" / "sha256.json"
-
-
 def _read_hash_cache() -> dict[str, Any]:
     try:
-        data = json.loads(_hash_cache_file().read_text(encoding="utf-8"))
+        data = json.loads(hash_cache_file().read_text(encoding="utf-8"))
         return data if isinstance(data, dict) else {}
     except (OSError, ValueError):
         return {}  # a lost or damaged cache only costs a re-hash
 
 
 def _write_hash_cache(cache: dict[str, Any]) -> None:
-    target = _hash_cache_file()
+    target = hash_cache_file()
     with contextlib.suppress(OSError):  # the cache is an optimisation; a read-only home still works
         target.parent.mkdir(parents=True, exist_ok=True)
         tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
@@ -201,7 +181,7 @@ def show_model(model: str, progress: HashProgress | None = None) -> dict[str, An
         "path": str(path),
         "linked_to": os.readlink(path) if path.is_symlink() else None,
         "info": model_info(reader).to_dict(),
-        "quantization": quantization_label(reader.quantization, detailed=True),
+        "quantization": reader.quant.describe() if reader.quant is not None else None,
         "config": reader.args.to_params(),
         "chat_template": TEMPLATE_NAME,
         "source": source,

@@ -54,3 +54,22 @@ def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
     for file in sorted(path.glob("*.safetensors")):
         out |= load_file(file)
     return out
+
+
+def spec_for(bits: int) -> Any:
+    """The scheme `--bits N` picks."""
+    from llamactl.quantize import parse_spec
+
+    return parse_spec(bits)
+
+
+def quantize_to(src: Path, dst: Path, spec: Any, device: str = "cpu", skip: tuple[str, ...] = ()) -> Any:
+    """`llamactl quantize` as a library call: convert with a scheme; returns its QuantStats."""
+    from llamactl.checkpoint import open_checkpoint
+    from llamactl.convert import plan_convert, run_convert
+    from llamactl.quantize.quality import QuantStats
+
+    plan = plan_convert(src, dst, quant=spec, skip=skip, device=device)
+    run_convert(plan)
+    assert plan.quantized is not None
+    return QuantStats.compare(plan.source.tensor_infos(), open_checkpoint(dst).tensor_infos(), plan.quantized.skipped)

@@ -9,11 +9,10 @@ import pytest
 import torch
 
 from llamactl.devices import resolve
-from llamactl.errors import UsageError
+from llamactl.errors import CheckpointError, UsageError
 from llamactl.loading import load_model
 from llamactl.quantize import QuantSpec
-from llamactl.quantize_run import plan_quantize, run_quantize
-from tests._quantize_util import meta_src
+from tests._quantize_util import meta_src, quantize_to, spec_for
 from tests.cli._run import run_cli
 
 
@@ -29,26 +28,26 @@ def test_auto_device_without_cuda_is_cpu_fp32() -> None:
 @pytest.mark.parametrize("bits", [8, 4])
 def test_quantize_on_load_equals_loading_the_quantized_checkpoint(tmp_path: Path, bits: int) -> None:
     src = meta_src(tmp_path / "src")
-    run_quantize(plan_quantize(src, tmp_path / "q", QuantSpec(bits=bits), device="cpu"))
+    quantize_to(src, tmp_path / "q", spec_for(bits), device="cpu")
     tokens = torch.randint(0, 320, (1, 11), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        on_load = load_model(src, device="cpu", bits=bits).model(tokens)
+        on_load = load_model(src, device="cpu", quant=spec_for(bits)).model(tokens)
         from_disk = load_model(tmp_path / "q", device="cpu").model(tokens)
         full = load_model(src, device="cpu").model(tokens)
     assert torch.equal(on_load, from_disk)
     assert not torch.equal(on_load, full)  # it really is quantized
     assert (on_load - full).abs().max() < (0.5 if bits == 8 else 2.0)
-    with pytest.raises(UsageError, match="already quantized"):
-        load_model(tmp_path / "q", device="cpu", bits=bits)
+    with pytest.raises(CheckpointError, match="already quantized"):
+        load_model(tmp_path / "q", device="cpu", quant=spec_for(bits))
 
 
 def test_info_reports_quantized_scheme_and_bits(tmp_path: Path) -> None:
     src = meta_src(tmp_path / "src")
-    stats = run_quantize(plan_quantize(src, tmp_path / "q", QuantSpec(bits=4), device="cpu"))
+    stats = quantize_to(src, tmp_path / "q", QuantSpec("nf4"), device="cpu")
     outcome = run_cli("info", str(tmp_path / "q"), "--json")
     assert outcome.exit_code == 0, outcome.stderr
     report = json.loads(outcome.stdout)
     source = json.loads(run_cli("info", str(src), "--json").stdout)
     assert report["parameters"] == source["parameters"] == stats.params_total
-    assert report["dtype"] == "nf4" and report["quantization"]["scheme"].startswith("nf4")
+    assert report["dtype"] == "nf4" and report["quantization"]["description"].startswith("nf4")
     assert report["quantization"]["bits_per_weight"] == pytest.approx(stats.bits_per_weight, abs=1e-3)

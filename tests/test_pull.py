@@ -12,8 +12,9 @@ import pytest
 import torch
 
 from llamactl import pull
-from llamactl.checkpoint import list_model_names, models_home, open_checkpoint
+from llamactl.checkpoint import list_model_names, open_checkpoint
 from llamactl.errors import CheckpointError, DestinationError, ModelNotFoundError, UsageError
+from llamactl.home import models_home
 from llamactl.pull import HubError, RemoteFile, pull_model, select_files, short_name
 from tests._ckpt import random_meta_state, tiny_args, write_hf_checkpoint
 from tests._store_util import FakeHub, dir_files, git_blob_sha1

@@ -9,8 +9,9 @@ from pathlib import Path
 import pytest
 
 from llamactl import store
-from llamactl.checkpoint import list_model_names, models_home
+from llamactl.checkpoint import list_model_names
 from llamactl.errors import CheckpointError, DestinationError, ModelNotFoundError, UsageError
+from llamactl.home import models_home
 from llamactl.store import file_hashes, import_model, list_models, remove_model, show_model, validate_name
 from tests._ckpt import random_meta_state, tiny_args, write_meta_checkpoint
 from tests.cli._run import tree_digest

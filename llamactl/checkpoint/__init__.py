@@ -22,7 +22,6 @@ __all__ = [
     "formats",
     "get_format",
     "list_model_names",
-    "models_home",
     "open_checkpoint",
     "resolve_model",
 ]

@@ -1,37 +1,53 @@
-"""The reader protocol every checkpoint format implements, and shared validation."""
+"""The reader protocol every checkpoint format implements, and validation they share.
+
+A reader presents any checkpoint in the canonical layout: Meta's tensor names, Meta's q/k
+row order, model-parallel shards merged. Opening one reads metadata only (and imports no
+torch); `iter_tensors` streams the weights one at a time. A block projection stored
+quantized arrives as a `QuantizedTensor`, everything else as a torch.Tensor.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections import Counter
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Protocol
 
-import torch
-
-from llamactl.checkpoint.sharding import TensorInfo, expected_shapes
 from llamactl.config import ModelArgs
 from llamactl.errors import CheckpointError
+from llamactl.layout import TensorInfo, expected_shapes
+
+if TYPE_CHECKING:
+    import torch
+
+    from llamactl.quantize import QuantizedTensor, QuantSpec
+
+    Entry = torch.Tensor | QuantizedTensor  # what iter_tensors yields for one canonical name
 
 TOKENIZER_FILE = "tokenizer.model"
 
 
 class CheckpointReader(Protocol):
-    """A checkpoint seen in the canonical layout: Meta names, Meta q/k layout, merged shards."""
+    """A checkpoint seen in the canonical layout (Meta names and q/k layout, merged shards).
+
+    `quant` is the scheme of the tensors that `tensor_infos` marks with a `scheme`
+    (None when nothing is quantized).
+    """
 
     format: str
     path: Path
     args: ModelArgs
     files: list[Path]
     tokenizer_path: Path | None
-    quantization: dict[str, Any] | None
+    quant: QuantSpec | None
 
     def tensor_infos(self) -> list[TensorInfo]:
-        """Every tensor's canonical name, full shape and dtype, without reading data."""
+        """Every tensor's canonical name, full (logical) shape and dtype, without reading data."""
         ...
 
-    def iter_tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
-        """Yield (meta_name, tensor) one at a time; never holds the whole model."""
+    def iter_tensors(self) -> Iterator[tuple[str, Entry]]:
+        """Yield (meta_name, tensor or QuantizedTensor) one at a time; never holds the whole model."""
         ...
 
 
@@ -43,7 +59,7 @@ class ReaderBase:
     args: ModelArgs
     files: list[Path]
     infos: list[TensorInfo] = field(default_factory=list)
-    quantization: dict[str, Any] | None = None
+    quant: QuantSpec | None = None
 
     @property
     def tokenizer_path(self) -> Path | None:
@@ -53,13 +69,18 @@ class ReaderBase:
     def tensor_infos(self) -> list[TensorInfo]:
         return list(self.infos)
 
-    @property
-    def nbytes_on_disk(self) -> int:
-        return sum(f.stat().st_size for f in self.files)
-
 
 def check_against_args(infos: Sequence[TensorInfo], args: ModelArgs, where: str, config_name: str) -> None:
-    """Every expected tensor present with the shape the config implies; nothing unknown."""
+    """Every expected tensor present with the shape the config implies; nothing unknown.
+
+    The tensor count is checked first, so a config claiming 10**9 layers fails at once
+    instead of building a billion expected names.
+    """
+    per_layer = 9
+    if args.n_layers * per_layer + 3 > 3 * max(len(infos), 1):
+        raise CheckpointError(
+            f"{where}: {config_name} says {args.n_layers} layers but the checkpoint holds only {len(infos)} tensors"
+        )
     expected = expected_shapes(args)
     seen = {info.name: info for info in infos}
     for name, shape in expected.items():
@@ -75,7 +96,7 @@ def check_against_args(infos: Sequence[TensorInfo], args: ModelArgs, where: str,
             f"{where}: unexpected tensor {extra[0]} for a {args.n_layers}-layer Llama ({len(extra)} unexpected)"
         )
     for info in infos:
-        if not info.dtype.is_floating_point:
+        if info.scheme is None and info.dtype not in ("fp32", "fp16", "bf16", "fp64"):
             raise CheckpointError(f"{where}: tensor {info.name} has dtype {info.dtype}, expected a float type")
 
 
@@ -83,3 +104,17 @@ def order_like(infos: Sequence[TensorInfo], args: ModelArgs) -> list[TensorInfo]
     """Infos in the canonical Meta order (embeddings, layers, norm, output)."""
     order = {name: i for i, name in enumerate(expected_shapes(args))}
     return sorted(infos, key=lambda info: order.get(info.name, len(order)))
+
+
+def main_dtype(infos: Iterable[TensorInfo]) -> str:
+    """The dtype most unquantized tensors have (a checkpoint's 'dtype'); 'unknown' when none."""
+    counts = Counter(info.dtype for info in infos if info.scheme is None)
+    return counts.most_common(1)[0][0] if counts else "unknown"
+
+
+def tensor_bytes(tensor: torch.Tensor) -> memoryview:
+    """Raw little-endian bytes of a tensor (bf16 included, which numpy cannot hold)."""
+    import torch
+
+    flat = tensor.detach().contiguous().reshape(-1)
+    return memoryview(flat.view(torch.uint8).numpy()) if flat.numel() else memoryview(b"")

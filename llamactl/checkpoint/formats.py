@@ -6,17 +6,15 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-
 from llamactl.checkpoint.base import CheckpointReader
-from llamactl.checkpoint.sharding import TensorInfo
+from llamactl.layout import TensorInfo
 
 
 @dataclass
 class WriteOptions:
     """What a writer may be asked for; a format ignores options that mean nothing to it."""
 
-    dtype: torch.dtype | None = None  # None keeps each tensor's dtype
+    dtype: str | None = None  # a float dtype short name; None keeps each tensor's dtype
     shards: int | None = None  # model-parallel shards (Meta); None keeps the source's
     max_shard_bytes: int = 5 * 10**9  # size-based sharding (HF)
     on_tensor: Callable[[str, int], None] | None = None  # progress: (name, bytes written)
@@ -32,7 +30,9 @@ class CheckpointFormat:
 
     `plan(reader, options)` lists the files and tensors without touching the disk (so
     `--dry-run` and validation happen before anything is written); `write(out_dir, reader,
-    plan, options)` streams `reader.iter_tensors()` into `out_dir`.
+    plan, options)` streams `reader.iter_tensors()` into `out_dir`. `schemes` names the
+    quantization methods whose tensors the format stores as they are (empty: plain weights
+    only, so a quantized source cannot be written to it).
     """
 
     name: str
@@ -41,3 +41,4 @@ class CheckpointFormat:
     plan: Callable[[CheckpointReader, WriteOptions], WritePlan] | None = None
     write: Callable[[Path, CheckpointReader, WritePlan, WriteOptions], None] | None = None
     description: str = ""
+    schemes: tuple[str, ...] = ()

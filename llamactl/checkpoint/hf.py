@@ -1,7 +1,10 @@
 """Hugging Face layout: config.json + safetensors shards (+ index) + tokenizer files.
 
-An adapter over the canonical layout: names go through `keymap`, wq / wk are permuted to
-HF's rotary layout on the way out and back on the way in.
+An adapter over the canonical layout: names go through `llamactl.layout`, wq / wk are
+permuted to HF's rotary layout on the way out and back on the way in. Metadata comes from
+config.json and the safetensors headers (or `pytorch_model*.bin` indexes) without torch. The
+writer also serves quantized checkpoints (`checkpoint.bnb`): a `QuantizedTensor` is written
+as its parts under the module's HF name, as transformers saves it.
 """
 
 from __future__ import annotations
@@ -10,94 +13,82 @@ import json
 import re
 import shutil
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-from safetensors import SafetensorError, safe_open
-
-from llamactl.checkpoint.base import TOKENIZER_FILE, CheckpointReader, ReaderBase, check_against_args
-from llamactl.checkpoint.formats import CheckpointFormat, WriteOptions, WritePlan
-from llamactl.checkpoint.keymap import (
-    HF_IGNORED,
-    hf_to_meta_name,
-    meta_to_hf_name,
-    permute_for_hf,
-    rotary_heads,
-    unpermute_from_hf,
+from llamactl import dtypes, layout
+from llamactl.checkpoint.base import (
+    TOKENIZER_FILE,
+    CheckpointReader,
+    ReaderBase,
+    check_against_args,
+    main_dtype,
+    tensor_bytes,
 )
-from llamactl.checkpoint.meta import load_pth, tensor_bytes
-from llamactl.checkpoint.safetensors_io import SafetensorsFileWriter
-from llamactl.checkpoint.sharding import TensorInfo, plan_size_shards
+from llamactl.checkpoint.formats import CheckpointFormat, WriteOptions, WritePlan
+from llamactl.checkpoint.pth import load_tensors, read_index
+from llamactl.checkpoint.safetensors_io import SafetensorsWriter, read_header
+from llamactl.checkpoint.sharding import plan_size_shards
 from llamactl.config import ModelArgs, args_from_hf_config, hf_config_from_args, read_json
-from llamactl.errors import CheckpointError, ConfigError
+from llamactl.errors import CheckpointError, ConfigError, printable
+from llamactl.layout import HF_IGNORED, TensorInfo
 from llamactl.plugins import hookimpl
+from llamactl.quantize import QuantizedTensor, QuantSpec, storage
+from llamactl.rotary import permute_for_hf, unpermute_from_hf
+
+if TYPE_CHECKING:
+    import torch
+
+    from llamactl.checkpoint.base import Entry
 
 CONFIG_FILE = "config.json"
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 BIN_FILE = "pytorch_model.bin"
 BIN_INDEX_FILE = "pytorch_model.bin.index.json"
-DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
+
+
+def quantization_method(path: Path) -> str | None:
+    """config.json's quantization_config.quant_method (None when absent or unreadable)."""
+    try:
+        config = json.loads((path / CONFIG_FILE).read_text(encoding="utf-8"))
+        quant = config.get("quantization_config") if isinstance(config, dict) else None
+        return str(quant.get("quant_method")) if isinstance(quant, dict) else None
+    except (OSError, ValueError):
+        return None
 
 
 def detect_hf(path: Path) -> bool:
-    return (path / CONFIG_FILE).is_file()
+    """config.json, unless it describes a bitsandbytes checkpoint (that is `checkpoint.bnb`)."""
+    return (path / CONFIG_FILE).is_file() and quantization_method(path) != "bitsandbytes"
 
 
-def _weight_map(path: Path) -> dict[str, Path]:
-    """tensor name -> file, from the index or the single weights file."""
+def weight_map(path: Path) -> dict[str, Path]:
+    """tensor name -> file, from the index or the single weights file ({} for a single file)."""
     for index_name, single_name in ((INDEX_FILE, SINGLE_FILE), (BIN_INDEX_FILE, BIN_FILE)):
         index_path = path / index_name
         if index_path.is_file():
             index = read_json(index_path)
-            weight_map = index.get("weight_map")
-            if not isinstance(weight_map, dict) or not weight_map:
+            mapping = index.get("weight_map")
+            if not isinstance(mapping, dict) or not mapping:
                 raise ConfigError(f"{index_path}: missing or empty 'weight_map'")
-            files = {name: path / str(file) for name, file in weight_map.items()}
+            files = {str(name): path / str(file) for name, file in mapping.items()}
             for file in sorted(set(files.values())):
                 if file.parent != path or not file.is_file():
-                    raise CheckpointError(f"{index_path}: lists {file.name}, which does not exist")
+                    raise CheckpointError(f"{index_path}: lists {printable(file.name)}, which does not exist")
             return files
         if (path / single_name).is_file():
             return {}  # filled from the file itself
     raise CheckpointError(f"{path}: no {SINGLE_FILE}, {INDEX_FILE} or {BIN_FILE} beside config.json")
 
 
-def _safetensors_infos(file: Path) -> dict[str, TensorInfo]:
-    try:
-        with safe_open(file, framework="pt") as handle:
-            infos = {}
-            for name in handle.keys():  # noqa: SIM118 (safe_open is not a mapping)
-                piece = handle.get_slice(name)
-                infos[name] = TensorInfo(name, tuple(piece.get_shape()), _torch_dtype(piece.get_dtype(), file, name))
-            return infos
-    except SafetensorError as exc:
-        raise CheckpointError(f"{file}: invalid safetensors file ({exc})") from None
-    except OSError as exc:
-        raise CheckpointError(f"{file}: cannot read ({exc.strerror or exc})") from None
-
-
-_ST_TO_TORCH = {
-    "F64": torch.float64,
-    "F32": torch.float32,
-    "F16": torch.float16,
-    "BF16": torch.bfloat16,
-    "I64": torch.int64,
-    "I32": torch.int32,
-    "I16": torch.int16,
-    "I8": torch.int8,
-    "U8": torch.uint8,
-    "BOOL": torch.bool,
-}
-
-
-def _torch_dtype(name: str, file: Path, tensor: str) -> torch.dtype:
-    try:
-        return _ST_TO_TORCH[name]
-    except KeyError:
-        raise CheckpointError(f"{file}: tensor {tensor} has unsupported dtype {name}") from None
+def file_infos(file: Path) -> dict[str, TensorInfo]:
+    """Stored name -> info of one weights file, from its header or pickle index (no torch)."""
+    if file.suffix == ".safetensors":
+        entries, _ = read_header(file)
+        return {name: entry.info for name, entry in entries.items()}
+    return read_index(file)
 
 
 @dataclass
@@ -105,69 +96,72 @@ class HFReader(ReaderBase):
     """A transformers LlamaForCausalLM directory, seen in Meta's layout."""
 
     format: str = "hf"
-    hf_infos: dict[str, TensorInfo] | None = None
-    locations: dict[str, Path] | None = None
-    config: dict[str, Any] | None = None
+    stored: dict[str, TensorInfo] = field(default_factory=dict)  # HF name -> info as stored
+    locations: dict[str, Path] = field(default_factory=dict)  # HF name -> file
+    config: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
     def open(cls, path: Path) -> HFReader:
         config_path = path / CONFIG_FILE
         config = read_json(config_path)
         args = args_from_hf_config(config, config_path)
-        weight_map = _weight_map(path)
-        files = (
-            sorted(set(weight_map.values())) or [p for p in (path / SINGLE_FILE, path / BIN_FILE) if p.is_file()][:1]
-        )
-        hf_infos: dict[str, TensorInfo] = {}
-        locations: dict[str, Path] = {}
-        for file in files:
-            found = _safetensors_infos(file) if file.suffix == ".safetensors" else _pth_infos(file)
-            for name, info in found.items():
-                if weight_map and weight_map.get(name) != file:
-                    raise CheckpointError(f"{file}: tensor {name} is not where the index says")
-                hf_infos[name], locations[name] = info, file
-        missing = sorted(set(weight_map) - set(hf_infos))
-        if missing:
-            raise CheckpointError(f"{weight_map[missing[0]]}: tensor {missing[0]} listed in the index is missing")
-        reader = cls(
-            path=path,
-            args=args,
-            files=files,
-            hf_infos=hf_infos,
-            locations=locations,
-            config=config,
-            quantization=config.get("quantization_config"),
-        )
-        if reader.quantization is None:
-            reader.infos = reader._canonical_infos(config_path)
+        reader = cls(path=path, args=args, files=[], config=config)
+        cls._refuse_quantized(config, config_path)
+        reader._index_files()
+        reader.infos = reader._canonical_infos()
+        check_against_args(reader.infos, args, str(path), CONFIG_FILE)
         return reader
 
-    def _canonical_infos(self, config_path: Path) -> list[TensorInfo]:
-        assert self.hf_infos is not None
+    @staticmethod
+    def _refuse_quantized(config: dict[str, Any], where: Path) -> None:
+        """bitsandbytes checkpoints are `checkpoint.bnb`'s; any other method is refused here."""
+        if config.get("quantization_config") is not None:
+            QuantSpec.from_hf_config(config["quantization_config"], str(where))
+
+    def _index_files(self) -> None:
+        mapping = weight_map(self.path)
+        self.files = (
+            sorted(set(mapping.values()))
+            or [p for p in (self.path / SINGLE_FILE, self.path / BIN_FILE) if p.is_file()][:1]
+        )
+        for file in self.files:
+            for name, info in file_infos(file).items():
+                if mapping and mapping.get(name) != file:
+                    raise CheckpointError(f"{file}: tensor {printable(name)} is not where the index says")
+                self.stored[name], self.locations[name] = info, file
+        missing = sorted(set(mapping) - set(self.stored))
+        if missing:
+            raise CheckpointError(
+                f"{mapping[missing[0]]}: tensor {printable(missing[0])} listed in the index is missing"
+            )
+
+    def _canonical_infos(self) -> list[TensorInfo]:
         infos = []
-        for name, info in self.hf_infos.items():
+        for name, info in self.stored.items():
             if HF_IGNORED.match(name):
                 continue
-            meta = hf_to_meta_name(name)
+            meta = layout.hf_to_meta(name)
             if meta is None:
-                raise CheckpointError(f"{self.locations[name]}: unexpected tensor {name} for LlamaForCausalLM")  # type: ignore[index]
+                where = self.locations[name]
+                raise CheckpointError(f"{where}: unexpected tensor {printable(name)} for LlamaForCausalLM")
             infos.append(TensorInfo(meta, info.shape, info.dtype))
-        if "output.weight" not in {i.name for i in infos} and self.config and self.config.get("tie_word_embeddings"):
+        names = {i.name for i in infos}
+        if "output.weight" not in names and self.config.get("tie_word_embeddings"):
             embedding = next((i for i in infos if i.name == "tok_embeddings.weight"), None)
             if embedding is not None:
                 infos.append(TensorInfo("output.weight", embedding.shape, embedding.dtype))
-        check_against_args(infos, self.args, str(self.path), CONFIG_FILE)
         return infos
 
     def iter_raw(self) -> Iterator[tuple[str, torch.Tensor]]:
         """(hf_name, tensor) exactly as stored, one at a time, file by file."""
-        assert self.locations is not None
+        from safetensors import SafetensorError, safe_open
+
         by_file: dict[Path, list[str]] = {}
-        for name, file in self.locations.items():
-            by_file.setdefault(file, []).append(name)
+        for name in self.stored:
+            by_file.setdefault(self.locations[name], []).append(name)
         for file, names in by_file.items():
             if file.suffix != ".safetensors":
-                tensors = load_pth(file)
+                tensors = load_tensors(file)
                 for name in names:
                     yield name, tensors[name]
                 del tensors
@@ -177,27 +171,23 @@ class HFReader(ReaderBase):
                     for name in names:
                         yield name, handle.get_tensor(name)
             except SafetensorError as exc:
-                raise CheckpointError(f"{file}: invalid safetensors file ({exc})") from None
+                raise CheckpointError(f"{file}: invalid safetensors file ({printable(str(exc))})") from None
 
-    def iter_tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
-        if self.quantization is not None:
-            method = self.quantization.get("quant_method", "unknown")
-            raise CheckpointError(f"{self.path}: quantized checkpoint ({method}); it cannot be converted, only loaded")
-        tie = "output.weight" not in {hf_to_meta_name(n) for n in self.hf_infos or {}}
+    def iter_tensors(self) -> Iterator[tuple[str, Entry]]:
+        tie = "output.weight" not in {layout.hf_to_meta(n) for n in self.stored}
         for hf_name, tensor in self.iter_raw():
-            meta = hf_to_meta_name(hf_name)
+            meta = layout.hf_to_meta(hf_name)
             if meta is None:
                 continue  # ignored tensors such as rotary_emb.inv_freq
-            heads = rotary_heads(meta, self.args.n_heads, self.args.kv_heads)
-            if heads is not None:
-                tensor = unpermute_from_hf(tensor, heads)
-            yield meta, tensor
+            yield meta, from_hf_rows(meta, tensor, self.args)
             if tie and meta == "tok_embeddings.weight":
                 yield "output.weight", tensor
 
 
-def _pth_infos(file: Path) -> dict[str, TensorInfo]:
-    return {name: TensorInfo(name, tuple(t.shape), t.dtype) for name, t in load_pth(file).items()}
+def from_hf_rows(meta_name: str, tensor: torch.Tensor, args: ModelArgs) -> torch.Tensor:
+    """A stored HF tensor in Meta's q/k row order."""
+    heads = layout.rotary_heads(meta_name, args)
+    return unpermute_from_hf(tensor, heads) if heads is not None else tensor
 
 
 # ---------------------------------------------------------------- writing
@@ -219,54 +209,78 @@ def shard_file_names(count: int) -> list[str]:
     return [f"model-{i + 1:05d}-of-{count:05d}.safetensors" for i in range(count)]
 
 
+def stored_infos(info: TensorInfo, quant: QuantSpec | None, dtype: str | None) -> list[TensorInfo]:
+    """The entries one canonical tensor becomes on disk: its HF name, or a quantized module's parts."""
+    hf_name = layout.meta_to_hf(info.name)
+    assert hf_name is not None, info.name
+    if info.scheme is not None:
+        assert quant is not None, info.name
+        return storage(quant).part_infos(quant, hf_name.removesuffix(".weight"), info.shape)
+    return [TensorInfo(hf_name, info.shape, dtype or info.dtype)]
+
+
 def plan_hf(
-    infos: Sequence[TensorInfo], max_shard_bytes: int, dtype: torch.dtype | None
-) -> list[tuple[str, list[TensorInfo]]]:
-    """(file name, HF-named tensors) for each safetensors file."""
-    renamed = []
-    for info in infos:
-        hf_name = meta_to_hf_name(info.name)
-        assert hf_name is not None, info.name
-        renamed.append(TensorInfo(hf_name, info.shape, dtype or info.dtype))
-    renamed.sort(key=lambda i: _hf_sort_key(i.name))
-    groups = plan_size_shards(renamed, max_shard_bytes)
-    return list(zip(shard_file_names(len(groups)), groups))
+    infos: Sequence[TensorInfo], max_shard_bytes: int, dtype: str | None, quant: QuantSpec | None = None
+) -> WritePlan:
+    """(file name, stored entries) for each safetensors file; a tensor's parts share one file."""
+    units = sorted((stored_infos(i, quant, dtype) for i in infos), key=lambda unit: _hf_sort_key(unit[0].name))
+    heads = [TensorInfo(unit[0].name, (sum(i.nbytes for i in unit),), "uint8") for unit in units]
+    groups = plan_size_shards(heads, max_shard_bytes)
+    by_head = {unit[0].name: unit for unit in units}
+    files = [[info for head in group for info in by_head[head.name]] for group in groups]
+    return list(zip(shard_file_names(len(files)), files))
 
 
 def write_hf(
     out_dir: Path,
-    plan: Sequence[tuple[str, Sequence[TensorInfo]]],
-    tensors: Iterator[tuple[str, torch.Tensor]],
-    args: ModelArgs,
+    plan: WritePlan,
+    reader: CheckpointReader,
     on_tensor: Callable[[str, int], None] | None = None,
+    config_extra: dict[str, Any] | None = None,
 ) -> None:
-    """Stream canonical tensors into the planned safetensors files, then config and index."""
-    writers = [SafetensorsFileWriter(out_dir / name, infos) for name, infos in plan]
+    """Stream canonical entries into the planned safetensors files, then config and index."""
+    writers = [SafetensorsWriter(out_dir / name, infos) for name, infos in plan]
     where = {info.name: (writer, info) for writer, (_, infos) in zip(writers, plan) for info in infos}
     try:
-        for meta_name, tensor in tensors:
-            hf_name = meta_to_hf_name(meta_name)
-            writer, info = where[hf_name]  # type: ignore[index]
-            heads = rotary_heads(meta_name, args.n_heads, args.kv_heads)
-            out = tensor.to(info.dtype)
-            if heads is not None:
-                out = permute_for_hf(out, heads)
-            writer.write(info.name, tensor_bytes(out))
+        for meta_name, entry in reader.iter_tensors():
+            hf_name = layout.meta_to_hf(meta_name)
+            assert hf_name is not None, meta_name
+            written = 0
+            for name, tensor, dtype in _stored_parts(meta_name, hf_name, entry, reader.args, where):
+                writer, _ = where[name]
+                data = tensor_bytes(
+                    tensor.to(dtypes.to_torch(dtype)) if dtype != dtypes.name_of(tensor.dtype) else tensor
+                )
+                writer.add(name, dtype, tuple(tensor.shape), data)
+                written += len(data)
             if on_tensor:
-                on_tensor(meta_name, info.nbytes)
+                on_tensor(meta_name, written)
+        for writer in writers:
+            writer.finish()
     finally:
         for writer in writers:
             writer.close()
-    unwritten = [name for writer in writers for name in writer.pending]
-    if unwritten:
-        raise ConfigError(f"source ended before tensor {unwritten[0]} was written")
     if len(plan) > 1:
-        total = sum(info.nbytes for _, infos in plan for info in infos)
+        total = sum(writer.nbytes for writer in writers)
         index = {"metadata": {"total_size": total}, "weight_map": {i.name: name for name, infos in plan for i in infos}}
         (out_dir / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
-    dtypes = [info.dtype for _, infos in plan for info in infos]
-    main_dtype = max(set(dtypes), key=dtypes.count)
-    write_hf_config(out_dir, args, DTYPE_NAMES.get(main_dtype, "float32"))
+    plain_names = {layout.meta_to_hf(i.name) for i in reader.tensor_infos() if i.scheme is None}
+    plain = [info for _, infos in plan for info in infos if info.name in plain_names]
+    write_hf_config(out_dir, reader.args, dtypes.lookup(main_dtype(plain)).hf, config_extra)
+
+
+def _stored_parts(
+    meta_name: str, hf_name: str, entry: Entry, args: ModelArgs, where: dict[str, Any]
+) -> Iterator[tuple[str, torch.Tensor, str]]:
+    """(stored name, tensor, dtype to store) for one canonical entry."""
+    if isinstance(entry, QuantizedTensor):
+        module = hf_name.removesuffix(".weight")
+        for part, tensor in entry.parts.items():
+            yield f"{module}.{part}", tensor, dtypes.name_of(tensor.dtype)
+        return
+    heads = layout.rotary_heads(meta_name, args)
+    _, info = where[hf_name]
+    yield hf_name, permute_for_hf(entry, heads) if heads is not None else entry, info.dtype
 
 
 def write_hf_config(out_dir: Path, args: ModelArgs, dtype_name: str, extra: dict[str, Any] | None = None) -> None:
@@ -282,16 +296,6 @@ def write_hf_config(out_dir: Path, args: ModelArgs, dtype_name: str, extra: dict
         "max_length": args.max_seq_len,
     }
     (out_dir / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
-
-
-def plan_format(reader: CheckpointReader, options: WriteOptions) -> WritePlan:
-    return plan_hf(reader.tensor_infos(), options.max_shard_bytes, options.dtype)
-
-
-def write_format(out_dir: Path, reader: CheckpointReader, plan: WritePlan, options: WriteOptions) -> None:
-    write_hf(out_dir, plan, reader.iter_tensors(), reader.args, options.on_tensor)
-    if reader.tokenizer_path is not None:
-        write_tokenizer_files(out_dir, reader.tokenizer_path, reader.args)
 
 
 def write_tokenizer_files(out_dir: Path, tokenizer_model: Path, args: ModelArgs) -> None:
@@ -310,6 +314,16 @@ def write_tokenizer_files(out_dir: Path, tokenizer_model: Path, args: ModelArgs)
     }
     (out_dir / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
     (out_dir / "special_tokens_map.json").write_text(json.dumps(special, indent=2) + "\n")
+
+
+def plan_format(reader: CheckpointReader, options: WriteOptions) -> WritePlan:
+    return plan_hf(reader.tensor_infos(), options.max_shard_bytes, options.dtype, reader.quant)
+
+
+def write_format(out_dir: Path, reader: CheckpointReader, plan: WritePlan, options: WriteOptions) -> None:
+    write_hf(out_dir, plan, reader, options.on_tensor)
+    if reader.tokenizer_path is not None:
+        write_tokenizer_files(out_dir, reader.tokenizer_path, reader.args)
 
 
 FORMAT = CheckpointFormat(

@@ -1,6 +1,7 @@
 """Meta's layout: params.json + consolidated.NN.pth model-parallel shards.
 
-Reading memory-maps each shard with `torch.load(mmap=True, weights_only=True)` and merges one
+Opening reads each shard's index without torch and checks every record (`checkpoint.pth`);
+reading memory-maps each shard with `torch.load(mmap=True, weights_only=True)` and merges one
 layer at a time, reopening the shards per layer so the mapped pages of finished layers are
 released: peak memory stays near one layer, not the model.
 Writing first saves a skeleton of each shard (`torch.serialization.skip_data`: the zip with
@@ -11,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import pickle
 import re
 import shutil
 import struct
@@ -19,24 +19,26 @@ import zipfile
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
-from torch._subclasses.fake_tensor import FakeTensorMode
-
-from llamactl.checkpoint.base import TOKENIZER_FILE, CheckpointReader, ReaderBase, check_against_args
-from llamactl.checkpoint.formats import CheckpointFormat, WriteOptions, WritePlan
-from llamactl.checkpoint.keymap import META_IGNORED
-from llamactl.checkpoint.sharding import (
-    TensorInfo,
-    check_splittable,
-    merge_shards,
-    shard_shape,
-    split_dim,
-    split_tensor,
+from llamactl import dtypes
+from llamactl.checkpoint.base import (
+    TOKENIZER_FILE,
+    CheckpointReader,
+    ReaderBase,
+    check_against_args,
+    tensor_bytes,
 )
+from llamactl.checkpoint.formats import CheckpointFormat, WriteOptions, WritePlan
+from llamactl.checkpoint.pth import load_tensors, read_index
+from llamactl.checkpoint.sharding import check_splittable, merge_shards, shard_shape, split_tensor
 from llamactl.config import ModelArgs, args_from_params, read_json
-from llamactl.errors import CheckpointError, ConfigError
+from llamactl.errors import CheckpointError
+from llamactl.layout import META_IGNORED, TensorInfo, split_dim
 from llamactl.plugins import hookimpl
+
+if TYPE_CHECKING:
+    import torch
 
 PARAMS_FILE = "params.json"
 _SHARD = re.compile(r"^consolidated\.(\d+)\.pth$")
@@ -61,19 +63,8 @@ def shard_files(path: Path) -> list[Path]:
 
 
 def load_pth(file: Path) -> dict[str, torch.Tensor]:
-    """Memory-map a .pth safely; every failure becomes one CheckpointError naming the file."""
-    try:
-        obj = torch.load(file, map_location="cpu", mmap=True, weights_only=True)
-    except pickle.UnpicklingError as exc:
-        culprit = re.search(r"GLOBAL ([\w.]+)", str(exc))
-        what = f" (it references {culprit.group(1)})" if culprit else ""
-        raise CheckpointError(f"{file}: refused to load: the pickle holds more than tensors{what}") from None
-    except (RuntimeError, OSError, EOFError, ValueError, struct.error, zipfile.BadZipFile) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise CheckpointError(f"{file}: unreadable or truncated PyTorch checkpoint ({first})") from None
-    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise CheckpointError(f"{file}: expected a dict of tensors")
-    return {k: v for k, v in obj.items() if k not in META_IGNORED}
+    """Memory-map one shard's tensors (open() checked its index: no forged records)."""
+    return load_tensors(file, META_IGNORED)
 
 
 @dataclass
@@ -87,7 +78,7 @@ class MetaReader(ReaderBase):
         params_path = path / PARAMS_FILE
         args = args_from_params(read_json(params_path), params_path)
         files = shard_files(path)
-        shards = [load_pth(f) for f in files]
+        shards = [read_index(f, META_IGNORED) for f in files]
         infos = _merged_infos(files, shards)
         if args.vocab_size <= 0:
             embedding = next((i for i in infos if i.name == "tok_embeddings.weight"), None)
@@ -105,7 +96,7 @@ class MetaReader(ReaderBase):
             del shards
 
 
-def _merged_infos(files: Sequence[Path], shards: Sequence[dict[str, torch.Tensor]]) -> list[TensorInfo]:
+def _merged_infos(files: Sequence[Path], shards: Sequence[dict[str, TensorInfo]]) -> list[TensorInfo]:
     """Full shapes from the shard pieces, checking that the shards agree with each other."""
     infos = []
     for name, first in shards[0].items():
@@ -115,7 +106,7 @@ def _merged_infos(files: Sequence[Path], shards: Sequence[dict[str, torch.Tensor
             piece = shard.get(name)
             if piece is None:
                 raise CheckpointError(f"{file}: tensor {name} is missing (present in {files[0].name})")
-            if piece.dtype != first.dtype or piece.dim() != first.dim():
+            if piece.dtype != first.dtype or len(piece.shape) != len(first.shape):
                 raise CheckpointError(f"{file}: tensor {name} disagrees with {files[0].name} in dtype or rank")
             for d, (a, b) in enumerate(zip(piece.shape, first.shape)):
                 if d != dim and a != b:
@@ -157,9 +148,7 @@ def meta_params(args: ModelArgs) -> dict[str, object]:
     return params
 
 
-def plan_meta(
-    infos: Sequence[TensorInfo], shards: int, dtype: torch.dtype | None
-) -> list[tuple[str, list[TensorInfo]]]:
+def plan_meta(infos: Sequence[TensorInfo], shards: int, dtype: str | None) -> list[tuple[str, list[TensorInfo]]]:
     """(file name, tensors with shard shapes) for each consolidated.NN.pth."""
     pieces = [TensorInfo(i.name, shard_shape(i.name, i.shape, shards), dtype or i.dtype) for i in infos]
     return [(f"consolidated.{m:02d}.pth", pieces) for m in range(shards)]
@@ -184,19 +173,16 @@ def _record_offsets(file: Path, count: int) -> list[int]:
 
 def _write_skeleton(file: Path, infos: Sequence[TensorInfo]) -> dict[str, int]:
     """Save the shard with every storage in place but no bytes; return each tensor's offset."""
+    import torch
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
     with FakeTensorMode():
-        skeleton = {i.name: torch.empty(i.shape, dtype=i.dtype) for i in infos}
+        skeleton = {i.name: torch.empty(i.shape, dtype=dtypes.to_torch(i.dtype)) for i in infos}
     with torch.serialization.skip_data(materialize_fake_tensors=True):
         torch.save(skeleton, file)
     # torch.save numbers storages in pickling order, which is the dict's order.
     offsets = _record_offsets(file, len(infos))
     return {info.name: offset for info, offset in zip(infos, offsets)}
-
-
-def tensor_bytes(tensor: torch.Tensor) -> memoryview:
-    """Raw little-endian bytes of a tensor (bf16 included, which numpy cannot hold)."""
-    flat = tensor.detach().contiguous().reshape(-1)
-    return memoryview(flat.view(torch.uint8).numpy()) if flat.numel() else memoryview(b"")
 
 
 def write_meta(
@@ -215,14 +201,15 @@ def write_meta(
         for name, tensor in tensors:
             info = wanted.pop(name)
             written = 0
-            for handle, offs, piece in zip(handles, offsets, split_tensor(name, tensor.to(info.dtype), shards)):
+            out = tensor.to(dtypes.to_torch(info.dtype))
+            for handle, offs, piece in zip(handles, offsets, split_tensor(name, out, shards)):
                 assert tuple(piece.shape) == info.shape, (name, piece.shape, info.shape)
                 handle.seek(offs[name])
                 written += handle.write(tensor_bytes(piece))
             if on_tensor:
                 on_tensor(name, written)  # replicated tensors count once per shard, as in the plan
     if wanted:
-        raise ConfigError(f"source ended before tensor {next(iter(wanted))} was written")
+        raise CheckpointError(f"source ended before tensor {next(iter(wanted))} was written")
 
 
 def plan_format(reader: CheckpointReader, options: WriteOptions) -> WritePlan:

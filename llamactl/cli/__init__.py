@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import os
+import sys
+
 import typer
 
 from llamactl import __version__
+
+INTERRUPTED = 130  # the exit code of a command stopped by Ctrl-C (README: exit codes)
 
 
 def _version(value: bool) -> None:
@@ -39,4 +44,15 @@ def build_app() -> typer.Typer:
 
 def main() -> None:
     """Console-script entry point."""
-    build_app()(prog_name="llamactl")
+    try:
+        build_app()(prog_name="llamactl")
+    except SystemExit as exc:
+        if exc.code == INTERRUPTED:
+            # A Ctrl-C that lands while CPython runs exec()'d code (dataclass and namedtuple
+            # creation during a lazy import) leaves a flag that makes it re-raise SIGINT at exit
+            # even though we handled it: the caller would see "killed by signal 2", not our
+            # documented 130. Everything was cleaned up on the way here, so exit directly.
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(INTERRUPTED)
+        raise

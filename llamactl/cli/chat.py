@@ -153,7 +153,7 @@ def _answer(session: ChatSession, start: Any, json_out: bool, meta: dict[str, An
 
 
 def _repl(session: ChatSession, loaded: Any, name: str) -> None:
-    from llamactl.checkpoint import models_home
+    from llamactl.home import chat_history_file
     from llamactl.repl import ModelInfo, Repl
 
     args = loaded.args
@@ -166,7 +166,7 @@ def _repl(session: ChatSession, loaded: Any, name: str) -> None:
         device=str(loaded.device),
         dtype=str(loaded.dtype).removeprefix("torch."),
     )
-    history = models_home().parent / "chat_history"
+    history = chat_history_file()
     raise typer.Exit(Repl(session, info, history=history).run())
 
 

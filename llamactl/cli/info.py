@@ -50,8 +50,9 @@ def info(
     ]
     if report.quantization:
         quant = report.quantization
-        scheme = quant.get("scheme", quant.get("quant_method", "?"))
-        rows.insert(2, ("quantization", f"{scheme}, {quant.get('bits_per_weight', '?')} bits per quantized weight"))
+        rows.insert(
+            2, ("quantization", f"{quant['description']}, {quant['bits_per_weight']} bits per quantized weight")
+        )
     for key, value in rows:
         table.add_row(key, value)
     stdout().print(table)

@@ -1,4 +1,7 @@
-"""`llamactl quantize`: int8 / nf4 / fp4 checkpoints in bitsandbytes' own serialization."""
+"""`llamactl quantize`: convert with a quantization scheme, then report what it cost.
+
+int8 / nf4 / fp4 are written in bitsandbytes' own serialization (transformers loads them).
+"""
 
 from __future__ import annotations
 
@@ -9,39 +12,32 @@ import typer
 from rich.table import Table
 
 from llamactl.cli._common import byte_progress, cli_command, human_bytes, print_json, stdout, warn
+from llamactl.cli._options import (
+    Bits,
+    Blocksize,
+    ComputeDtype,
+    DoubleQuant,
+    Int8Threshold,
+    QuantType,
+    Scheme,
+    quant_from_options,
+)
 from llamactl.errors import UsageError
 from llamactl.plugins import hookimpl
-from llamactl.quantize import BUILTIN_SAMPLE, Quality, QuantSpec, QuantStats, quant_scheme
-from llamactl.quantize_run import (
-    QuantizePlan,
-    eval_tokens,
-    evaluate_quality,
-    plan_quantize,
-    read_eval_text,
-    run_quantize,
-)
 
 
 def quantize(
-    src: Annotated[str, typer.Argument(help="Source checkpoint (Meta or HF): a directory or a model name.")],
+    src: Annotated[str, typer.Argument(help="Source checkpoint (any format): a directory or a model name.")],
     dst: Annotated[
-        Path, typer.Argument(help="Destination directory: an HF checkpoint (must not exist unless --force).")
+        Path, typer.Argument(help="Destination directory: a quantized checkpoint (must not exist unless --force).")
     ],
-    bits: Annotated[int | None, typer.Option("--bits", help="8 (LLM.int8) or 4 (nf4 / fp4).")] = None,
-    scheme: Annotated[
-        str | None,
-        typer.Option("--scheme", help="A registered scheme instead of --bits: int8, nf4, fp4 or a plugin's."),
-    ] = None,
-    quant_type: Annotated[str | None, typer.Option(help="4-bit data type: nf4 (default) or fp4.")] = None,
-    double_quant: Annotated[
-        bool | None,
-        typer.Option("--double-quant/--no-double-quant", help="Quantize the 4-bit scales too (default: on)."),
-    ] = None,
-    blocksize: Annotated[int | None, typer.Option(help="4-bit block size (default 64).")] = None,
-    compute_dtype: Annotated[
-        str | None, typer.Option(help="4-bit compute dtype: bf16 (default), fp16 or fp32.")
-    ] = None,
-    int8_threshold: Annotated[float, typer.Option(help="LLM.int8 activation outlier threshold.")] = 6.0,
+    bits: Bits = None,
+    scheme: Scheme = None,
+    quant_type: QuantType = None,
+    double_quant: DoubleQuant = None,
+    blocksize: Blocksize = None,
+    compute_dtype: ComputeDtype = None,
+    int8_threshold: Int8Threshold = None,
     skip: Annotated[
         list[str] | None,
         typer.Option("--skip", help="Leave matching projections unquantized (glob on Meta or HF names; repeatable)."),
@@ -57,80 +53,62 @@ def quantize(
     force: Annotated[bool, typer.Option("--force", help="Replace DST if it exists.")] = False,
     json_out: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
 ) -> None:
-    """Quantize a checkpoint with bitsandbytes (LLM.int8 or 4-bit nf4/fp4) and report the cost."""
+    """Quantize a checkpoint (bitsandbytes LLM.int8 or 4-bit nf4/fp4) and report the cost."""
+    from llamactl.checkpoint import open_checkpoint
+    from llamactl.convert import plan_convert, run_convert
+    from llamactl.evaluate import eval_tokens, evaluate_quality, read_eval_text
+    from llamactl.quantize.quality import BUILTIN_SAMPLE, QuantStats
+
     if (bits is None) == (scheme is None):
         raise UsageError("give exactly one of --bits 8|4 or --scheme NAME")
-    if scheme is not None:
-        spec = quant_scheme(scheme)
-    else:
-        spec = _spec(bits, quant_type, double_quant, blocksize, compute_dtype, int8_threshold)
+    spec = quant_from_options(bits, scheme, quant_type, double_quant, blocksize, compute_dtype, int8_threshold)
     if no_eval and eval_file is not None:
         raise UsageError("--eval and --no-eval contradict each other")
-    plan = plan_quantize(src, dst, spec, skip=skip or (), force=force, device=device)
-    for pattern in plan.unmatched_skip:
+    plan = plan_convert(src, dst, quant=spec, skip=skip or (), force=force, device=device)
+    view = plan.quantized
+    assert spec is not None and view is not None
+    for pattern in view.unmatched_skip:
         warn(f"--skip {pattern}: matches no quantizable tensor")
-    tokens = None if no_eval else eval_tokens(plan.reader, read_eval_text(eval_file) if eval_file else BUILTIN_SAMPLE)
+    tokens = None if no_eval else eval_tokens(plan.source, read_eval_text(eval_file) if eval_file else BUILTIN_SAMPLE)
     with byte_progress(f"quantize → {spec.scheme}", plan.total_bytes, plan.tensor_count) as progress:
         task = progress.add_task(f"quantize → {spec.scheme}", total=plan.total_bytes, items=0)
 
         def advance(_name: str, nbytes: int) -> None:
             progress.update(task, advance=nbytes, items=progress.tasks[task].fields["items"] + 1)
 
-        stats = run_quantize(plan, on_tensor=advance)
-    quality = None if tokens is None else evaluate_quality(plan.reader.path, plan.dst, tokens, device=device)
+        run_convert(plan, on_tensor=advance)
+    written = open_checkpoint(plan.dst)
+    stats = QuantStats.compare(plan.source.tensor_infos(), written.tensor_infos(), view.skipped)
+    quality = None if tokens is None else evaluate_quality(plan.source.path, plan.dst, tokens, device=device)
+    report = _report(plan.source.path, plan.dst, spec, stats, quality, written, view.unmatched_skip)
     if json_out:
-        print_json(_report(plan, stats, quality))
+        print_json(report)
     else:
-        _print_table(plan, stats, quality)
+        _print_table(report, stats, quality)
 
 
-def _spec(
-    bits: int,
-    quant_type: str | None,
-    double_quant: bool | None,
-    blocksize: int | None,
-    compute_dtype: str | None,
-    threshold: float,
-) -> QuantSpec:
-    four_bit_only = {
-        "--quant-type": quant_type,
-        "--double-quant": double_quant,
-        "--blocksize": blocksize,
-        "--compute-dtype": compute_dtype,
-    }
-    if bits == 8:
-        given = [name for name, value in four_bit_only.items() if value is not None]
-        if given:
-            raise UsageError(f"{given[0]} applies to --bits 4 only")
-    spec = QuantSpec(
-        bits=bits,
-        quant_type=quant_type or "nf4",
-        double_quant=True if double_quant is None else double_quant,
-        blocksize=blocksize or 64,
-        compute_dtype=compute_dtype or "bf16",
-        threshold=threshold,
-    )
-    return spec.validate()
+def _report(
+    src: Path, dst: Path, spec: Any, stats: Any, quality: Any, written: Any, unmatched: list[str]
+) -> dict[str, Any]:
+    from llamactl.checkpoint.bnb import skip_modules
 
-
-def _report(plan: QuantizePlan, stats: QuantStats, quality: Quality | None) -> dict[str, Any]:
     return {
-        "src": str(plan.reader.path),
-        "dst": str(plan.dst),
-        "scheme": plan.spec.scheme,
-        "description": plan.spec.describe(),
-        "quantization_config": plan.spec.to_hf_config(plan.skip_modules),
-        "unmatched_skip": plan.unmatched_skip,
+        "src": str(src),
+        "dst": str(dst),
+        "scheme": spec.scheme,
+        "description": spec.describe(),
+        "quantization_config": spec.to_hf_config(skip_modules(written)),
+        "unmatched_skip": unmatched,
         **stats.to_dict(),
         "quality": quality.to_dict() if quality else None,
     }
 
 
-def _print_table(plan: QuantizePlan, stats: QuantStats, quality: Quality | None) -> None:
+def _print_table(report: dict[str, Any], stats: Any, quality: Any) -> None:
     table = Table(show_header=False, box=None, pad_edge=False)
     rows = [
-        ("wrote", str(plan.dst)),
-        ("scheme", f"bitsandbytes {plan.spec.describe()}"),
+        ("wrote", report["dst"]),
+        ("scheme", f"bitsandbytes {report['description']}"),
         (
             "tensors quantized",
             f"{stats.tensors_quantized} of {stats.tensors_total}"

@@ -16,8 +16,8 @@ from rich.progress import (
     TransferSpeedColumn,
 )
 
-from llamactl.checkpoint import models_home
 from llamactl.cli._common import cli_command, fail, human_bytes, print_json, stderr
+from llamactl.home import models_home
 from llamactl.plugins import hookimpl
 from llamactl.pull import pull_model
 from llamactl.store import hash_work, import_model, list_models, remove_model, show_model, store_path

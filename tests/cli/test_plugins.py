@@ -142,7 +142,7 @@ from llamactl.quantize import QuantSpec
 
 @hookimpl
 def register_quantizers(register):
-    register("fp4-plain", QuantSpec(bits=4, quant_type="fp4", double_quant=False))
+    register("fp4-plain", QuantSpec("fp4", double_quant=False))
     register("not-a-spec", object())
 """
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from llamactl import pull
-from llamactl.checkpoint import models_home
+from llamactl.home import models_home
 from tests._ckpt import random_meta_state, tiny_args, write_meta_checkpoint
 from tests._store_util import FakeHub, dir_files
 from tests.cli._run import assert_one_line_error, run_cli, tree_digest

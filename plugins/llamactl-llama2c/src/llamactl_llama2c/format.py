@@ -16,14 +16,17 @@ import struct
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 
 from llamactl.checkpoint.base import ReaderBase, check_against_args, order_like
-from llamactl.checkpoint.sharding import TensorInfo, expected_shapes
 from llamactl.config import ModelArgs, ffn_recipe_for
 from llamactl.errors import CheckpointError
+from llamactl.layout import TensorInfo, expected_shapes
+
+if TYPE_CHECKING:
+    import torch
 
 HEADER = struct.Struct("<7i")
 MAGIC_V1 = 0x616B3432  # "ak42": llama2.c's newer export versions (not supported)
@@ -176,11 +179,13 @@ class Llama2cReader(ReaderBase):
         header = read_header(file)
         assert header is not None
         args = args_from_header(header, file)
-        infos = [TensorInfo(name, shape, torch.float32) for name, shape in expected_shapes(args).items()]
+        infos = [TensorInfo(name, shape, "fp32") for name, shape in expected_shapes(args).items()]
         check_against_args(infos, args, str(file), "the llama2.c header")
         return cls(path=path, args=args, files=[file], infos=order_like(infos, args), header=header)
 
     def iter_tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
+        import torch
+
         assert self.header is not None
         places = layout(self.header)
         data = np.memmap(self.files[0], dtype="<f4", mode="r", offset=HEADER.size, shape=(places["<end>"][0],))
@@ -194,6 +199,8 @@ class Llama2cReader(ReaderBase):
 
 def rope_tables(head_dim: int, seq_len: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
     """cos and sin tables exactly as llama2.c's model.py precompute_freqs_cis computes them."""
+    import torch
+
     freqs = 1.0 / (theta ** (torch.arange(0, head_dim, 2)[: head_dim // 2].float() / head_dim))
     t = torch.arange(seq_len, device=freqs.device)
     freqs = torch.outer(t, freqs).float()
@@ -206,6 +213,8 @@ def export_v0(reader: object, out: Path) -> Path:
     The file is laid out for an untied head first; when the head turns out to equal the
     embedding (tied, as llama2.c trains), the tail is cut off and vocab_size stored positive.
     """
+    import torch
+
     args: ModelArgs = reader.args  # type: ignore[attr-defined]
     untied = Header(
         args.dim, args.hidden_dim, args.n_layers, args.n_heads, args.kv_heads, -args.vocab_size, args.max_seq_len
