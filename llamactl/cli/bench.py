@@ -121,7 +121,7 @@ def bench(
         seed=seed,
     )
     if plot is not None:
-        from llamactl.plot import check_plot_path
+        from llamactl.cli.plot import check_plot_path
 
         check_plot_path(plot)
     resolved, fell_back = resolve_device(device)
@@ -131,7 +131,7 @@ def bench(
     report = _run(opts, resolved, fell_back)
     _print(report, fmt)
     if plot is not None:
-        from llamactl.plot import plot_report
+        from llamactl.cli.plot import plot_report
 
         plot_report(report, plot)
         stderr.print(f"plot written to {plot}")
