@@ -36,7 +36,9 @@ from llamactl.config import ModelArgs, get_preset
 from llamactl.devices import resolve_device
 from llamactl.dtypes import FLOAT_NAMES, name_of, to_torch
 from llamactl.errors import UsageError
+from llamactl.estimate import kv_cache_bytes
 from llamactl.graphs import decode_step
+from llamactl.layout import param_count
 from llamactl.model import Transformer
 
 ATTN_KINDS = ("mha", "gqa", "mqa")
@@ -48,19 +50,6 @@ ProgressFn = Callable[[str], None]
 
 
 # --------------------------------------------------------------------------- formulas
-
-
-def kv_cache_bytes(args: ModelArgs, ctx: int, batch: int, dtype: torch.dtype) -> int:
-    """2 (K and V) × layers × KV heads × head dim × ctx × batch × bytes per element."""
-    element = torch.empty((), dtype=dtype).element_size()
-    return 2 * args.n_layers * args.kv_heads * args.head_dim * ctx * batch * element
-
-
-def param_count(args: ModelArgs) -> int:
-    """Parameters of a Llama shape: embeddings, output head, norms, and per layer q/k/v/o + SwiGLU."""
-    d, q, kv, ffn = args.dim, args.n_heads * args.head_dim, args.kv_heads * args.head_dim, args.hidden_dim
-    per_layer = d * q + 2 * d * kv + q * d + 3 * d * ffn + 2 * d
-    return 2 * args.vocab_size * d + d + args.n_layers * per_layer
 
 
 def kv_heads_for(attn: str, args: ModelArgs, gqa_heads: int) -> int:
@@ -572,7 +561,7 @@ def _row(built: _Built, attn: str, cfg: _Config, test: str, n_prompt: int, n_gen
         n_depth=depth,
         test=test,
         model_n_params=param_count(args),
-        kv_bytes_formula=kv_cache_bytes(args, cfg.ctx, cfg.batch, built.dtype),
+        kv_bytes_formula=kv_cache_bytes(args, cfg.ctx, cfg.batch, name_of(built.dtype)),
     )
 
 

@@ -9,8 +9,8 @@ import statistics
 import pytest
 import torch
 
-from llamactl import bench
-from llamactl.config import ModelArgs, get_preset
+from llamactl import bench, estimate, layout
+from llamactl.config import ModelArgs
 from llamactl.errors import LlamactlError, UsageError
 from llamactl.model import Transformer
 
@@ -31,24 +31,7 @@ def run(**kw: object) -> bench.BenchReport:
     return bench.run_bench(tiny_options(**kw), device=CPU)
 
 
-# ----------------------------------------------------------------------------- the formula
-
-
-def test_kv_formula_matches_published_per_token_sizes() -> None:
-    # Llama-2-7B in fp16: 2 × 32 layers × 32 heads × 128 × 2 bytes = 512 KiB per token;
-    # Llama-2-70B (GQA, 8 KV heads): 2 × 80 × 8 × 128 × 2 = 320 KiB per token.
-    assert bench.kv_cache_bytes(get_preset("7b"), ctx=1, batch=1, dtype=torch.float16) == 512 * 1024
-    assert bench.kv_cache_bytes(get_preset("70b"), ctx=1, batch=1, dtype=torch.float16) == 320 * 1024
-    assert bench.kv_cache_bytes(get_preset("7b"), ctx=4096, batch=1, dtype=torch.bfloat16) == 2 * 1024**3
-    assert bench.kv_cache_bytes(get_preset("7b"), ctx=4096, batch=3, dtype=torch.float32) == 12 * 1024**3
-
-
-def test_param_count_matches_published_sizes_and_the_module() -> None:
-    assert bench.param_count(get_preset("7b")) == 6_738_415_616  # Llama-2-7b-hf's parameter count
-    assert bench.param_count(get_preset("70b")) == 68_976_648_192  # Llama-2-70b-hf's
-    with torch.device("meta"):
-        model = Transformer(dataclasses.replace(TINY, n_kv_heads=2))
-    assert bench.param_count(model.args) == sum(p.numel() for p in model.parameters())
+# ----------------------------------------------------------------------------- memory
 
 
 @pytest.mark.parametrize("dtype", ["fp32", "bf16"])
@@ -140,7 +123,7 @@ def test_bandwidth_is_bytes_read_per_step_times_steps_per_second() -> None:
 def test_weight_and_peak_memory() -> None:
     report = run()
     for row in report.rows:
-        assert row.weight_bytes == bench.param_count(TINY) * 4
+        assert row.weight_bytes == layout.param_count(TINY) * 4
         assert row.peak_bytes >= row.weight_bytes + row.kv_bytes  # RSS high-water mark covers both
 
 
@@ -176,7 +159,7 @@ def test_injected_oom_becomes_a_row_and_the_run_continues(monkeypatch: pytest.Mo
     ]
     oom = report.rows[2]
     assert oom.avg_ts is None and oom.samples_ts == [] and "out of memory" in oom.error
-    assert oom.kv_bytes_formula == bench.kv_cache_bytes(TINY, 128, 1, torch.float32)
+    assert oom.kv_bytes_formula == estimate.kv_cache_bytes(TINY, 128, 1, "fp32")
 
 
 def test_oom_while_building_the_model_gives_rows_for_every_test(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from llamactl import bench, config
+from llamactl import bench, config, estimate, layout
 from tests.cli._run import assert_one_line_error, run_cli
 
 TINY_7B = config.ModelArgs(dim=128, n_layers=32, n_heads=32, vocab_size=320, multiple_of=32)
@@ -253,8 +253,8 @@ def test_benchmarks_a_checkpoint_in_either_format(fmt: str, tmp_path: Path) -> N
     for r in records:
         assert (r["model_type"], r["model_filename"]) == (fmt, str(path))
         assert (r["n_layer"], r["n_head"], r["n_kv_head"]) == (args.n_layers, args.n_heads, args.kv_heads)
-        assert r["kv_bytes"] == r["kv_bytes_formula"] == bench.kv_cache_bytes(args, 64, 1, torch.float32)
-        assert r["weight_bytes"] == bench.param_count(args) * 4
+        assert r["kv_bytes"] == r["kv_bytes_formula"] == estimate.kv_cache_bytes(args, 64, 1, "fp32")
+        assert r["weight_bytes"] == layout.param_count(args) * 4
 
 
 def test_benchmarks_a_checkpoint_quantized_on_load(tmp_path: Path) -> None:
