@@ -192,6 +192,17 @@ def test_injected_oom_is_a_row_in_the_table(monkeypatch: pytest.MonkeyPatch) -> 
     assert sum("tg4@" in line for line in out.stdout.splitlines()) == 3
 
 
+def test_options_are_validated_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    from llamactl.bench import options
+
+    calls = []
+    real = options._validate
+    monkeypatch.setattr(options, "_validate", lambda opts: (calls.append(opts), real(opts))[1])
+    out = run_cli("bench", "--ctx", "64", "-o", "json", *FAST)
+    assert out.exit_code == 0, out.stderr
+    assert len(calls) == 1  # the CLI plans once and runs that plan
+
+
 @pytest.mark.parametrize(
     ("args", "fragments", "code"),
     [
