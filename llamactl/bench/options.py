@@ -178,40 +178,54 @@ def _model_keys(opts: BenchOptions) -> tuple[ModelKey, ...]:
 
 
 def _validate(opts: BenchOptions) -> None:
-    """Reject impossible values and combinations (device defaults already filled in)."""
-    for name, values in (("--ctx", opts.ctx), ("--batch", opts.batch)):
+    """Reject impossible values and combinations (device defaults already filled in).
+
+    Messages name the BenchOptions field and the value, never a CLI flag: the library is
+    used without the CLI too.
+    """
+    for name, values in (("ctx", opts.ctx), ("batch", opts.batch)):
         for v in values:
             if v < 1:
                 raise UsageError(f"{name} {v}: must be at least 1")
-    for name, values in (("--prompt-tokens", opts.prompt_tokens), ("--gen-tokens", opts.gen_tokens or [])):
+    for name, values in (("prompt_tokens", opts.prompt_tokens), ("gen_tokens", opts.gen_tokens or [])):
         for v in values:
             if v < 0:
                 raise UsageError(f"{name} {v}: must not be negative")
             if v > min(opts.ctx):
-                raise UsageError(f"{name} {v}: longer than --ctx {min(opts.ctx)}")
+                raise UsageError(f"{name} {v}: longer than ctx {min(opts.ctx)}")
     for a in opts.attn:
         if a not in (*ATTN_KINDS, "native"):
-            raise UsageError(f"--attn {a}: expected one of {', '.join(ATTN_KINDS)}")
+            raise UsageError(f"attn {a}: expected one of {', '.join(ATTN_KINDS)}")
     for d in opts.dtypes or []:
         if d not in FLOAT_NAMES:
-            raise UsageError(f"--dtype {d}: expected one of {', '.join(FLOAT_NAMES)}")
+            raise UsageError(f"dtype {d}: expected one of {', '.join(FLOAT_NAMES)}")
     for b in opts.bits:
         if b not in BITS:
-            raise UsageError(f"--bits {b}: expected 16, 8 or 4")
-    if opts.warmup < 0 or (opts.repeat is not None and opts.repeat < 1):
-        raise UsageError("--warmup must be >= 0 and --repeat >= 1")
+            raise UsageError(f"bits {b}: expected 16, 8 or 4")
+    if opts.warmup < 0:
+        raise UsageError(f"warmup {opts.warmup}: must not be negative")
+    if opts.repeat is not None and opts.repeat < 1:
+        raise UsageError(f"repeat {opts.repeat}: must be at least 1")
     if opts.vs not in (None, "transformers"):
-        raise UsageError(f"--vs {opts.vs}: only 'transformers' is supported")
+        raise UsageError(f"vs {opts.vs}: only 'transformers' is supported")
     if opts.vs and opts.bits != [16]:
-        raise UsageError("--vs transformers: compares unquantized weights only (--bits 16)")
+        raise UsageError(f"vs transformers: compares unquantized weights only (bits 16), not bits {_listed(opts.bits)}")
     if opts.model is not None:
         if opts.attn != ["native"]:
-            raise UsageError("--attn needs --preset: a checkpoint's attention is fixed by its weights")
+            raise UsageError(
+                f"attn {_listed(opts.attn)}: only for presets; a checkpoint's attention is fixed by its weights"
+            )
         if opts.layers not in (None, [None]):
-            raise UsageError("--layers needs --preset: a checkpoint is benchmarked whole")
+            raise UsageError(
+                f"layers {_listed(opts.layers or [])}: only for presets; a checkpoint is benchmarked whole"
+            )
     for n in opts.layers or []:
         if n is not None and n < 1:
-            raise UsageError(f"--layers {n}: must be at least 1")
+            raise UsageError(f"layers {n}: must be at least 1")
+
+
+def _listed(values: list[int] | list[str] | list[int | None]) -> str:
+    return ",".join(str(v) for v in values)
 
 
 def _validate_shapes(opts: BenchOptions, models: tuple[ModelKey, ...]) -> None:
@@ -222,5 +236,5 @@ def _validate_shapes(opts: BenchOptions, models: tuple[ModelKey, ...]) -> None:
         source = opts.args if opts.args is not None else get_preset(key.preset)  # type: ignore[arg-type]
         args = model_args(source, key)
         if args.kv_heads < 1 or args.n_heads % args.kv_heads:
-            raise UsageError(f"--kv-heads {args.kv_heads}: must divide the {args.n_heads} attention heads")
+            raise UsageError(f"kv_heads {args.kv_heads}: must divide the {args.n_heads} attention heads")
         args.validate(f"preset {key.preset}" if key.preset else "custom shape")

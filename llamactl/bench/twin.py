@@ -28,7 +28,7 @@ class HFTwin:
             from llamactl.errors import MissingDependencyError
 
             raise MissingDependencyError(
-                "--vs transformers: transformers is not installed (pip install transformers)"
+                "comparing with transformers: transformers is not installed (pip install transformers)"
             ) from None
         from llamactl.checkpoint.keymap import meta_to_hf_name, permute_for_hf, rotary_heads
         from llamactl.config import hf_config_from_args
