@@ -54,3 +54,17 @@ def test_tensor_info_takes_any_dtype_spelling() -> None:
     assert TensorInfo("x", (2, 3), torch.bfloat16).dtype == "bf16"
     assert TensorInfo("x", [2, 3], "float32").nbytes == 24
     assert TensorInfo("x", (2, 3), "uint8", scheme="nf4", stored_bytes=5).nbytes == 5
+
+
+def test_param_count_equals_the_modules_parameters() -> None:
+    import dataclasses
+
+    import torch
+
+    from llamactl.config import ModelArgs
+    from llamactl.model import Transformer
+
+    tiny = ModelArgs(dim=64, n_layers=2, n_heads=8, n_kv_heads=2, vocab_size=320, multiple_of=32, max_seq_len=256)
+    with torch.device("meta"):
+        model = Transformer(dataclasses.replace(tiny))
+    assert layout.param_count(model.args) == sum(p.numel() for p in model.parameters())

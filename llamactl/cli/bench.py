@@ -11,7 +11,7 @@ import io
 import json
 import sys
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated
 
 import typer
 from rich import box
@@ -21,12 +21,13 @@ from rich.table import Table
 from llamactl.bench import (
     CPU_DEFAULTS,
     FIELDS,
+    GPU_DEFAULTS,
     BenchOptions,
+    BenchPlan,
     BenchReport,
     BenchRow,
-    apply_device_defaults,
-    resolve_device,
-    validate_options,
+    plan_bench,
+    run_bench,
 )
 from llamactl.cli._common import cli_command, stderr, stdout
 from llamactl.errors import UsageError
@@ -68,7 +69,9 @@ def bench(
     prompt_tokens: Annotated[str, typer.Option(help="Prompt length(s) for the prefill test (pp).")] = "512",
     gen_tokens: Annotated[
         str | None,
-        typer.Option(help=f"Tokens generated in the decode test (tg) (default 128; CPU {CPU_DEFAULTS['gen_tokens']})."),
+        typer.Option(
+            help=f"Tokens generated in the decode test (tg) (default {GPU_DEFAULTS.gen_tokens}; CPU {CPU_DEFAULTS.gen_tokens})."
+        ),
     ] = None,
     batch: Annotated[str, typer.Option(help="Batch size(s).")] = "1",
     attn: Annotated[
@@ -81,11 +84,12 @@ def bench(
     ] = None,
     bits: Annotated[str, typer.Option(help="Weight bits: 16, 8 (int8) or 4 (nf4) (comma list).")] = "16",
     layers: Annotated[
-        str | None, typer.Option(help=f"Keep only N layers of the preset (default all; CPU {CPU_DEFAULTS['layers']}).")
+        str | None, typer.Option(help=f"Keep only N layers of the preset (default all; CPU {CPU_DEFAULTS.layers}).")
     ] = None,
     warmup: Annotated[int, typer.Option(help="Untimed runs before the repeats.")] = 1,
     repeat: Annotated[
-        int | None, typer.Option(help=f"Timed repeats per test (default 5; CPU {CPU_DEFAULTS['repeat']}).")
+        int | None,
+        typer.Option(help=f"Timed repeats per test (default {GPU_DEFAULTS.repeat}; CPU {CPU_DEFAULTS.repeat})."),
     ] = None,
     device: Annotated[str | None, typer.Option(help="cuda or cpu (default cuda when available).")] = None,
     output: Annotated[str, typer.Option("--output", "-o", help="table, md, csv, json or jsonl.")] = "table",
@@ -113,7 +117,7 @@ def bench(
         kv_heads=_ints("--kv-heads", kv_heads),
         dtypes=_words("--dtype", dtype) if dtype is not None else None,
         bits=_ints("--bits", bits),
-        layers=_ints("--layers", layers) if layers is not None else None,  # type: ignore[arg-type]
+        layers=[*_ints("--layers", layers)] if layers is not None else None,
         warmup=warmup,
         repeat=repeat,
         device=device,
@@ -121,17 +125,16 @@ def bench(
         seed=seed,
     )
     if plot is not None:
-        from llamactl.plot import check_plot_path
+        from llamactl.cli.plot import check_plot_path
 
         check_plot_path(plot)
-    resolved, fell_back = resolve_device(device)
-    validate_options(apply_device_defaults(opts, resolved))
-    if fell_back:
+    plan = plan_bench(opts)  # device defaults and every check, before the (long) run
+    if plan.cpu_fallback:
         print(f"llamactl: no CUDA GPU found; benchmarking on the CPU{_cpu_note(opts)}", file=sys.stderr)
-    report = _run(opts, resolved, fell_back)
+    report = _run(plan)
     _print(report, fmt)
     if plot is not None:
-        from llamactl.plot import plot_report
+        from llamactl.cli.plot import plot_report
 
         plot_report(report, plot)
         stderr.print(f"plot written to {plot}")
@@ -141,23 +144,21 @@ def _cpu_note(opts: BenchOptions) -> str:
     """Which CPU defaults apply (only those the user did not set)."""
     parts = []
     if opts.layers is None and opts.model is None:
-        parts.append(f"--layers {CPU_DEFAULTS['layers']}")
+        parts.append(f"--layers {CPU_DEFAULTS.layers}")
     if opts.gen_tokens is None:
-        parts.append(f"--gen-tokens {CPU_DEFAULTS['gen_tokens']}")
+        parts.append(f"--gen-tokens {CPU_DEFAULTS.gen_tokens}")
     if opts.repeat is None:
-        parts.append(f"--repeat {CPU_DEFAULTS['repeat']}")
+        parts.append(f"--repeat {CPU_DEFAULTS.repeat}")
     if opts.dtypes is None:
-        parts.append(f"--dtype {CPU_DEFAULTS['dtype']}")
+        parts.append(f"--dtype {CPU_DEFAULTS.dtype}")
     return f" with {' '.join(parts)} (pass them to change)" if parts else ""
 
 
-def _run(opts: BenchOptions, device: Any, fell_back: bool) -> BenchReport:
-    from llamactl.bench import run_bench
-
+def _run(plan: BenchPlan) -> BenchReport:
     if not stderr.is_terminal:
-        return run_bench(opts, device=device, cpu_fallback=fell_back)
+        return run_bench(plan)
     with stderr.status("benchmarking") as status:
-        return run_bench(opts, progress=lambda msg: status.update(msg), device=device, cpu_fallback=fell_back)
+        return run_bench(plan, progress=lambda msg: status.update(msg))
 
 
 # --------------------------------------------------------------------------- output
@@ -208,7 +209,7 @@ def _header_lines(report: BenchReport) -> list[str]:
     ]
     reduced = sorted({(r.n_layer, r.n_layer_model) for r in report.rows if r.n_layer != r.n_layer_model})
     if reduced:
-        why = "CPU default, " if env.cpu_fallback and report.options.layers == [CPU_DEFAULTS["layers"]] else ""
+        why = "CPU default, " if env.cpu_fallback and report.options.layers == [CPU_DEFAULTS.layers] else ""
         shown = ", ".join(f"{n} of {full}" for n, full in reduced)
         lines.append(f"layers: {shown} ({why}--layers to change); sizes and speeds are for these layers")
     if env.backends == "CPU":

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from llamactl import bench, config
+from llamactl import bench, config, estimate, layout
 from tests.cli._run import assert_one_line_error, run_cli
 
 TINY_7B = config.ModelArgs(dim=128, n_layers=32, n_heads=32, vocab_size=320, multiple_of=32)
@@ -192,20 +192,31 @@ def test_injected_oom_is_a_row_in_the_table(monkeypatch: pytest.MonkeyPatch) -> 
     assert sum("tg4@" in line for line in out.stdout.splitlines()) == 3
 
 
+def test_options_are_validated_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    from llamactl.bench import options
+
+    calls = []
+    real = options._validate
+    monkeypatch.setattr(options, "_validate", lambda opts: (calls.append(opts), real(opts))[1])
+    out = run_cli("bench", "--ctx", "64", "-o", "json", *FAST)
+    assert out.exit_code == 0, out.stderr
+    assert len(calls) == 1  # the CLI plans once and runs that plan
+
+
 @pytest.mark.parametrize(
     ("args", "fragments", "code"),
     [
         (("--ctx", "4k"), ("--ctx 4k", "'4k' is not an integer"), 2),
-        (("--attn", "mha,mla"), ("--attn mla",), 2),
-        (("--kv-heads", "5", "--attn", "gqa"), ("--kv-heads 5", "32 attention heads"), 2),
-        (("--ctx", "256", "--prompt-tokens", "512"), ("--prompt-tokens 512: longer than --ctx 256",), 2),
+        (("--attn", "mha,mla"), ("attn mla",), 2),
+        (("--kv-heads", "5", "--attn", "gqa"), ("kv_heads 5", "32 attention heads"), 2),
+        (("--ctx", "256", "--prompt-tokens", "512"), ("prompt_tokens 512: longer than ctx 256",), 2),
         (("-o", "xml"), ("--output xml",), 2),
-        (("--dtype", "fp8"), ("--dtype fp8",), 2),
+        (("--dtype", "fp8"), ("dtype fp8",), 2),
         (("--preset", "8b"), ("unknown preset '8b'",), 1),
         (("--device", "cuda"), ("device cuda: no CUDA device is available",), 2),
         (("--device", "tpu"), ("device 'tpu'",), 2),
-        (("some/model", "--attn", "gqa"), ("--attn needs --preset",), 2),
-        (("--vs", "llama.cpp"), ("--vs llama.cpp",), 2),
+        (("some/model", "--attn", "gqa"), ("attn gqa: only for presets",), 2),
+        (("--vs", "llama.cpp"), ("vs llama.cpp",), 2),
         (("--plot", "chart.svg"), ("must end in .png",), 1),
     ],
 )
@@ -253,8 +264,8 @@ def test_benchmarks_a_checkpoint_in_either_format(fmt: str, tmp_path: Path) -> N
     for r in records:
         assert (r["model_type"], r["model_filename"]) == (fmt, str(path))
         assert (r["n_layer"], r["n_head"], r["n_kv_head"]) == (args.n_layers, args.n_heads, args.kv_heads)
-        assert r["kv_bytes"] == r["kv_bytes_formula"] == bench.kv_cache_bytes(args, 64, 1, torch.float32)
-        assert r["weight_bytes"] == bench.param_count(args) * 4
+        assert r["kv_bytes"] == r["kv_bytes_formula"] == estimate.kv_cache_bytes(args, 64, 1, "fp32")
+        assert r["weight_bytes"] == layout.param_count(args) * 4
 
 
 def test_benchmarks_a_checkpoint_quantized_on_load(tmp_path: Path) -> None:

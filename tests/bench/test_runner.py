@@ -1,54 +1,20 @@
-"""llamactl.bench on tiny models: KV bytes against the formula and published figures, MHA/GQA/MQA,
-OOM rows, statistics, what is timed, and the transformers twin really holding the same weights."""
+"""llamactl.bench.runner on tiny models: KV bytes against the formula, MHA/GQA/MQA, the cross
+product, statistics, what is timed, OOM rows, quantized rows and the race with transformers."""
 
 from __future__ import annotations
 
-import dataclasses
 import statistics
 
 import pytest
 import torch
 
-from llamactl import bench
-from llamactl.config import ModelArgs, get_preset
-from llamactl.errors import LlamactlError, UsageError
+from llamactl import bench, estimate, layout
+from llamactl.bench import models
+from llamactl.config import ModelArgs
 from llamactl.model import Transformer
+from tests.bench._util import TINY, run
 
-CPU = torch.device("cpu")
-# 8 heads of dim 8; tiny but every code path of the 7B shape (MHA) and 70B shape (GQA).
-TINY = ModelArgs(dim=64, n_layers=2, n_heads=8, vocab_size=320, multiple_of=32, max_seq_len=256)
-
-
-def tiny_options(**kw: object) -> bench.BenchOptions:
-    base = dict(
-        args=TINY, ctx=[64], prompt_tokens=[8], gen_tokens=[4], repeat=1, warmup=0, layers=[None], dtypes=["fp32"]
-    )
-    base.update(kw)
-    return bench.BenchOptions(**base)  # type: ignore[arg-type]
-
-
-def run(**kw: object) -> bench.BenchReport:
-    return bench.run_bench(tiny_options(**kw), device=CPU)
-
-
-# ----------------------------------------------------------------------------- the formula
-
-
-def test_kv_formula_matches_published_per_token_sizes() -> None:
-    # Llama-2-7B in fp16: 2 × 32 layers × 32 heads × 128 × 2 bytes = 512 KiB per token;
-    # Llama-2-70B (GQA, 8 KV heads): 2 × 80 × 8 × 128 × 2 = 320 KiB per token.
-    assert bench.kv_cache_bytes(get_preset("7b"), ctx=1, batch=1, dtype=torch.float16) == 512 * 1024
-    assert bench.kv_cache_bytes(get_preset("70b"), ctx=1, batch=1, dtype=torch.float16) == 320 * 1024
-    assert bench.kv_cache_bytes(get_preset("7b"), ctx=4096, batch=1, dtype=torch.bfloat16) == 2 * 1024**3
-    assert bench.kv_cache_bytes(get_preset("7b"), ctx=4096, batch=3, dtype=torch.float32) == 12 * 1024**3
-
-
-def test_param_count_matches_published_sizes_and_the_module() -> None:
-    assert bench.param_count(get_preset("7b")) == 6_738_415_616  # Llama-2-7b-hf's parameter count
-    assert bench.param_count(get_preset("70b")) == 68_976_648_192  # Llama-2-70b-hf's
-    with torch.device("meta"):
-        model = Transformer(dataclasses.replace(TINY, n_kv_heads=2))
-    assert bench.param_count(model.args) == sum(p.numel() for p in model.parameters())
+# ----------------------------------------------------------------------------- memory and shapes
 
 
 @pytest.mark.parametrize("dtype", ["fp32", "bf16"])
@@ -72,11 +38,6 @@ def test_mha_gqa_mqa_rows_have_their_kv_heads_and_kv_in_ratio() -> None:
     # GQA/MQA shrink wk and wv, nothing else.
     kv_weights = 2 * TINY.n_layers * TINY.dim * TINY.head_dim * 4  # per KV head, fp32
     assert by_attn["MHA"].weight_bytes - by_attn["GQA"].weight_bytes == 6 * kv_weights
-
-
-def test_kv_heads_must_divide_heads() -> None:
-    with pytest.raises(UsageError, match="--kv-heads 3"):
-        run(attn=["gqa"], kv_heads=[3])
 
 
 def test_cross_product_of_list_options() -> None:
@@ -140,16 +101,8 @@ def test_bandwidth_is_bytes_read_per_step_times_steps_per_second() -> None:
 def test_weight_and_peak_memory() -> None:
     report = run()
     for row in report.rows:
-        assert row.weight_bytes == bench.param_count(TINY) * 4
+        assert row.weight_bytes == layout.param_count(TINY) * 4
         assert row.peak_bytes >= row.weight_bytes + row.kv_bytes  # RSS high-water mark covers both
-
-
-def test_random_model_is_built_on_the_device_in_its_dtype() -> None:
-    model = bench.build_random_model(TINY, CPU, torch.bfloat16)
-    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
-    assert model.freqs_cis.dtype == torch.complex64
-    torch.testing.assert_close(model.freqs_cis, Transformer(TINY).freqs_cis)  # to_empty left nothing uninitialised
-    assert float(model.layers[0].attention.wq.weight.detach().float().std()) == pytest.approx(0.02, rel=0.1)
 
 
 # ----------------------------------------------------------------------------- OOM rows
@@ -176,18 +129,18 @@ def test_injected_oom_becomes_a_row_and_the_run_continues(monkeypatch: pytest.Mo
     ]
     oom = report.rows[2]
     assert oom.avg_ts is None and oom.samples_ts == [] and "out of memory" in oom.error
-    assert oom.kv_bytes_formula == bench.kv_cache_bytes(TINY, 128, 1, torch.float32)
+    assert oom.kv_bytes_formula == estimate.kv_cache_bytes(TINY, 128, 1, "fp32")
 
 
 def test_oom_while_building_the_model_gives_rows_for_every_test(monkeypatch: pytest.MonkeyPatch) -> None:
-    real_build = bench.build_random_model
+    real_build = models.build_random_model
 
     def build(args: ModelArgs, *a: object, **kw: object) -> Transformer:
         if args.kv_heads == 8:
             raise RuntimeError("[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't allocate memory")
         return real_build(args, *a, **kw)
 
-    monkeypatch.setattr(bench, "build_random_model", build)
+    monkeypatch.setattr(models, "build_random_model", build)
     report = run(attn=["mha", "mqa"])
     assert [(r.attn, r.status) for r in report.rows] == [("MHA", "oom"), ("MHA", "oom"), ("MQA", "ok"), ("MQA", "ok")]
     assert report.rows[0].n_kv_head == 8 and report.rows[0].kv_bytes_formula > 0
@@ -202,42 +155,7 @@ def test_other_errors_are_not_swallowed(monkeypatch: pytest.MonkeyPatch) -> None
         run()
 
 
-# ----------------------------------------------------------------------------- options
-
-
-def test_cpu_defaults_shrink_only_what_was_not_given() -> None:
-    opts = bench.apply_device_defaults(bench.BenchOptions(), CPU)
-    assert (opts.layers, opts.gen_tokens, opts.repeat, opts.dtypes) == ([2], [32], 3, ["fp32"])
-    given = bench.apply_device_defaults(bench.BenchOptions(layers=[4], gen_tokens=[128], repeat=5), CPU)
-    assert (given.layers, given.gen_tokens, given.repeat) == ([4], [128], 5)
-    gpu = bench.apply_device_defaults(bench.BenchOptions(), torch.device("cuda"))
-    assert (gpu.layers, gpu.gen_tokens, gpu.repeat, gpu.dtypes) == ([None], [128], 5, ["bf16"])
-
-
-@pytest.mark.parametrize(
-    ("change", "message"),
-    [
-        ({"prompt_tokens": [100]}, "--prompt-tokens 100: longer than --ctx 64"),
-        ({"attn": ["mla"]}, "--attn mla"),
-        ({"dtypes": ["int3"]}, "--dtype int3"),
-        ({"bits": [3]}, "--bits 3"),
-        ({"vs": "llama.cpp"}, "--vs llama.cpp"),
-        ({"vs": "transformers", "bits": [4]}, "--bits 16"),
-        ({"repeat": 0}, "--repeat"),
-        ({"args": None, "presets": ["8b"]}, "unknown preset '8b'"),
-    ],
-)
-def test_bad_options_are_rejected_before_any_work(change: dict[str, object], message: str) -> None:
-    with pytest.raises(Exception, match=message.replace("(", r"\(")) as info:
-        run(**change)
-    assert info.type.__module__ == "llamactl.errors"
-
-
-def test_device_cuda_without_cuda_is_an_error(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    assert bench.resolve_device(None) == (CPU, True)
-    with pytest.raises(LlamactlError, match="device cuda: no CUDA device"):
-        bench.resolve_device("cuda")
+# ----------------------------------------------------------------------------- quantized, vs transformers
 
 
 def test_quantized_rows_hold_fewer_weight_bytes() -> None:
@@ -246,37 +164,6 @@ def test_quantized_rows_hold_fewer_weight_bytes() -> None:
     held = {row.bits: row.weight_bytes for row in report.rows}
     assert all(row.status == "ok" and row.avg_ts > 0 for row in report.rows)
     assert held[16] > held[8] > held[4]
-
-
-# ----------------------------------------------------------------------------- vs transformers
-
-
-def test_transformers_twin_holds_the_same_weights() -> None:
-    pytest.importorskip("transformers")
-    args = dataclasses.replace(TINY, n_kv_heads=2)
-    model = bench.build_random_model(args, CPU, torch.float32, seed=3)
-    twin = bench._HFTwin(bench._Built(model, args, 2, "tiny", "", torch.float32, 16), CPU)
-    tokens = torch.randint(0, args.vocab_size, (2, 12), generator=torch.Generator().manual_seed(0))
-    with torch.inference_mode():
-        ours = model(tokens, 0)
-        theirs = twin.model(input_ids=tokens).logits.float()
-    torch.testing.assert_close(theirs, ours, rtol=1e-4, atol=1e-4)
-    # The twin shares every unpermuted tensor instead of copying it.
-    assert twin.model.lm_head.weight.data_ptr() == model.output.weight.data_ptr()
-
-
-def test_transformers_generate_decodes_one_token_per_step_from_the_filled_cache() -> None:
-    pytest.importorskip("transformers")
-    model = bench.build_random_model(TINY, CPU, torch.float32)
-    twin = bench._HFTwin(bench._Built(model, TINY, 2, "tiny", "", torch.float32, 16), CPU)
-    seen: list[tuple[int, int]] = []
-    twin.model.model.register_forward_pre_hook(
-        lambda _m, _a, kw: seen.append((kw["input_ids"].shape[1], int(kw["position_ids"][0, 0]))), with_kwargs=True
-    )
-    cache = twin.filled_cache(1, 40, torch.float32, torch.Generator().manual_seed(0))
-    with torch.inference_mode():
-        twin.generate(torch.zeros(1, 41, dtype=torch.long), cache, 5)
-    assert seen == [(1, pos) for pos in range(40, 45)]
 
 
 def test_vs_transformers_reports_both_and_the_ratio() -> None:
