@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-
-import torch
+from typing import TYPE_CHECKING
 
 from llamactl import dtypes
 from llamactl.errors import UsageError
+
+if TYPE_CHECKING:
+    import torch
 
 SUPPORTED = ("cpu", "cuda", "mps")
 
@@ -27,6 +29,8 @@ class Placement:
 
 def resolve_device(requested: str | torch.device | None = None) -> tuple[torch.device, bool]:
     """(device, fell_back_to_cpu); an explicit CUDA request without CUDA is refused."""
+    import torch  # here, not at the top: commands that only read metadata must not pay for torch
+
     if requested is None:
         return (torch.device("cuda"), False) if torch.cuda.is_available() else (torch.device("cpu"), True)
     try:
@@ -42,6 +46,8 @@ def resolve_device(requested: str | torch.device | None = None) -> tuple[torch.d
 
 def default_dtype(device: torch.device) -> str:
     """bf16 on a GPU that has it, else fp32 (a CPU's bf16 matmuls are not faster for decode)."""
+    import torch
+
     if device.type == "cuda" and torch.cuda.is_bf16_supported():
         return "bf16"
     return "fp32"

@@ -16,6 +16,8 @@ machine state. Results are plain dataclasses; the CLI formats them.
 
 from __future__ import annotations
 
+from typing import Any
+
 from llamactl.bench.options import (
     ATTN_KINDS,
     BITS,
@@ -29,8 +31,15 @@ from llamactl.bench.options import (
     apply_device_defaults,
     plan_bench,
 )
-from llamactl.bench.rows import ENV_FIELDS, FIELDS, ROW_FIELDS, BenchReport, BenchRow, Environment
-from llamactl.bench.runner import ProgressFn, run_bench
+from llamactl.bench.rows import ENV_FIELDS, FIELDS, ROW_FIELDS, BenchReport, BenchRow, Environment, ProgressFn
+
+
+def run_bench(options: BenchOptions | BenchPlan, progress: ProgressFn | None = None, device: Any = None) -> BenchReport:
+    """Run a benchmark (see llamactl.bench.runner.run_bench); torch loads on the first call, not on import."""
+    from llamactl.bench.runner import run_bench as run
+
+    return run(options, progress, device)
+
 
 __all__ = [
     "ATTN_KINDS",

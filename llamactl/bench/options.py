@@ -12,13 +12,14 @@ import copy
 import dataclasses
 import itertools
 from dataclasses import dataclass, field
-
-import torch
+from typing import TYPE_CHECKING
 
 from llamactl.config import ModelArgs, get_preset
-from llamactl.devices import resolve_device
 from llamactl.dtypes import FLOAT_NAMES
 from llamactl.errors import UsageError
+
+if TYPE_CHECKING:
+    import torch
 
 ATTN_KINDS = ("mha", "gqa", "mqa")
 BITS = (16, 8, 4)  # 16: the dtype as is; 8: bitsandbytes int8; 4: nf4
@@ -129,6 +130,8 @@ def plan_bench(options: BenchOptions, device: torch.device | None = None) -> Ben
     """
     cpu_fallback = False
     if device is None:
+        from llamactl.devices import resolve_device  # torch: importing this module must stay cheap
+
         device, cpu_fallback = resolve_device(options.device)
     opts = apply_device_defaults(options, device)
     _validate(opts)

@@ -9,10 +9,13 @@ from __future__ import annotations
 
 import dataclasses
 import statistics
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from llamactl.bench.options import BenchOptions
+
+ProgressFn = Callable[[str], None]  # one line of progress for the CLI to show
 
 
 @dataclass

@@ -27,15 +27,13 @@ from llamactl.bench.probes import (
     storage_bytes,
     time_ns,
 )
-from llamactl.bench.rows import BenchReport, BenchRow, Environment, summarize
+from llamactl.bench.rows import BenchReport, BenchRow, Environment, ProgressFn, summarize
 from llamactl.bench.twin import HFTwin
 from llamactl.dtypes import name_of
 from llamactl.estimate import kv_cache_bytes
 from llamactl.graphs import decode_step
 from llamactl.layout import param_count
 from llamactl.model import Transformer
-
-ProgressFn = Callable[[str], None]
 
 
 def run_bench(

@@ -106,15 +106,17 @@ class QuantSpec:
         if four == eight:
             raise ConfigError(f"{where}: quantization_config must set exactly one of load_in_4bit / load_in_8bit")
         try:
-            compute = dtypes.parse_float_dtype(str(config.get("bnb_4bit_compute_dtype") or "float32"))
             threshold = float(config.get("llm_int8_threshold", 6.0))
+            if eight:  # the 4-bit fields of an 8-bit config mean nothing: keep the defaults
+                return cls("int8", threshold=threshold).validate()
+            compute = dtypes.parse_float_dtype(str(config.get("bnb_4bit_compute_dtype") or "float32"))
             spec = cls(
-                scheme=str(config.get("bnb_4bit_quant_type") or "nf4") if four else "int8",
-                double_quant=bool(config.get("bnb_4bit_use_double_quant", False)) if four else False,
+                scheme=str(config.get("bnb_4bit_quant_type") or "nf4"),
+                double_quant=bool(config.get("bnb_4bit_use_double_quant", False)),
                 compute_dtype=compute or "fp32",
                 threshold=threshold,
             )
-            if four and spec.scheme not in ("nf4", "fp4"):
+            if spec.scheme not in ("nf4", "fp4"):
                 raise UsageError(f"4-bit quant type {spec.scheme!r} is not nf4 or fp4")
             return spec.validate()
         except (UsageError, ValueError, TypeError) as exc:

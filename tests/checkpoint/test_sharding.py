@@ -3,16 +3,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from llamactl.checkpoint.sharding import (
-    TensorInfo,
-    check_splittable,
-    merge_shards,
-    parse_size,
-    plan_size_shards,
-    split_dim,
-    split_tensor,
-)
+from llamactl.checkpoint.sharding import check_splittable, merge_shards, parse_size, plan_size_shards, split_tensor
 from llamactl.errors import UsageError
+from llamactl.layout import TensorInfo, split_dim
 from tests._ckpt import meta_split, tiny_args
 
 
