@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from llamactl.errors import ConfigError
+from llamactl.errors import ConfigError, printable
 
 # Sizes Meta uses for multiple_of / ffn_dim_multiplier, tried in this order when the FFN
 # width has to be recovered from a Hugging Face config's intermediate_size.
@@ -32,6 +33,19 @@ _FFN_RECIPES: tuple[tuple[int, float | None], ...] = (
     (2, None),
     (1, None),
 )
+
+
+# No Llama comes near these; a config beyond them is corrupt or hostile, and would make
+# llamactl allocate rotary tables or name tensors for hours before failing.
+BOUNDS: dict[str, int] = {
+    "dim": 1 << 17,
+    "n_layers": 1 << 12,
+    "n_heads": 1 << 12,
+    "n_kv_heads": 1 << 12,
+    "vocab_size": 1 << 22,
+    "multiple_of": 1 << 17,
+    "max_seq_len": 1 << 21,
+}
 
 
 @dataclass
@@ -77,22 +91,39 @@ class ModelArgs:
         return "MQA" if self.kv_heads == 1 else "GQA"
 
     def validate(self, source: str = "model arguments") -> ModelArgs:
-        """Raise ConfigError naming `source` when the shape cannot be a Llama."""
-        checks = [
-            (self.dim > 0 and self.n_layers > 0 and self.n_heads > 0, "dim, n_layers and n_heads must be positive"),
-            (self.dim % self.n_heads == 0, f"dim {self.dim} is not divisible by n_heads {self.n_heads}"),
-            (self.head_dim % 2 == 0, f"head dim {self.head_dim} must be even for rotary embeddings"),
-            (
-                self.kv_heads > 0 and self.n_heads % self.kv_heads == 0,
-                f"n_heads {self.n_heads} is not a multiple of n_kv_heads {self.kv_heads}",
-            ),
-            (self.multiple_of > 0, f"multiple_of must be positive, got {self.multiple_of}"),
-            (self.max_seq_len > 0, f"max_seq_len must be positive, got {self.max_seq_len}"),
-        ]
-        for ok, why in checks:
-            if not ok:
-                raise ConfigError(f"{source}: {why}")
+        """Raise ConfigError naming `source` when the shape cannot be a Llama (or is absurdly large).
+
+        Checked in order, so a zero never reaches a division; the bounds keep a config that
+        claims 10**9 layers or 10**12 positions from allocating before any tensor is read.
+        """
+        why = self._problem()
+        if why is not None:
+            raise ConfigError(f"{source}: {why}")
         return self
+
+    def _problem(self) -> str | None:
+        if not (self.dim > 0 and self.n_layers > 0 and self.n_heads > 0):
+            return "dim, n_layers and n_heads must be positive"
+        over = [f"{n} {getattr(self, n)} > {limit}" for n, limit in BOUNDS.items() if (getattr(self, n) or 0) > limit]
+        if over:
+            return f"a size exceeds its bound ({', '.join(over)})"
+        if self.dim % self.n_heads:
+            return f"dim {self.dim} is not divisible by n_heads {self.n_heads}"
+        if self.head_dim % 2:
+            return f"head dim {self.head_dim} must be even for rotary embeddings"
+        if not (self.kv_heads > 0 and self.n_heads % self.kv_heads == 0):
+            return f"n_heads {self.n_heads} is not a multiple of n_kv_heads {self.kv_heads}"
+        for name in ("multiple_of", "max_seq_len"):
+            if getattr(self, name) <= 0:
+                return f"{name} must be positive, got {getattr(self, name)}"
+        for name in ("norm_eps", "rope_theta"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value > 0):
+                return f"{name} must be positive, got {value}"
+        multiplier = self.ffn_dim_multiplier
+        if multiplier is not None and not (math.isfinite(multiplier) and 0 < multiplier < 64):
+            return f"ffn_dim_multiplier must be a positive number below 64, got {multiplier}"
+        return None
 
     def with_vocab_size(self, vocab_size: int) -> ModelArgs:
         return dataclasses.replace(self, vocab_size=vocab_size)
@@ -132,9 +163,19 @@ def read_json(path: Path) -> dict[str, Any]:
         raise ConfigError(f"{path}: cannot read: {exc}") from None
     except json.JSONDecodeError as exc:
         raise ConfigError(f"{path}: malformed JSON: {exc.msg} at line {exc.lineno} column {exc.colno}") from None
+    except ValueError as exc:  # e.g. an integer of more digits than Python converts
+        raise ConfigError(f"{path}: malformed JSON: {printable(str(exc))[:120]}") from None
+    except RecursionError:
+        raise ConfigError(f"{path}: malformed JSON: nested too deeply") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a JSON object, found {type(data).__name__}")
     return data
+
+
+def _shown(value: Any) -> str:
+    """A config value quoted in an error: escaped, and short even when the file holds megabytes."""
+    text = repr(value)
+    return printable(text if len(text) <= 60 else text[:57] + "...")
 
 
 def _typed(path: Path, data: dict[str, Any], key: str, kind: type, default: Any = ...) -> Any:
@@ -149,8 +190,11 @@ def _typed(path: Path, data: dict[str, Any], key: str, kind: type, default: Any 
         else (isinstance(value, int) and not isinstance(value, bool))
     )
     if not ok:
-        raise ConfigError(f"{path}: field {key!r} should be a number, found {value!r}")
-    return kind(value)
+        raise ConfigError(f"{path}: field {key!r} should be a number, found {_shown(value)}")
+    try:
+        return kind(value)
+    except OverflowError:
+        raise ConfigError(f"{path}: field {key!r} is out of range ({_shown(value)})") from None
 
 
 def args_from_params(data: dict[str, Any], path: Path) -> ModelArgs:
@@ -174,21 +218,23 @@ def args_from_hf_config(data: dict[str, Any], path: Path) -> ModelArgs:
     """ModelArgs from a transformers LlamaForCausalLM config.json dict."""
     model_type = data.get("model_type")
     architectures = data.get("architectures") or []
+    if not isinstance(architectures, list) or not all(isinstance(a, str) for a in architectures):
+        raise ConfigError(f"{path}: field 'architectures' should be a list of names, found {_shown(architectures)}")
     if model_type != "llama" and "LlamaForCausalLM" not in architectures:
         found = model_type or (architectures[0] if architectures else "no model_type")
-        raise ConfigError(f"{path}: not a Llama checkpoint (model_type {found!r}, expected 'llama')")
+        raise ConfigError(f"{path}: not a Llama checkpoint (model_type {_shown(found)}, expected 'llama')")
     if data.get("rope_scaling") not in (None, {}):
-        raise ConfigError(f"{path}: rope_scaling {data['rope_scaling']!r} is not supported (Llama 1/2 only)")
+        raise ConfigError(f"{path}: rope_scaling {_shown(data['rope_scaling'])} is not supported (Llama 1/2 only)")
     dim = _typed(path, data, "hidden_size", int)
     n_heads = _typed(path, data, "num_attention_heads", int)
-    head_dim = data.get("head_dim")
+    head_dim = _typed(path, data, "head_dim", int, None)
     if head_dim is not None and n_heads and head_dim * n_heads != dim:
         raise ConfigError(f"{path}: head_dim {head_dim} × {n_heads} heads != hidden_size {dim}")
     intermediate = _typed(path, data, "intermediate_size", int)
     multiple_of, multiplier = ffn_recipe_for(dim, intermediate, path)
-    rope_theta = data.get("rope_theta")
+    rope_theta = _typed(path, data, "rope_theta", float, None)
     if rope_theta is None and isinstance(data.get("rope_parameters"), dict):
-        rope_theta = data["rope_parameters"].get("rope_theta")
+        rope_theta = _typed(path, data["rope_parameters"], "rope_theta", float, None)
     args = ModelArgs(
         dim=dim,
         n_layers=_typed(path, data, "num_hidden_layers", int),

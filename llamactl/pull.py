@@ -23,10 +23,17 @@ import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any, Protocol
 
-from llamactl.errors import CheckpointError, DestinationError, LlamactlError, ModelNotFoundError, UsageError
+from llamactl.errors import (
+    CheckpointError,
+    DestinationError,
+    LlamactlError,
+    ModelNotFoundError,
+    UsageError,
+    printable,
+)
 from llamactl.home import models_home
 from llamactl.store import SOURCE_FILE, validate_name
 
@@ -132,6 +139,10 @@ def _hub_errors(what: str, repo_id: str, transport: bool = True) -> Iterator[Non
     login = "set HF_TOKEN or run `hf auth login`"
     try:
         yield
+    except httpx2.TooManyRedirects:
+        raise HubError(f"{what}: the Hub redirected in a loop") from None
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:  # non-JSON or misshapen API answers
+        raise HubError(f"{what}: the Hub sent a malformed answer ({printable(str(exc))[:120]})") from None
     except GatedRepoError:
         raise HubError(_auth_message(repo_id, "gated")) from None
     except RevisionNotFoundError:
@@ -174,17 +185,54 @@ def list_remote(repo_id: str, revision: str | None) -> tuple[str, list[RemoteFil
         if not info.sha:
             raise HubError(f"{repo_id}: the Hub did not say which commit {revision or 'main'} is")
         tree = list(api.list_repo_tree(repo_id, revision=info.sha, recursive=True))
-    files = [
-        RemoteFile(
-            path=item.path,
-            size=item.lfs.size if item.lfs else item.size,
-            sha256=item.lfs.sha256 if item.lfs else None,
-            git_sha1=None if item.lfs else item.blob_id,
-        )
-        for item in tree
-        if isinstance(item, RepoFile)
-    ]
-    return info.sha, sorted(files, key=lambda f: f.path)
+        files = [
+            RemoteFile(
+                path=item.path,
+                size=item.lfs.size if item.lfs else item.size,
+                sha256=item.lfs.sha256 if item.lfs else None,
+                git_sha1=None if item.lfs else item.blob_id,
+            )
+            for item in tree
+            if isinstance(item, RepoFile)
+        ]
+    return info.sha, check_listing(repo_id, sorted(files, key=lambda f: f.path))
+
+
+_UNSAFE_PATH = re.compile(r"[\\\x00-\x1f\x7f:]")
+
+
+def check_listing(repo_id: str, files: list[RemoteFile]) -> list[RemoteFile]:
+    """Refuse a listing that could write outside the model directory or contradicts itself.
+
+    A Hub (or anything answering at HF_ENDPOINT) decides the paths we write to: every one must
+    be a plain relative path that stays inside the staging directory, with a sane size.
+    """
+    paths = set()
+    for f in files:
+        shown = printable(str(f.path))[:200]
+        parts = PurePosixPath(f.path).parts if isinstance(f.path, str) else ()
+        if (
+            not parts
+            or PurePosixPath(f.path).is_absolute()
+            or any(p in ("..", ".") for p in parts)
+            or _UNSAFE_PATH.search(f.path)
+            or parts[0] in (STATE_FILE, SOURCE_FILE)
+        ):
+            raise HubError(
+                f"{repo_id}: the Hub lists a file {shown!r} that would be written outside the model; refused"
+            )
+        if not isinstance(f.size, int) or isinstance(f.size, bool) or f.size < 0:
+            raise HubError(f"{repo_id}: the Hub lists {shown!r} with an impossible size {f.size!r}")
+        if f.path in paths:
+            raise HubError(f"{repo_id}: the Hub lists {shown!r} twice")
+        paths.add(f.path)
+    for path in paths:
+        for parent in PurePosixPath(path).parents:
+            if str(parent) in paths:
+                raise HubError(
+                    f"{repo_id}: the Hub lists both a file {printable(str(parent))!r} and {printable(path)!r}"
+                )
+    return files
 
 
 # ----------------------------------------------------------------------------- one file
@@ -285,6 +333,8 @@ def _fetch_verified(
     if _verified(staging, remote):
         return 0
     target.parent.mkdir(parents=True, exist_ok=True)
+    if not target.parent.resolve().is_relative_to(staging.resolve()):  # a symlink planted in staging
+        raise HubError(f"{remote.path}: would be written outside {staging}; refused")
     part = target.with_name(target.name + ".incomplete")
     url = hf_hub_url(repo_id, remote.path, revision=commit, endpoint=_endpoint())
     transferred = 0

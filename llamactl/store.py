@@ -202,8 +202,8 @@ def remove_model(name: str) -> Path:
     """Delete a model from the store; a linked import loses only its link, never its files."""
     path = store_path(name)
     real = path.resolve()
-    if path.is_symlink():
-        path.unlink()
+    if path.is_symlink() or not path.is_dir():
+        path.unlink()  # a link (to a directory or a file) or a plain file entry
     else:
         # Rename first so the name disappears at once, even if deleting many GB is interrupted.
         doomed = path.with_name(f".rm-{name}-{os.getpid()}")

@@ -49,6 +49,11 @@ class FakeHub:
     repos: dict[str, Repo] = field(default_factory=dict)
     faults: dict[str, list[str]] = field(default_factory=dict)
     seen: list[Seen] = field(default_factory=list)
+    # Hostile behaviour: a listing to serve instead of the real one, a raw API body (not
+    # JSON), or a redirect of every request to itself.
+    tree_items: list[dict[str, Any]] | None = None
+    api_body: bytes | None = None
+    redirect_loop: bool = False
 
     def add_repo(
         self, repo_id: str, files: dict[str, bytes], lfs: set[str] | None = None, token: str | None = None
@@ -115,6 +120,12 @@ class _Handler(BaseHTTPRequestHandler):
             self._send(503, b"request budget exhausted")
             threading.Thread(target=hub.server.shutdown, daemon=True).start()
             return
+        if hub.redirect_loop:
+            self._send(302, b"", {"Location": self.path})
+            return
+        if hub.api_body is not None and path.startswith("/api/"):
+            self._send(200, hub.api_body, {"Content-Type": "application/json"})
+            return
         match = _API.match(path) or _RESOLVE.match(path)
         repo = hub.repos.get(match.group("repo")) if match else None
         if repo is None:
@@ -146,7 +157,7 @@ class _Handler(BaseHTTPRequestHandler):
                     item["lfs"] = {"oid": hashlib.sha256(data).hexdigest(), "size": len(data), "pointerSize": 130}
                     item["size"] = len(data)
                 items.append(item)
-            body: Any = items
+            body: Any = items if self.owner.tree_items is None else self.owner.tree_items
         else:
             body = {
                 "id": repo_id,
