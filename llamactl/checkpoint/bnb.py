@@ -28,6 +28,7 @@ from llamactl.checkpoint.hf import (
     write_tokenizer_files,
 )
 from llamactl.checkpoint.safetensors_io import read_bytes, read_header
+from llamactl.checkpoint.tensor_io import Extent, Files
 from llamactl.config import args_from_hf_config, read_json
 from llamactl.errors import CheckpointError, printable
 from llamactl.layout import TensorInfo
@@ -63,6 +64,7 @@ class BnbReader(HFReader):
     format: str = "bnb"
     modules: dict[str, list[str]] = field(default_factory=dict)  # HF module -> stored part names
     parts: dict[str, TensorInfo] = field(default_factory=dict)  # every stored entry, quantized parts too
+    part_extents: dict[str, Extent] = field(default_factory=dict)
 
     @classmethod
     def open(cls, path: Path) -> BnbReader:
@@ -75,7 +77,7 @@ class BnbReader(HFReader):
         for file in reader.files:
             if file.suffix != ".safetensors":
                 raise CheckpointError(f"{file}: a quantized checkpoint must be stored as safetensors")
-        reader.parts = dict(reader.stored)
+        reader.parts, reader.part_extents = dict(reader.stored), dict(reader.extents)
         reader.modules = module_parts(list(reader.parts))
         reader.infos = reader._quantized_infos()
         check_against_args(reader.infos, args, str(path), CONFIG_FILE)
@@ -89,7 +91,7 @@ class BnbReader(HFReader):
         assert self.quant is not None
         for module, parts in self.modules.items():
             meta = layout.hf_to_meta(module + ".weight")
-            file = self.locations[parts[0]]
+            file = self.extents[parts[0]].file
             if meta is None or not layout.is_quantizable(meta):
                 raise CheckpointError(f"{file}: quantized tensor {printable(module)}.weight is not a block projection")
             shape = self._logical_shape(module, parts, file)
@@ -108,22 +110,16 @@ class BnbReader(HFReader):
         return state_shape(read_bytes(file, entry), f"{file}: {printable(states[0])}")
 
     def iter_tensors(self) -> Iterator[tuple[str, Entry]]:
-        from safetensors import safe_open
-
         assert self.quant is not None
-        module_of = {name: module for module, parts in self.modules.items() for name in parts}
         shapes = {layout.meta_to_hf(i.name): i.shape for i in self.infos if i.scheme is not None}
         yield from super().iter_tensors()  # the unquantized tensors (embeddings, norms, head, skipped)
-        for file in self.files:
-            with safe_open(file, framework="pt") as handle:
-                for module, parts in self.modules.items():
-                    if self.locations[parts[0]] != file:
-                        continue
-                    meta = layout.hf_to_meta(module + ".weight")
-                    assert meta is not None and all(module_of[p] == module for p in parts)
-                    entries = {p[len(module) + 1 :]: handle.get_tensor(p) for p in parts}
-                    heads = layout.rotary_heads(meta, self.args)
-                    yield meta, QuantizedTensor(self.quant, shapes[module + ".weight"], entries, row_heads=heads)
+        with Files() as files:
+            for module, parts in self.modules.items():
+                meta = layout.hf_to_meta(module + ".weight")
+                assert meta is not None
+                entries = {p[len(module) + 1 :]: files.read(self.part_extents[p], p) for p in parts}
+                heads = layout.rotary_heads(meta, self.args)
+                yield meta, QuantizedTensor(self.quant, shapes[module + ".weight"], entries, row_heads=heads)
 
 
 def skip_modules(reader: CheckpointReader) -> list[str] | None:

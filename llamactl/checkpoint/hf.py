@@ -27,9 +27,10 @@ from llamactl.checkpoint.base import (
     tensor_bytes,
 )
 from llamactl.checkpoint.formats import CheckpointFormat, WriteOptions, WritePlan
-from llamactl.checkpoint.pth import load_tensors, read_index
+from llamactl.checkpoint.pth import read_records
 from llamactl.checkpoint.safetensors_io import SafetensorsWriter, read_header
 from llamactl.checkpoint.sharding import plan_size_shards
+from llamactl.checkpoint.tensor_io import Extent, Files
 from llamactl.config import ModelArgs, args_from_hf_config, hf_config_from_args, read_json
 from llamactl.errors import CheckpointError, ConfigError, printable
 from llamactl.layout import HF_IGNORED, TensorInfo
@@ -83,12 +84,12 @@ def weight_map(path: Path) -> dict[str, Path]:
     raise CheckpointError(f"{path}: no {SINGLE_FILE}, {INDEX_FILE} or {BIN_FILE} beside config.json")
 
 
-def file_infos(file: Path) -> dict[str, TensorInfo]:
-    """Stored name -> info of one weights file, from its header or pickle index (no torch)."""
+def file_extents(file: Path) -> dict[str, Extent]:
+    """Stored name -> where its bytes are, for one weights file (its header or pickle index; no torch)."""
     if file.suffix == ".safetensors":
         entries, _ = read_header(file)
-        return {name: entry.info for name, entry in entries.items()}
-    return read_index(file)
+        return {name: Extent(file, e.start, e.end - e.start, e.dtype, e.shape) for name, e in entries.items()}
+    return {name: record.extent for name, record in read_records(file).items()}
 
 
 @dataclass
@@ -97,7 +98,7 @@ class HFReader(ReaderBase):
 
     format: str = "hf"
     stored: dict[str, TensorInfo] = field(default_factory=dict)  # HF name -> info as stored
-    locations: dict[str, Path] = field(default_factory=dict)  # HF name -> file
+    extents: dict[str, Extent] = field(default_factory=dict)  # HF name -> where its bytes are
     config: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
@@ -125,10 +126,11 @@ class HFReader(ReaderBase):
             or [p for p in (self.path / SINGLE_FILE, self.path / BIN_FILE) if p.is_file()][:1]
         )
         for file in self.files:
-            for name, info in file_infos(file).items():
+            for name, extent in file_extents(file).items():
                 if mapping and mapping.get(name) != file:
                     raise CheckpointError(f"{file}: tensor {printable(name)} is not where the index says")
-                self.stored[name], self.locations[name] = info, file
+                self.stored[name] = TensorInfo(name, extent.shape, extent.dtype)
+                self.extents[name] = extent
         missing = sorted(set(mapping) - set(self.stored))
         if missing:
             raise CheckpointError(
@@ -142,7 +144,7 @@ class HFReader(ReaderBase):
                 continue
             meta = layout.hf_to_meta(name)
             if meta is None:
-                where = self.locations[name]
+                where = self.extents[name].file
                 raise CheckpointError(f"{where}: unexpected tensor {printable(name)} for LlamaForCausalLM")
             infos.append(TensorInfo(meta, info.shape, info.dtype))
         names = {i.name for i in infos}
@@ -153,25 +155,10 @@ class HFReader(ReaderBase):
         return infos
 
     def iter_raw(self) -> Iterator[tuple[str, torch.Tensor]]:
-        """(hf_name, tensor) exactly as stored, one at a time, file by file."""
-        from safetensors import SafetensorError, safe_open
-
-        by_file: dict[Path, list[str]] = {}
-        for name in self.stored:
-            by_file.setdefault(self.locations[name], []).append(name)
-        for file, names in by_file.items():
-            if file.suffix != ".safetensors":
-                tensors = load_tensors(file)
-                for name in names:
-                    yield name, tensors[name]
-                del tensors
-                continue
-            try:
-                with safe_open(file, framework="pt") as handle:
-                    for name in names:
-                        yield name, handle.get_tensor(name)
-            except SafetensorError as exc:
-                raise CheckpointError(f"{file}: invalid safetensors file ({printable(str(exc))})") from None
+        """(hf_name, tensor) exactly as stored, one at a time, in file order."""
+        with Files() as files:
+            for name in sorted(self.stored, key=lambda n: (str(self.extents[n].file), self.extents[n].offset)):
+                yield name, files.read(self.extents[name], name)
 
     def iter_tensors(self) -> Iterator[tuple[str, Entry]]:
         tie = "output.weight" not in {layout.hf_to_meta(n) for n in self.stored}

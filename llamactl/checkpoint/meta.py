@@ -1,9 +1,8 @@
 """Meta's layout: params.json + consolidated.NN.pth model-parallel shards.
 
 Opening reads each shard's index without torch and checks every record (`checkpoint.pth`);
-reading memory-maps each shard with `torch.load(mmap=True, weights_only=True)` and merges one
-layer at a time, reopening the shards per layer so the mapped pages of finished layers are
-released: peak memory stays near one layer, not the model.
+reading copies one tensor's pieces at a time from their checked extents and merges them, so
+peak memory stays near one tensor, not the model.
 Writing first saves a skeleton of each shard (`torch.serialization.skip_data`: the zip with
 every record in place but no bytes), then streams each tensor's bytes into its record.
 """
@@ -17,7 +16,7 @@ import shutil
 import struct
 import zipfile
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -30,8 +29,9 @@ from llamactl.checkpoint.base import (
     tensor_bytes,
 )
 from llamactl.checkpoint.formats import CheckpointFormat, WriteOptions, WritePlan
-from llamactl.checkpoint.pth import load_tensors, read_index
+from llamactl.checkpoint.pth import Record, read_records
 from llamactl.checkpoint.sharding import check_splittable, merge_shards, shard_shape, split_tensor
+from llamactl.checkpoint.tensor_io import Files
 from llamactl.config import ModelArgs, args_from_params, read_json
 from llamactl.errors import CheckpointError
 from llamactl.layout import META_IGNORED, TensorInfo, split_dim
@@ -62,38 +62,35 @@ def shard_files(path: Path) -> list[Path]:
     return [p for _, p in found]
 
 
-def load_pth(file: Path) -> dict[str, torch.Tensor]:
-    """Memory-map one shard's tensors (open() checked its index: no forged records)."""
-    return load_tensors(file, META_IGNORED)
-
-
 @dataclass
 class MetaReader(ReaderBase):
     """A Meta checkpoint directory; MP shards are merged on the fly."""
 
     format: str = "meta"
+    records: list[dict[str, Record]] = field(default_factory=list)  # per shard: name -> where its bytes are
 
     @classmethod
     def open(cls, path: Path) -> MetaReader:
         params_path = path / PARAMS_FILE
         args = args_from_params(read_json(params_path), params_path)
         files = shard_files(path)
-        shards = [read_index(f, META_IGNORED) for f in files]
-        infos = _merged_infos(files, shards)
+        records = [read_records(f, META_IGNORED) for f in files]
+        infos = _merged_infos(files, [{n: r.info for n, r in shard.items()} for shard in records])
         if args.vocab_size <= 0:
             embedding = next((i for i in infos if i.name == "tok_embeddings.weight"), None)
             if embedding is None:
                 raise CheckpointError(f"{files[0]}: tensor tok_embeddings.weight is missing")
             args = args.with_vocab_size(embedding.shape[0])
         check_against_args(infos, args, f"{path} ({len(files)} shard{'s' * (len(files) > 1)})", PARAMS_FILE)
-        return cls(path=path, args=args, files=files, infos=infos)
+        return cls(path=path, args=args, files=files, infos=infos, records=records)
 
     def iter_tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
-        for group in _layer_groups([i.name for i in self.infos]):
-            shards = [load_pth(f) for f in self.files]  # reopened per layer: see module docstring
-            for name in group:
-                yield name, merge_shards(name, [s[name] for s in shards])
-            del shards
+        with Files() as files:
+            for info in self.infos:
+                yield (
+                    info.name,
+                    merge_shards(info.name, [files.read(s[info.name].extent, info.name) for s in self.records]),
+                )
 
 
 def _merged_infos(files: Sequence[Path], shards: Sequence[dict[str, TensorInfo]]) -> list[TensorInfo]:

@@ -1,13 +1,15 @@
-"""PyTorch `.pth` checkpoints: metadata read without torch, records checked, tensors memory-mapped.
+"""PyTorch `.pth` checkpoints: an index read without torch, every record checked, tensors read by extent.
 
 `torch.save` writes a zip: `<name>/data.pkl` (a pickle of the state dict whose tensors refer to
-storages by key) and one stored record `<name>/data/<key>` per storage. `read_index` runs
-that pickle through an unpickler that builds nothing but descriptions (any global other than
-the tensor-rebuild function, storage classes and OrderedDict is refused), so `info` and
-`list` never import torch, and every tensor is checked against the record that holds its
-bytes before anything maps it: a forged record shorter than its tensor would otherwise be
-read as garbage weights (or past the end of the file). `load_tensors` then loads the data
-with `torch.load(mmap=True, weights_only=True)`.
+storages by key) and one stored record `<name>/data/<key>` per storage. `read_records` runs
+that pickle through an unpickler that builds nothing but descriptions: like
+`torch.load(weights_only=True)` it resolves only an allow-list of globals (here just the
+tensor-rebuild function, the storage classes and OrderedDict; anything else is refused
+before it is called), and it constructs no tensor, so `info` and `list` never import torch.
+Every tensor is checked against the record that holds its bytes: a forged record shorter
+than its tensor would otherwise be read as garbage weights, or past the end of the file.
+The data itself is then read from those validated extents (`tensor_io`); no pickle is
+loaded a second time.
 """
 
 from __future__ import annotations
@@ -22,11 +24,23 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from llamactl import dtypes
+from llamactl.checkpoint.tensor_io import Extent, Files
 from llamactl.errors import CheckpointError, printable
 from llamactl.layout import TensorInfo
 
 if TYPE_CHECKING:
     import torch
+
+_LOCAL_HEADER = struct.Struct("<IHHHHHIIIHH")  # a zip local file header, 30 bytes
+
+
+@dataclass(frozen=True)
+class Record:
+    """One tensor of a .pth: what it is and where its bytes are."""
+
+    info: TensorInfo
+    extent: Extent
+
 
 # torch's legacy storage class names -> llamactl dtype names.
 _STORAGES = {
@@ -95,6 +109,11 @@ class _IndexUnpickler(pickle.Unpickler):
 
 def read_index(file: Path, ignored: frozenset[str] = frozenset()) -> dict[str, TensorInfo]:
     """name -> TensorInfo of every tensor in a torch zip checkpoint, each checked against its record."""
+    return {name: record.info for name, record in read_records(file, ignored).items()}
+
+
+def read_records(file: Path, ignored: frozenset[str] = frozenset()) -> dict[str, Record]:
+    """name -> Record of every tensor in a torch zip checkpoint, each checked against its record."""
     try:
         with zipfile.ZipFile(file) as archive:
             records = {info.filename: info for info in archive.infolist()}
@@ -106,6 +125,7 @@ def read_index(file: Path, ignored: frozenset[str] = frozenset()) -> dict[str, T
             if byteorder is not None and archive.read(byteorder).strip() not in (b"", b"little"):
                 raise CheckpointError(f"{file}: big-endian checkpoints are not supported")
             state = _IndexUnpickler(archive.open(pickles[0])).load()
+            data_starts = _data_starts(file, [i for n, i in records.items() if n.startswith(prefix + "data/")])
     except _Refused as exc:
         raise CheckpointError(
             f"{file}: refused to load: the pickle holds more than tensors (it references {printable(exc.what)})"
@@ -125,9 +145,46 @@ def read_index(file: Path, ignored: frozenset[str] = frozenset()) -> dict[str, T
             continue
         if not isinstance(stub, _TensorStub):
             raise CheckpointError(f"{file}: {printable(name)} is not a tensor")
-        _check_record(file, name, stub, records.get(f"{prefix}data/{stub.storage.key}"))
-        out[name] = TensorInfo(name, stub.shape, stub.storage.dtype)
+        record = records.get(f"{prefix}data/{stub.storage.key}")
+        _check_record(file, name, stub, record)
+        assert record is not None
+        storage = stub.storage
+        contiguous = stub.offset == 0 and stub.stride == _contiguous_strides(stub.shape)
+        extent = Extent(
+            file,
+            data_starts[record.filename],
+            record.file_size if not contiguous else math.prod(stub.shape) * dtypes.itemsize(storage.dtype),
+            storage.dtype,
+            stub.shape,
+            None if contiguous else stub.stride,
+            0 if contiguous else stub.offset,
+        )
+        out[name] = Record(TensorInfo(name, stub.shape, storage.dtype), extent)
     return out
+
+
+def _contiguous_strides(shape: tuple[int, ...]) -> tuple[int, ...]:
+    strides, step = [], 1
+    for size in reversed(shape):
+        strides.append(step)
+        step *= max(size, 1)
+    return tuple(reversed(strides))
+
+
+def _data_starts(file: Path, records: list[zipfile.ZipInfo]) -> dict[str, int]:
+    """Absolute offset of each stored record's bytes (after its local header, which may differ
+    in length from the central directory's copy)."""
+    starts = {}
+    with open(file, "rb") as raw:
+        for info in records:
+            raw.seek(info.header_offset)
+            header = raw.read(_LOCAL_HEADER.size)
+            if len(header) < _LOCAL_HEADER.size or header[:4] != b"PK\x03\x04":
+                raise CheckpointError(f"{file}: record {printable(info.filename)} has no valid local header")
+            fields = _LOCAL_HEADER.unpack(header)
+            name_len, extra_len = fields[-2], fields[-1]
+            starts[info.filename] = info.header_offset + _LOCAL_HEADER.size + name_len + extra_len
+    return starts
 
 
 def _check_record(file: Path, name: str, stub: _TensorStub, record: zipfile.ZipInfo | None) -> None:
@@ -152,14 +209,7 @@ def _check_record(file: Path, name: str, stub: _TensorStub, record: zipfile.ZipI
 
 
 def load_tensors(file: Path, ignored: frozenset[str] = frozenset()) -> dict[str, torch.Tensor]:
-    """Memory-map a checkpoint whose index was checked; only tensors are ever unpickled."""
-    import torch
-
-    try:
-        obj = torch.load(file, map_location="cpu", mmap=True, weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, OSError, EOFError, ValueError, zipfile.BadZipFile) as exc:
-        first = printable(str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__)
-        raise CheckpointError(f"{file}: unreadable or truncated PyTorch checkpoint ({first})") from None
-    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise CheckpointError(f"{file}: expected a dict of tensors")
-    return {k: v for k, v in obj.items() if k not in ignored}
+    """Every tensor of a checkpoint, read from its checked records (the whole file at once)."""
+    records = read_records(file, ignored)
+    with Files() as files:
+        return {name: files.read(record.extent, name) for name, record in records.items()}
