@@ -24,6 +24,7 @@ from llamactl.checkpoint import (
     get_format,
     open_checkpoint,
 )
+from llamactl.checkpoint.base import FiniteCheck
 from llamactl.checkpoint.quantized import QuantizedView
 from llamactl.dtypes import parse_float_dtype
 from llamactl.errors import CheckpointError, UsageError
@@ -105,6 +106,7 @@ def plan_convert(
             f"{reader.path}: quantized checkpoint ({reader.quant.method} {reader.quant.scheme}); "
             f"format {target.name!r} cannot hold it, it can only be loaded"
         )
+    _check_tokenizer(reader)
     dst_path = Path(dst).expanduser()
     check_destination(reader.path, dst_path, force)
     options = WriteOptions(dtype=parse_float_dtype(dtype), shards=shards)
@@ -113,8 +115,30 @@ def plan_convert(
     return ConvertPlan(reader, target, dst_path, target.plan(reader, options), options)
 
 
-def run_convert(plan: ConvertPlan, on_tensor: Callable[[str, int], None] | None = None) -> Path:
-    """Write the plan into a temporary directory beside DST, then move it into place."""
+def _check_tokenizer(reader: CheckpointReader) -> None:
+    """The tokenizer carried over must fit the embedding, or every id would mean something else
+    (generation refuses such a pair; refusing here keeps a broken model from being written)."""
+    if reader.tokenizer_path is None:
+        return
+    from llamactl.tokenizer import Tokenizer
+
+    pieces = Tokenizer(reader.tokenizer_path).vocab_size
+    if pieces != reader.args.vocab_size:
+        raise CheckpointError(
+            f"{reader.tokenizer_path}: has {pieces} pieces but the embedding has {reader.args.vocab_size} rows; "
+            "the tokenizer does not belong to these weights"
+        )
+
+
+def run_convert(
+    plan: ConvertPlan,
+    on_tensor: Callable[[str, int], None] | None = None,
+    on_warning: Callable[[str], None] | None = None,
+) -> Path:
+    """Write the plan into a temporary directory beside DST, then move it into place.
+
+    `on_warning` hears about tensors holding NaN or Inf (written anyway: they may be intended).
+    """
     assert plan.target.write is not None
     plan.options.on_tensor = on_tensor
     # Writers need torch (and Meta's skeleton writer its fake tensors): import them before the
@@ -123,8 +147,9 @@ def run_convert(plan: ConvertPlan, on_tensor: Callable[[str, int], None] | None 
     # instead of our 130) and can skip the cleanup below.
     import torch._subclasses.fake_tensor  # noqa: F401
 
+    reader = FiniteCheck(plan.reader, on_warning) if on_warning is not None else plan.reader
     with atomic_directory(plan.dst) as tmp:
-        plan.target.write(tmp, plan.reader, plan.files, plan.options)
+        plan.target.write(tmp, reader, plan.files, plan.options)
     return plan.dst
 
 

@@ -7,10 +7,12 @@ a `torch.dtype` where tensors are actually touched.
 
 from __future__ import annotations
 
+import functools
+import re
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from llamactl.errors import UsageError
+from llamactl.errors import MissingDependencyError, UsageError
 
 if TYPE_CHECKING:
     import torch
@@ -83,8 +85,23 @@ def itemsize(dtype: str | Any) -> int:
     return lookup(dtype).itemsize
 
 
+MIN_TORCH = (2, 10)
+
+
 def to_torch(dtype: str | Any) -> torch.dtype:
     """The torch.dtype for any spelling (torch is imported here, not by metadata code)."""
     import torch
 
+    _check_torch(torch.__version__)
     return getattr(torch, lookup(dtype).torch)
+
+
+@functools.cache
+def _check_torch(version: str) -> None:
+    """pip can be bypassed: refuse a torch older than the one pyproject.toml asks for."""
+    numbers = tuple(int(part) for part in re.findall(r"\d+", version)[:2])
+    if numbers < MIN_TORCH:
+        raise MissingDependencyError(
+            f"torch {version} is too old: llamactl needs torch >= {'.'.join(map(str, MIN_TORCH))} "
+            "(older releases let a crafted checkpoint run code); upgrade torch"
+        )

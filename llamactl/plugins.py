@@ -148,6 +148,7 @@ class Registry:
         self._owner: dict[str, PluginInfo] = {}  # pluggy's name of each registered object -> its plugin
         self.failures: list[str] = []
         self._tables: dict[str, dict[str, Any]] = {}
+        self._registered_by: dict[tuple[str, str], PluginInfo] = {}  # (hook, name) -> who registered it
         self._load_builtins()
         self._load_entry_points()
 
@@ -235,9 +236,27 @@ class Registry:
                 if name in table and not info.builtin:
                     self.failures.append(f"plugin {info.name!r}: {kind} {name!r} replaces an earlier one")
                 table[name] = obj
+                self._registered_by[hook, name] = info
                 getattr(info, listing).append(name)
         self._tables[hook] = table
         return table
+
+    def call_isolated(self, hook: str, name: str, function: Callable[..., Any], *args: Any) -> Any:
+        """Call a registered object's function; a third-party one that raises is reported and gives None.
+
+        A plugin's format must not break `convert` on an ordinary model just because its
+        detect() crashes: the failure joins `failures` (the CLI shows it) and the caller
+        carries on as if the plugin had said no.
+        """
+        owner = self._registered_by.get((hook, name))
+        try:
+            return function(*args)
+        except Exception as exc:
+            if owner is None or owner.builtin:
+                raise
+            kind = KINDS[hook][0]
+            self.failures.append(f"plugin {owner.name!r}: {kind} {name!r} raised ({_describe(exc)}); ignored")
+            return None
 
     def formats(self) -> dict[str, Any]:
         """Every registered CheckpointFormat by name, built-ins first."""

@@ -76,7 +76,8 @@ def model_files(path: Path) -> list[Path]:
     out = []
     for dirpath, dirnames, filenames in os.walk(root):
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        out += [Path(dirpath) / f for f in sorted(filenames) if not f.startswith(".")]
+        # Regular files only: a FIFO or a link to /dev/zero would block hashing forever.
+        out += [Path(dirpath) / f for f in sorted(filenames) if not f.startswith(".") and (Path(dirpath) / f).is_file()]
     return out
 
 

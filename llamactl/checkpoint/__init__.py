@@ -65,8 +65,9 @@ def resolve_model(model: str | os.PathLike[str]) -> Path:
 
 def detect_format(path: Path) -> CheckpointFormat:
     """The first registered format that recognises `path` (plugins before built-ins)."""
-    for fmt in reversed(list(formats().values())):
-        if fmt.detect(path):
+    registry = get_registry()
+    for fmt in reversed(list(registry.formats().values())):
+        if registry.call_isolated("register_formats", fmt.name, fmt.detect, path):
             return fmt
     raise CheckpointError(f"{path}: not a model directory (no params.json, config.json or other known checkpoint)")
 

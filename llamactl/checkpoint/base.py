@@ -9,7 +9,7 @@ quantized arrives as a `QuantizedTensor`, everything else as a torch.Tensor.
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
@@ -64,10 +64,24 @@ class ReaderBase:
     @property
     def tokenizer_path(self) -> Path | None:
         candidate = self.path / TOKENIZER_FILE
-        return candidate if candidate.is_file() else None
+        if not candidate.is_file():
+            return None
+        check_not_lfs_pointer(candidate)
+        return candidate
 
     def tensor_infos(self) -> list[TensorInfo]:
         return list(self.infos)
+
+
+_LFS_POINTER = b"version https://git-lfs.github.com/spec/"
+
+
+def check_not_lfs_pointer(file: Path) -> None:
+    """A file that is only a Git LFS pointer (a clone without `git lfs pull`) is no tokenizer or weight."""
+    with open(file, "rb") as f:
+        head = f.read(len(_LFS_POINTER))
+    if head == _LFS_POINTER:
+        raise CheckpointError(f"{file}: is a Git LFS pointer, not the file itself (run `git lfs pull` in that clone)")
 
 
 def check_against_args(infos: Sequence[TensorInfo], args: ModelArgs, where: str, config_name: str) -> None:
@@ -118,3 +132,63 @@ def tensor_bytes(tensor: torch.Tensor) -> memoryview:
 
     flat = tensor.detach().contiguous().reshape(-1)
     return memoryview(flat.view(torch.uint8).numpy()) if flat.numel() else memoryview(b"")
+
+
+class ReaderView:
+    """A reader presenting another one (`self.source`) with some change; the rest is the source's.
+
+    Subclasses say what `quant` is: the view's own scheme, or the source's.
+    """
+
+    source: CheckpointReader
+
+    @property
+    def format(self) -> str:
+        return self.source.format
+
+    @property
+    def path(self) -> Path:
+        return self.source.path
+
+    @property
+    def args(self) -> ModelArgs:
+        return self.source.args
+
+    @property
+    def files(self) -> list[Path]:
+        return self.source.files
+
+    @property
+    def tokenizer_path(self) -> Path | None:
+        return self.source.tokenizer_path
+
+    def tensor_infos(self) -> list[TensorInfo]:
+        return self.source.tensor_infos()
+
+    def iter_tensors(self) -> Iterator[tuple[str, Entry]]:
+        return self.source.iter_tensors()
+
+
+@dataclass
+class FiniteCheck(ReaderView):
+    """Reports (through `warn`) every float tensor holding NaN or Inf as it streams past.
+
+    One float64 sum per tensor: a NaN or Inf anywhere makes it non-finite, and the pass reads
+    the data once without allocating a mask the size of the tensor.
+    """
+
+    source: CheckpointReader
+    warn: Callable[[str], None]
+
+    @property
+    def quant(self) -> QuantSpec | None:
+        return self.source.quant
+
+    def iter_tensors(self) -> Iterator[tuple[str, Entry]]:
+        import torch
+
+        for name, entry in self.source.iter_tensors():
+            is_float = isinstance(entry, torch.Tensor) and entry.is_floating_point()
+            if is_float and not torch.isfinite(entry.sum(dtype=torch.float64)):
+                self.warn(f"{self.source.path}: tensor {name} holds NaN or Inf values")
+            yield name, entry

@@ -136,6 +136,18 @@ class HFReader(ReaderBase):
             raise CheckpointError(
                 f"{mapping[missing[0]]}: tensor {printable(missing[0])} listed in the index is missing"
             )
+        self._check_total_size()
+
+    def _check_total_size(self) -> None:
+        """An index whose total_size disagrees with the tensors it maps lies about the checkpoint."""
+        for name in (INDEX_FILE, BIN_INDEX_FILE):
+            if (self.path / name).is_file():
+                claimed = (read_json(self.path / name).get("metadata") or {}).get("total_size")
+                held = sum(e.nbytes for e in self.extents.values())
+                if claimed is not None and claimed != held:
+                    raise CheckpointError(
+                        f"{self.path / name}: total_size {printable(str(claimed))[:30]} but its files hold {held} bytes"
+                    )
 
     def _canonical_infos(self) -> list[TensorInfo]:
         infos = []

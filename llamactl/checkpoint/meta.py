@@ -54,6 +54,9 @@ def detect_meta(path: Path) -> bool:
 def shard_files(path: Path) -> list[Path]:
     """consolidated.00.pth ... in order; refuses gaps in the numbering."""
     found = sorted((int(m.group(1)), p) for p in path.iterdir() if (m := _SHARD.match(p.name)))
+    for _, file in found:
+        if not file.is_file():  # a FIFO or a link to a device would block or never end
+            raise CheckpointError(f"{file}: not a regular file")
     if not found:
         raise CheckpointError(f"{path}: no consolidated.NN.pth shards found beside params.json")
     for expected, (index, file) in enumerate(found):

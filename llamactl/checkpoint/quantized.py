@@ -10,12 +10,10 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 from llamactl import layout
-from llamactl.checkpoint.base import CheckpointReader
-from llamactl.config import ModelArgs
+from llamactl.checkpoint.base import CheckpointReader, ReaderView
 from llamactl.devices import resolve_device
 from llamactl.errors import CheckpointError
 from llamactl.layout import TensorInfo
@@ -28,7 +26,7 @@ if TYPE_CHECKING:
 
 
 @dataclass
-class QuantizedView:
+class QuantizedView(ReaderView):
     """`source` with its block projections (minus those matching `skip`) quantized by `quant`."""
 
     source: CheckpointReader
@@ -50,26 +48,6 @@ class QuantizedView:
         self.to_quantize = set(chosen)
         self.device, _ = resolve_device(self.device)  # the GPU when there is one: quantizing is faster there
         backend(self.quant).prepare(self.device)
-
-    @property
-    def format(self) -> str:
-        return self.source.format
-
-    @property
-    def path(self) -> Path:
-        return self.source.path
-
-    @property
-    def args(self) -> ModelArgs:
-        return self.source.args
-
-    @property
-    def files(self) -> list[Path]:
-        return self.source.files
-
-    @property
-    def tokenizer_path(self) -> Path | None:
-        return self.source.tokenizer_path
 
     def tensor_infos(self) -> list[TensorInfo]:
         layout_ = storage(self.quant)

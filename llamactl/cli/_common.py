@@ -47,6 +47,10 @@ def cli_command(func: F) -> F:
 
     @functools.wraps(func)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
+        from llamactl.plugins import get_registry
+
+        failures = get_registry().failures
+        reported = len(failures)
         try:
             return func(*args, **kwargs)
         except LlamactlError as exc:
@@ -54,6 +58,9 @@ def cli_command(func: F) -> F:
         except KeyboardInterrupt:
             print("llamactl: interrupted", file=sys.stderr)
             raise typer.Exit(130) from None
+        finally:
+            for line in failures[reported:]:  # a plugin that broke during the command (e.g. in detect())
+                warn(line)
 
     return wrapper  # type: ignore[return-value]
 

@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from llamactl.checkpoint.sharding import parse_size
-from llamactl.cli._common import byte_progress, cli_command, human_bytes, print_json, stdout
-from llamactl.convert import ConvertPlan, plan_convert, run_convert
+from llamactl.cli._common import byte_progress, cli_command, human_bytes, print_json, stdout, warn
 from llamactl.plugins import hookimpl
+
+if TYPE_CHECKING:
+    from llamactl.convert import ConvertPlan
 
 
 def convert(
@@ -27,6 +28,9 @@ def convert(
     json_out: Annotated[bool, typer.Option("--json", help="Print the plan / result as JSON.")] = False,
 ) -> None:
     """Convert a checkpoint between formats, merging or re-splitting shards, streaming tensor by tensor."""
+    from llamactl.checkpoint.sharding import parse_size
+    from llamactl.convert import plan_convert, run_convert
+
     plan = plan_convert(
         src, dst, to, dtype=dtype, shards=shards, max_shard_bytes=parse_size(max_shard_size), force=force
     )
@@ -43,7 +47,7 @@ def convert(
                 items=progress.tasks[task].fields["items"] + 1,
             )
 
-        run_convert(plan, on_tensor=advance)
+        run_convert(plan, on_tensor=advance, on_warning=warn)
     if json_out:
         print_json({"dst": str(plan.dst), **_plan_dict(plan)})
     else:

@@ -76,7 +76,7 @@ def quantize(
         def advance(_name: str, nbytes: int) -> None:
             progress.update(task, advance=nbytes, items=progress.tasks[task].fields["items"] + 1)
 
-        run_convert(plan, on_tensor=advance)
+        run_convert(plan, on_tensor=advance, on_warning=warn)
     written = open_checkpoint(plan.dst)
     stats = QuantStats.compare(plan.source.tensor_infos(), written.tensor_infos(), view.skipped)
     quality = None if tokens is None else evaluate_quality(plan.source.path, plan.dst, tokens, device=device)

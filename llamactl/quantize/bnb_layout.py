@@ -9,9 +9,10 @@ from __future__ import annotations
 import json
 import math
 
-from llamactl.errors import CheckpointError
+from llamactl import dtypes
+from llamactl.errors import CheckpointError, printable
 from llamactl.layout import Shape, TensorInfo
-from llamactl.quantize.spec import QuantSpec
+from llamactl.quantize.spec import BLOCKSIZES, QuantSpec
 
 QS_KEY = "weight.quant_state.bitsandbytes__"
 NESTED_BLOCK = 256  # double quantization: one fp32 scale per 256 int8 absmax values
@@ -49,11 +50,23 @@ def stored_bytes(spec: QuantSpec, shape: Shape) -> int:
 
 
 def state_shape(blob: bytes, where: str) -> Shape:
-    """The logical [out, in] recorded in a 4-bit `quant_state.bitsandbytes__*` JSON entry."""
+    """The logical [out, in] recorded in a 4-bit `quant_state.bitsandbytes__*` JSON entry.
+
+    Every field bitsandbytes will act on is checked here: its loader resolves `dtype` with
+    getattr(torch, ...), so a state naming "load" would reach torch.load.
+    """
     try:
-        shape = json.loads(blob.decode("utf-8"))["shape"]
+        state = json.loads(blob.decode("utf-8"))
+        shape = state["shape"]
         if not (isinstance(shape, list) and len(shape) == 2 and all(isinstance(s, int) and s > 0 for s in shape)):
-            raise ValueError(shape)
+            raise ValueError(f"shape {shape!r}")
+        for key in ("dtype", "nested_dtype"):
+            if key in state and state[key] not in {d.torch for d in dtypes.DTYPE_TABLE if d.floating}:
+                raise ValueError(f"{key} {state[key]!r}")
+        if state.get("quant_type") not in ("nf4", "fp4"):
+            raise ValueError(f"quant_type {state.get('quant_type')!r}")
+        if state.get("blocksize") not in BLOCKSIZES:
+            raise ValueError(f"blocksize {state.get('blocksize')!r}")
         return (shape[0], shape[1])
-    except (UnicodeDecodeError, ValueError, KeyError, TypeError) as exc:
-        raise CheckpointError(f"{where}: malformed 4-bit quant_state ({str(exc)[:80]})") from None
+    except (UnicodeDecodeError, ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise CheckpointError(f"{where}: malformed 4-bit quant_state ({printable(str(exc))[:80]})") from None

@@ -99,3 +99,45 @@ def test_llm_int8_threshold_that_is_not_a_number(hf_dir: Path, tmp_path: Path) -
     config["quantization_config"] = QuantSpec("int8").to_hf_config() | {"llm_int8_threshold": "abc"}
     (src / "config.json").write_text(json.dumps(config))
     assert_refused(run_cli("info", str(src)), "config.json", "bad quantization_config")
+
+
+def test_tokenizer_that_is_a_git_lfs_pointer(meta_dir: Path, tmp_path: Path) -> None:
+    src = _copy(meta_dir, tmp_path / "src")
+    (src / "tokenizer.model").write_text("version https://git-lfs.github.com/spec/v1\noid sha256:abc\nsize 499723\n")
+    before = snapshot(tmp_path)
+    outcome = run_cli("convert", str(src), str(tmp_path / "out"), "--to", "hf")
+    assert_refused(outcome, "tokenizer.model", "Git LFS pointer", root=tmp_path, before=before)
+
+
+def test_embedding_with_more_rows_than_the_tokenizer(tmp_path: Path, tiny_tokenizer: Path) -> None:
+    args = tiny_args(vocab_size=400)  # the tiny tokenizer has 320 pieces
+    src = write_meta_checkpoint(tmp_path / "src", args, random_meta_state(args), tokenizer=tiny_tokenizer)
+    before = snapshot(tmp_path)
+    outcome = run_cli("convert", str(src), str(tmp_path / "out"), "--to", "hf")
+    assert_refused(
+        outcome, "tokenizer.model", "320 pieces but the embedding has 400 rows", root=tmp_path, before=before
+    )
+
+
+def test_index_whose_total_size_lies(hf_dir: Path, tmp_path: Path) -> None:
+    args = tiny_args()
+    src = write_hf_checkpoint(tmp_path / "src", args, random_meta_state(args), max_shard_size="20KB")
+    index = json.loads((src / "model.safetensors.index.json").read_text())
+    index["metadata"]["total_size"] += 1
+    (src / "model.safetensors.index.json").write_text(json.dumps(index))
+    assert_refused(run_cli("info", str(src)), "model.safetensors.index.json", "total_size")
+
+
+def test_nan_weights_are_converted_with_a_warning(tmp_path: Path) -> None:
+    import torch
+
+    args = tiny_args()
+    state = random_meta_state(args)
+    state["layers.1.feed_forward.w2.weight"][0, 0] = float("nan")
+    src = write_meta_checkpoint(tmp_path / "src", args, state)
+    outcome = run_cli("convert", str(src), str(tmp_path / "out"), "--to", "hf")
+    assert outcome.exit_code == 0, outcome.stderr
+    assert outcome.stderr.strip().splitlines() == [
+        f"llamactl: warning: {src}: tensor layers.1.feed_forward.w2.weight holds NaN or Inf values"
+    ]
+    assert torch.isnan(torch.load(src / "consolidated.00.pth")["layers.1.feed_forward.w2.weight"][0, 0])
