@@ -37,3 +37,7 @@ class DestinationError(LlamactlError):
 
 class MissingDependencyError(LlamactlError):
     """An optional dependency is not installed; the message carries the install hint."""
+
+
+class TokenizerError(LlamactlError):
+    """A tokenizer file is missing, unreadable or does not fit the model."""
