@@ -11,17 +11,22 @@ import torch
 from llamactl.checkpoint import CheckpointReader, open_checkpoint
 from llamactl.config import ModelArgs
 from llamactl.devices import resolve
-from llamactl.errors import UsageError
+from llamactl.engine import DecodeStep, choose_step
+from llamactl.errors import LlamactlError, UsageError
 from llamactl.model import Transformer
+from llamactl.tokenizer import Tokenizer, open_tokenizer
 
 
 @dataclass
 class LoadedModel:
+    """A model ready to run, where it came from, and the decode step chosen for it (`step`)."""
+
     model: Transformer
     args: ModelArgs
     reader: CheckpointReader
     device: torch.device
     dtype: torch.dtype
+    step: DecodeStep | None = None
 
 
 def build_model(
@@ -45,19 +50,22 @@ def build_model(
 
 
 def load_model(
-    model: str | os.PathLike[str],
+    model: str | os.PathLike[str] | CheckpointReader,
     device: str | torch.device | None = None,
     dtype: str | torch.dtype | None = None,
     max_seq_len: int | None = None,
     bits: int | None = None,
+    step: str = "auto",
 ) -> LoadedModel:
-    """Open a checkpoint by name or path and load it for inference.
+    """Open a checkpoint by name or path (or take an open reader) and load it for inference.
 
     `bits` (8 or 4) quantizes the block projections on load with bitsandbytes, exactly as
     `llamactl quantize` would, without writing anything. Weights are quantized from the
-    checkpoint's own precision (before any cast to `dtype`).
+    checkpoint's own precision (before any cast to `dtype`). `step` is the decode step to
+    choose for the loaded model, once its weights are in place and fused
+    (llamactl.engine.choose_step: "auto", "eager", "cuda-graph").
     """
-    reader = open_checkpoint(model)
+    reader = open_checkpoint(model) if isinstance(model, (str, os.PathLike)) else model  # opened once
     placement = resolve(device, dtype)
     dev, dt = placement.device, placement.dtype
     if bits is None or reader.quantization is not None:
@@ -66,14 +74,14 @@ def load_model(
                 f"{reader.path}: already quantized ({reader.quantization.get('quant_method')}); drop --bits"
             )
         net = build_model(reader, dev, dt, max_seq_len).fuse_projections()
-        return LoadedModel(net, net.args, reader, dev, dt)
+        return LoadedModel(net, net.args, reader, dev, dt, choose_step(net, step))
     from llamactl.quantize import QuantSpec, quantize_model
 
     spec = QuantSpec(bits=bits).validate()
     net = build_model(reader, torch.device("cpu"), _source_dtype(reader), max_seq_len)
     quantize_model(net, spec, dev)  # quantized layers land on dev; the rest is moved below
     _move_unquantized(net, dev, dt)
-    return LoadedModel(net, net.args, reader, dev, dt)
+    return LoadedModel(net, net.args, reader, dev, dt, choose_step(net, step))
 
 
 def _move_unquantized(model: Transformer, device: torch.device, dtype: torch.dtype) -> None:
@@ -95,3 +103,20 @@ def _source_dtype(reader: CheckpointReader) -> torch.dtype:
     """The checkpoint's floating dtype (most tensors), used to quantize from full precision."""
     dtypes = [info.dtype for info in reader.tensor_infos()]
     return max(set(dtypes), key=dtypes.count) if dtypes else torch.float32
+
+
+def load_for_generation(
+    model: str | os.PathLike[str],
+    tokenizer: str | os.PathLike[str] | None = None,
+    device: str | None = None,
+    dtype: torch.dtype | None = None,
+    ctx: int | None = None,
+    bits: int | None = None,
+) -> tuple[LoadedModel, Tokenizer]:
+    """Model and matching tokenizer; the checkpoint is opened once and the tokenizer is
+    checked before any weight is read."""
+    if ctx is not None and ctx < 2:
+        raise LlamactlError(f"context of {ctx} tokens: it must hold at least 2 tokens")
+    reader = open_checkpoint(model)
+    tok = open_tokenizer(tokenizer, reader.tokenizer_path, reader.path, reader.args.vocab_size)
+    return load_model(reader, device=device, dtype=dtype, max_seq_len=ctx, bits=bits), tok

@@ -69,7 +69,7 @@ class MissingTokenizerError(TokenizerError):
 
     def __init__(self, model_path: Path) -> None:
         self.model_path = model_path
-        super().__init__(f"{model_path}: no tokenizer.model next to the weights; pass --tokenizer FILE")
+        super().__init__(f"{model_path}: no tokenizer.model next to the weights; give a tokenizer file")
 
 
 def open_tokenizer(
