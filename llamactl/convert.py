@@ -120,9 +120,9 @@ def _check_tokenizer(reader: CheckpointReader) -> None:
     (generation refuses such a pair; refusing here keeps a broken model from being written)."""
     if reader.tokenizer_path is None:
         return
-    from llamactl.tokenizer import Tokenizer
+    from llamactl.tokenizer import load_tokenizer
 
-    pieces = Tokenizer(reader.tokenizer_path).vocab_size
+    pieces = load_tokenizer(reader.tokenizer_path).vocab_size
     if pieces != reader.args.vocab_size:
         raise CheckpointError(
             f"{reader.tokenizer_path}: has {pieces} pieces but the embedding has {reader.args.vocab_size} rows; "

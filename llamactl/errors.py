@@ -39,6 +39,10 @@ class MissingDependencyError(LlamactlError):
     """An optional dependency is not installed; the message carries the install hint."""
 
 
+class TokenizerError(LlamactlError):
+    """A tokenizer file is missing, unreadable or does not fit the model."""
+
+
 _CONTROL = {c: f"\\x{c:02x}" for c in (*range(0x20), 0x7F)} | {c: f"\\x{c:02x}" for c in range(0x80, 0xA0)}
 
 

@@ -33,11 +33,11 @@ def eval_tokens(reader: CheckpointReader, text: str, max_tokens: int = 2048) -> 
     """BOS + the text's tokens (at most max_tokens), checked against the model's vocabulary."""
     import torch
 
-    from llamactl.tokenizer import Tokenizer
+    from llamactl.tokenizer import load_tokenizer
 
     if reader.tokenizer_path is None:
         raise UsageError(f"{reader.path}: no tokenizer.model, so quality cannot be measured (skip the evaluation)")
-    tokenizer = Tokenizer(reader.tokenizer_path)
+    tokenizer = load_tokenizer(reader.tokenizer_path)
     ids = tokenizer.encode(text, bos=True)[:max_tokens]
     if len(ids) < 2:
         raise UsageError("the evaluation text is empty: it needs at least one token to predict")

@@ -19,19 +19,24 @@ from llamactl.checkpoint import CheckpointReader, open_checkpoint
 from llamactl.checkpoint.quantized import QuantizedView
 from llamactl.config import ModelArgs
 from llamactl.devices import resolve
-from llamactl.errors import CheckpointError
+from llamactl.engine import DecodeStep, choose_step
+from llamactl.errors import CheckpointError, LlamactlError
 from llamactl.layout import is_quantizable, module_path, rotary_heads
 from llamactl.model import Transformer
 from llamactl.quantize import QuantizedTensor, QuantSpec, backend, matches_skip
+from llamactl.tokenizer import Tokenizer, open_tokenizer
 
 
 @dataclass
 class LoadedModel:
+    """A model ready to run, where it came from, and the decode step chosen for it (`step`)."""
+
     model: Transformer
     args: ModelArgs
     reader: CheckpointReader
     device: torch.device
     dtype: torch.dtype
+    step: DecodeStep | None = None
 
 
 def build_model(
@@ -75,17 +80,20 @@ def load_model(
     dtype: str | torch.dtype | None = None,
     max_seq_len: int | None = None,
     quant: QuantSpec | None = None,
+    step: str = "auto",
 ) -> LoadedModel:
     """Open a checkpoint (name, path or an open reader) and load it for inference.
 
     `quant` quantizes the block projections on load, exactly as `llamactl quantize` would,
     without writing anything; weights are quantized from the checkpoint's own precision.
+    `step` is the decode step chosen for the loaded model, once its weights are in place and
+    fused (llamactl.engine.choose_step: "auto", "eager", "cuda-graph").
     """
-    reader = open_checkpoint(model) if isinstance(model, (str, os.PathLike)) else model
+    reader = open_checkpoint(model) if isinstance(model, (str, os.PathLike)) else model  # opened once
     placement = resolve(device, dtype)
     source = QuantizedView(reader, quant, device=placement.device) if quant is not None else reader
     net = build_model(source, placement.device, placement.dtype, max_seq_len).fuse_projections()
-    return LoadedModel(net, net.args, reader, placement.device, placement.dtype)
+    return LoadedModel(net, net.args, reader, placement.device, placement.dtype, choose_step(net, step))
 
 
 def quantize_model(
@@ -108,3 +116,20 @@ def quantize_model(
         model.set_submodule(module_path(name), impl.linear(impl.quantize(param.data, spec, heads, dev), dev))
         count += 1
     return count
+
+
+def load_for_generation(
+    model: str | os.PathLike[str],
+    tokenizer: str | os.PathLike[str] | None = None,
+    device: str | None = None,
+    dtype: str | torch.dtype | None = None,
+    ctx: int | None = None,
+    quant: QuantSpec | None = None,
+) -> tuple[LoadedModel, Tokenizer]:
+    """Model and matching tokenizer; the checkpoint is opened once and the tokenizer is
+    checked before any weight is read."""
+    if ctx is not None and ctx < 2:
+        raise LlamactlError(f"context of {ctx} tokens: it must hold at least 2 tokens")
+    reader = open_checkpoint(model)
+    tok = open_tokenizer(tokenizer, reader.tokenizer_path, reader.path, reader.args.vocab_size)
+    return load_model(reader, device=device, dtype=dtype, max_seq_len=ctx, quant=quant), tok

@@ -3,10 +3,19 @@
 Parameter names and the q/k layout are Meta's (`layers.0.attention.wq.weight`, rotary on
 interleaved pairs), so a Meta state dict loads with no mapping; every other format is
 translated to this layout by `llamactl.checkpoint`.
-Shapes: B batch, T new tokens, S cached positions, H heads, K kv heads, D head dim.
+Shapes: B batch, T new tokens, S key positions attention reads, H heads, K kv heads,
+G = H/K query heads per kv head, D head dim, V vocabulary.
+
+There is one forward path. Every call writes its keys/values into the preallocated cache at
+the positions of its tokens and attends, through a causal mask, over the first `kv_len`
+cache positions; a decode step that must keep its shapes fixed (CUDA graph, torch.compile)
+reads the whole cache (`kv_len=model.cache_len`) and passes its position as a device tensor.
+Fusion of wq|wk|wv and w1|w3 happens once, after loading (`Transformer.fuse_projections`).
 """
 
 from __future__ import annotations
+
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -34,9 +43,13 @@ class RMSNorm(nn.Module):
 
 
 def rope_table(head_dim: int, max_positions: int, theta: float) -> torch.Tensor:
-    """Meta's precompute_freqs_cis: unit complex rotations [max_positions, D/2] (complex64)."""
-    freqs = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
-    angles = torch.outer(torch.arange(max_positions, dtype=torch.float32), freqs)
+    """Meta's precompute_freqs_cis: unit complex rotations [max_positions, D/2] (complex64, CPU).
+
+    Always computed on the CPU, also under `torch.device("meta")`, so a model built on the
+    meta device has a real table; the model moves it to its weights' device on first use.
+    """
+    freqs = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32, device="cpu") / head_dim))
+    angles = torch.outer(torch.arange(max_positions, dtype=torch.float32, device="cpu"), freqs)
     return torch.polar(torch.ones_like(angles), angles)
 
 
@@ -46,23 +59,22 @@ def apply_rope(x: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
     return torch.view_as_real(pairs * freqs[None, :, None, :]).flatten(-2).type_as(x)
 
 
-def _fuse(linears: list[nn.Linear]) -> torch.Tensor | None:
-    """One weight for several projections of the same input; the originals become views of it.
+class Window(NamedTuple):
+    """Where one forward's tokens sit and what they read; built once, shared by every layer."""
 
-    Fewer matmuls per token matters when decoding is launch-bound (small batches on a GPU).
-    The views keep state_dict() in Meta's names and layout. Quantized projections (not plain
-    nn.Linear) are left alone.
-    """
-    if not all(type(m) is nn.Linear and m.weight.device.type != "meta" for m in linears):
-        return None
-    fused = torch.cat([m.weight.detach() for m in linears])
-    for module, part in zip(linears, fused.split([m.out_features for m in linears])):
-        module.weight = nn.Parameter(part, requires_grad=False)
-    return fused
+    positions: torch.Tensor  # [T] long: positions of the new tokens
+    freqs: torch.Tensor  # [T,D/2] complex64: their rotary factors
+    kv_len: int  # attention reads cache positions 0..kv_len-1
+    mask: torch.Tensor | None  # [T*rows,S] additive (attention_mask); None: every key visible
+    rows: int  # mask rows per query token (query_rows)
 
 
 class KVCache(nn.Module):
-    """Preallocated keys/values [B,K,max_seq_len,D]; static shapes keep torch.compile happy."""
+    """Keys and values of every position so far, preallocated once: k, v [B,K,max_seq_len,D].
+
+    Fixed buffers are what make a decode step replayable: each step writes its position in
+    place and reads the same tensors. Positions not written yet hold zeros and are masked.
+    """
 
     def __init__(
         self,
@@ -78,89 +90,206 @@ class KVCache(nn.Module):
         self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
         self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
 
-    def update(self, start: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store k/v [B,K,T,D] at positions start.. and return the filled prefix [B,K,start+T,D]."""
-        end = start + k.shape[2]
-        self.k[: k.shape[0], :, start:end] = k
-        self.v[: v.shape[0], :, start:end] = v
-        return self.k[: k.shape[0], :, :end], self.v[: v.shape[0], :, :end]
-
-    def update_at(self, pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store one step's k/v [B,K,1,D] at the position held in `pos` ([1] long tensor) and
-        return the whole cache: shapes never change, so the step can be a CUDA graph."""
-        self.k[: k.shape[0]].index_copy_(2, pos, k)
-        self.v[: v.shape[0]].index_copy_(2, pos, v)
-        return self.k[: k.shape[0]], self.v[: v.shape[0]]
+    def update(
+        self, positions: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_len: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store k/v [B,K,T,D] at `positions` [T]; return positions 0..kv_len-1 [B,K,kv_len,D]."""
+        b = k.shape[0]  # a cache allocated for a larger batch serves smaller ones
+        self.k[:b].index_copy_(2, positions, k)
+        self.v[:b].index_copy_(2, positions, v)
+        return self.k[:b, :, :kv_len], self.v[:b, :, :kv_len]
 
     @property
     def nbytes(self) -> int:
         return self.k.nbytes + self.v.nbytes
 
 
-def _causal_mask(t: int, s: int, start: int, device: torch.device) -> tuple[torch.Tensor | None, bool]:
-    """(attn_mask, is_causal) for t new tokens at positions start.. against s cached keys."""
-    if t == 1:
-        return None, False  # one new token sees every cached position
-    if s == t:
-        return None, True
-    # a later chat turn: new tokens see the cache and earlier new tokens
-    return torch.ones(t, s, dtype=torch.bool, device=device).tril(start), False
+def query_rows(device: torch.device, group: int) -> int:
+    """Mask rows per query token in `attend`: 1 where SDPA groups GQA heads itself, else G.
+
+    On the CPU, SDPA's own GQA (enable_gqa) takes a mask and is the cheaper form: stories260K
+    decodes at 1.28 ms/token that way against 1.46 with heads as rows (1 thread, medians of
+    15 interleaved runs). On CUDA its fused kernels refuse a mask with enable_gqa and the
+    math fallback copies every key for every step, so there the query heads that share a kv
+    head become extra query rows of it: plain multi-head shapes every kernel accepts.
+    """
+    return 1 if device.type == "cpu" else group
 
 
-class Attention(nn.Module):
-    def __init__(self, args: ModelArgs) -> None:
+def attention_mask(positions: torch.Tensor, keys: torch.Tensor, rows: int, dtype: torch.dtype) -> torch.Tensor:
+    """Who may attend to what: [T*rows,S], 0 = attend, -inf = not (row t*rows+r is query t).
+
+    Query t (at positions[t]) sees key s (at keys[s]) when keys[s] <= positions[t]: causal,
+    and blind to cache slots no token has written yet. Built once per forward and additive
+    in the activations' dtype, because SDPA turns a boolean mask into this on every call.
+    """
+    row_positions = positions.repeat_interleave(rows) if rows > 1 else positions  # [T*rows]
+    return torch.where(keys[None, :] > row_positions[:, None], float("-inf"), 0.0).to(dtype)
+
+
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, rows: int) -> torch.Tensor:
+    """Attention of q [B,T,H,D] over k, v [B,K,S,D] through mask [T*rows,S] -> [B,T,H*D].
+
+    With rows = G (query_rows), GQA runs without copying keys: the G query heads that share
+    a kv head become query rows t*G+g of that head ([B,K,T*G,D]), so head h reads kv head
+    h // G exactly as Meta's repeat_kv does. With rows = 1, SDPA does the same grouping.
+    No mask: every key is visible (one new token reading exactly the filled cache).
+    """
+    b, t, h, d = q.shape
+    kv_heads = k.shape[1]
+    g = h // kv_heads
+    if mask is not None and mask.dtype != q.dtype:
+        mask = mask.to(q.dtype)  # SDPA wants the query's dtype
+    if rows == 1:  # [B,H,T,D] against [B,K,S,D]
+        out = F.scaled_dot_product_attention(q.transpose(1, 2), k, v, attn_mask=mask, enable_gqa=g > 1)
+        return out.transpose(1, 2).reshape(b, t, h * d)
+    rows = q.view(b, t, kv_heads, g, d).transpose(1, 2).reshape(b, kv_heads, t * g, d)
+    out = F.scaled_dot_product_attention(rows, k, v, attn_mask=mask)  # [B,K,T*G,D]
+    return out.view(b, kv_heads, t, g, d).transpose(1, 2).reshape(b, t, h * d)
+
+
+# ------------------------------------------------------------------ fused projections
+#
+# Projections of the same input (wq|wk|wv, w1|w3) can run as one matmul. Decoding at batch 1
+# on a GPU is bound by kernel launches, not bandwidth, so 3 fewer matmuls per layer show.
+# `Transformer.fuse_projections()` builds the fused nn.Linear once, from a concatenated copy
+# (a real tensor: .to() / .cuda() move it like any other parameter), and removes the parts.
+# The hooks below keep the fused model speaking Meta's names: state_dict() splits the fused
+# weight back into wq/wk/wv (w1/w3), and load_state_dict() of Meta's names into a fused model
+# concatenates them (gpt-fast's load hook). Only plain nn.Linear parts are fused: a projection
+# a quantizer has replaced (set_submodule("layers.0.attention.wq", QuantizedLinear(...)))
+# stays separate, and so do the others of its group.
+
+
+def _fusable(linears: list[Any]) -> bool:
+    return all(
+        type(m) is nn.Linear
+        and m.bias is None
+        and m.weight.device.type != "meta"
+        and m.in_features == linears[0].in_features
+        for m in linears
+    )
+
+
+def _linear(weight: torch.Tensor, requires_grad: bool) -> nn.Linear:
+    """An nn.Linear (no bias) holding exactly `weight` [out,in], with no throwaway init."""
+    layer = nn.Linear(weight.shape[1], weight.shape[0], bias=False, device="meta")
+    layer.weight = nn.Parameter(weight, requires_grad=requires_grad)
+    return layer
+
+
+class _Fusable(nn.Module):
+    """A module whose children `PARTS` (same input) may be fused into the child `FUSED`.
+
+    `ORDER` is Meta's order of the children in a state dict.
+    """
+
+    PARTS: tuple[str, ...] = ()
+    FUSED = ""
+    ORDER: tuple[str, ...] = ()
+
+    def __init__(self, part_sizes: list[int]) -> None:
         super().__init__()
+        self.part_sizes = part_sizes  # output features of each part, in PARTS order
+        self.fused = False  # a plain flag: forward reads it every step
+        self.register_state_dict_post_hook(_split_fused_state)
+        self.register_load_state_dict_pre_hook(_join_fused_state)
+
+    def fuse(self) -> bool:
+        """Fuse the parts when they are all plain nn.Linear; True when fused (now or before)."""
+        if self.fused:
+            return True
+        parts = [self._modules.get(name) for name in self.PARTS]
+        if not _fusable(parts):
+            return False
+        weight = torch.cat([m.weight.detach() for m in parts])  # type: ignore[union-attr]
+        self._set_children({self.FUSED: _linear(weight, parts[0].weight.requires_grad)})  # type: ignore[union-attr]
+        self.fused = True
+        return True
+
+    def unfuse(self) -> None:
+        """The inverse of fuse(): separate nn.Linear parts again, each its own tensor."""
+        if not self.fused:
+            return
+        fused = self._modules[self.FUSED]
+        weights = fused.weight.detach().split(self.part_sizes)  # type: ignore[union-attr]
+        grad = fused.weight.requires_grad  # type: ignore[union-attr]
+        self._set_children({name: _linear(w.clone(), grad) for name, w in zip(self.PARTS, weights)})
+        self.fused = False
+
+    def _set_children(self, new: dict[str, nn.Module]) -> None:
+        """Swap the parts for the fused child or back, keeping children in Meta's order."""
+        kept = {name: m for name, m in self._modules.items() if name not in (*self.PARTS, self.FUSED)}
+        rank = {name: i for i, name in enumerate(self.ORDER)} | {self.FUSED: self.ORDER.index(self.PARTS[0])}
+        children = sorted((kept | new).items(), key=lambda item: rank.get(item[0], len(rank)))  # stable
+        self._modules.clear()
+        self._modules.update(children)
+
+
+def _split_fused_state(module: _Fusable, state: dict[str, Any], prefix: str, _meta: Any) -> None:
+    """state_dict() post hook: the fused weight as Meta's parts, in Meta's order."""
+    fused_key = f"{prefix}{module.FUSED}.weight"
+    if fused_key not in state:
+        return
+    mine = {key: state.pop(key) for key in [k for k in state if k.startswith(prefix)]}
+    weights = mine.pop(fused_key).split(module.part_sizes)
+    mine |= {f"{prefix}{name}.weight": w for name, w in zip(module.PARTS, weights)}
+    for child in module.ORDER:  # this module's entries are the last ones: re-adding keeps the order
+        for key in [k for k in mine if k.startswith(f"{prefix}{child}.")]:
+            state[key] = mine.pop(key)
+    state.update(mine)
+
+
+def _join_fused_state(module: _Fusable, state: dict[str, Any], prefix: str, *_args: Any) -> None:
+    """load_state_dict() pre hook: Meta's parts into a fused module as one concatenated weight."""
+    keys = [f"{prefix}{name}.weight" for name in module.PARTS]
+    if module.fused and all(key in state for key in keys):
+        state[f"{prefix}{module.FUSED}.weight"] = torch.cat([state.pop(key) for key in keys])
+
+
+class Attention(_Fusable):
+    PARTS, FUSED, ORDER = ("wq", "wk", "wv"), "wqkv", ("wq", "wk", "wv", "wo")
+
+    def __init__(self, args: ModelArgs) -> None:
+        kv = args.kv_heads * args.head_dim
+        super().__init__([args.n_heads * args.head_dim, kv, kv])
         self.n_heads, self.n_kv_heads, self.head_dim = args.n_heads, args.kv_heads, args.head_dim
         self.wq = nn.Linear(args.dim, args.n_heads * args.head_dim, bias=False)
         self.wk = nn.Linear(args.dim, args.kv_heads * args.head_dim, bias=False)
         self.wv = nn.Linear(args.dim, args.kv_heads * args.head_dim, bias=False)
         self.wo = nn.Linear(args.n_heads * args.head_dim, args.dim, bias=False)
         self.cache: KVCache | None = None
-        self.wqkv: torch.Tensor | None = None  # set by Transformer.fuse_projections
 
-    def forward(
-        self, x: torch.Tensor, start: int | torch.Tensor, freqs: torch.Tensor, mask: torch.Tensor | None = None
-    ) -> torch.Tensor:
-        """`mask` [1,1,1,max_seq_len] comes with a tensor `start` (the static decode step)."""
+    def forward(self, x: torch.Tensor, window: Window) -> torch.Tensor:
+        """x [B,T,dim] for the tokens at window.positions -> [B,T,dim]."""
         b, t, _ = x.shape
-        if self.wqkv is not None:
-            kv_size = self.n_kv_heads * self.head_dim
-            q, k, v = F.linear(x, self.wqkv).split([self.n_heads * self.head_dim, kv_size, kv_size], dim=-1)
+        if self.fused:
+            q, k, v = self.wqkv(x).split(self.part_sizes, dim=-1)
         else:
             q, k, v = self.wq(x), self.wk(x), self.wv(x)
-        q = apply_rope(q.view(b, t, self.n_heads, self.head_dim), freqs).transpose(1, 2)
-        k = apply_rope(k.view(b, t, self.n_kv_heads, self.head_dim), freqs).transpose(1, 2)
-        v = v.view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        if isinstance(start, torch.Tensor):  # static decode step: attend over the whole cache, masked
-            assert self.cache is not None and mask is not None and t == 1
-            k, v = self.cache.update_at(start, k, v)  # [B,K,max_seq_len,D]
-            # GQA without copying keys: each KV head's query heads become its "query positions"
-            # ([B,K,H/K,D]); head h uses KV head h // (H/K), as repeat_interleave would.
-            grouped = q.reshape(b, self.n_kv_heads, self.n_heads // self.n_kv_heads, self.head_dim)
-            out = F.scaled_dot_product_attention(grouped, k, v, attn_mask=mask)
-            return self.wo(out.reshape(b, 1, -1))
-        else:
-            if self.cache is not None:
-                k, v = self.cache.update(start, k, v)  # [B,K,S,D] with S = start + t
-            mask, causal = _causal_mask(t, k.shape[2], start, x.device)
-        gqa = self.n_kv_heads != self.n_heads
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=gqa)
-        return self.wo(out.transpose(1, 2).reshape(b, t, -1))
+        q = apply_rope(q.view(b, t, self.n_heads, self.head_dim), window.freqs)  # [B,T,H,D]
+        k = apply_rope(k.view(b, t, self.n_kv_heads, self.head_dim), window.freqs).transpose(1, 2)  # [B,K,T,D]
+        v = v.view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)  # [B,K,T,D]
+        if self.cache is not None:
+            k, v = self.cache.update(window.positions, k, v, window.kv_len)  # [B,K,S,D]
+        return self.wo(attend(q, k, v, window.mask, window.rows))
 
 
-class FeedForward(nn.Module):
+class FeedForward(_Fusable):
+    PARTS, FUSED, ORDER = ("w1", "w3"), "w13", ("w1", "w2", "w3")
+
     def __init__(self, args: ModelArgs) -> None:
-        super().__init__()
+        super().__init__([args.hidden_dim, args.hidden_dim])
         self.w1 = nn.Linear(args.dim, args.hidden_dim, bias=False)
         self.w2 = nn.Linear(args.hidden_dim, args.dim, bias=False)
         self.w3 = nn.Linear(args.dim, args.hidden_dim, bias=False)
-        self.w13: torch.Tensor | None = None  # set by Transformer.fuse_projections
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.w13 is not None:
-            gate, up = F.linear(x, self.w13).chunk(2, dim=-1)
-            return self.w2(F.silu(gate) * up)
-        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+        if self.fused:
+            gate, up = self.w13(x).chunk(2, dim=-1)
+        else:
+            gate, up = self.w1(x), self.w3(x)
+        return self.w2(F.silu(gate) * up)
 
 
 class TransformerBlock(nn.Module):
@@ -171,15 +300,13 @@ class TransformerBlock(nn.Module):
         self.attention_norm = RMSNorm(args.dim, args.norm_eps)
         self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
 
-    def forward(
-        self, x: torch.Tensor, start: int | torch.Tensor, freqs: torch.Tensor, mask: torch.Tensor | None = None
-    ) -> torch.Tensor:
-        h = x + self.attention(self.attention_norm(x), start, freqs, mask)
+    def forward(self, x: torch.Tensor, window: Window) -> torch.Tensor:
+        h = x + self.attention(self.attention_norm(x), window)
         return h + self.feed_forward(self.ffn_norm(h))
 
 
 class Transformer(nn.Module):
-    """tokens [B,T] at positions start..start+T-1 -> logits [B,T,vocab] in fp32."""
+    """tokens [B,T] at positions start..start+T-1 -> logits [B,T,V] in fp32."""
 
     def __init__(self, args: ModelArgs) -> None:
         super().__init__()
@@ -188,37 +315,36 @@ class Transformer(nn.Module):
         self.layers = nn.ModuleList(TransformerBlock(args) for _ in range(args.n_layers))
         self.norm = RMSNorm(args.dim, args.norm_eps)
         self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
-        # A plain attribute, not a buffer: .to(bf16) must never touch it; _apply rebuilds it.
+        # A plain attribute, not a buffer, so .to(bf16) never rounds it; it follows the
+        # weights' device lazily (_rope), since .to() does not see plain attributes.
         self.freqs_cis = rope_table(args.head_dim, args.max_seq_len, args.rope_theta)
 
-    def _apply(self, fn, recurse=True):  # type: ignore[no-untyped-def]
-        # Fused projections are views of one tensor: moving or casting would silently split them.
-        self.unfuse_projections()
-        super()._apply(fn, recurse)
-        if self.tok_embeddings.weight.device.type != "meta":
-            self.reset_rope(self.freqs_cis.shape[0])  # follow the weights to their device
-        return self
-
     def reset_rope(self, positions: int) -> None:
-        """(Re)build the rotary table for `positions` positions on the weights' device."""
-        table = rope_table(self.args.head_dim, positions, self.args.rope_theta)
-        self.freqs_cis = table.to(self.tok_embeddings.weight.device)
+        """(Re)build the rotary table for `positions` positions."""
+        self.freqs_cis = rope_table(self.args.head_dim, positions, self.args.rope_theta)
+
+    def _rope(self, device: torch.device) -> torch.Tensor:
+        if self.freqs_cis.device != device:  # once after a move: a CUDA graph replay never gets here
+            self.freqs_cis = self.freqs_cis.to(device)
+        return self.freqs_cis
 
     def fuse_projections(self) -> Transformer:
-        """wq|wk|wv and w1|w3 as one matmul each; call after the model is on its device.
+        """Fuse wq|wk|wv and w1|w3 of every block whose parts are plain nn.Linear; returns self.
 
-        Decoding a token at batch 1 on a GPU is bound by kernel launches, not bandwidth, so
-        3 fewer matmuls per layer is measurable. Undone by any .to() / .cuda().
+        Call it once, after the weights (and any quantized projections) are in place: the
+        loader does. state_dict() still has Meta's names and layout; `unfuse_projections()`
+        undoes it. Moving or casting the model afterwards keeps the fusion.
         """
         for layer in self.layers:
-            attn, ffn = layer.attention, layer.feed_forward
-            attn.wqkv = attn.wqkv if attn.wqkv is not None else _fuse([attn.wq, attn.wk, attn.wv])
-            ffn.w13 = ffn.w13 if ffn.w13 is not None else _fuse([ffn.w1, ffn.w3])
+            layer.attention.fuse()
+            layer.feed_forward.fuse()
         return self
 
     def unfuse_projections(self) -> None:
+        """Separate projections again (a quantizer replaces them one by one)."""
         for layer in self.layers:
-            layer.attention.wqkv = layer.feed_forward.w13 = None
+            layer.attention.unfuse()
+            layer.feed_forward.unfuse()
 
     def setup_cache(self, batch: int = 1, max_seq_len: int | None = None, dtype: torch.dtype | None = None) -> int:
         """Allocate a KV cache in every layer; returns its size in bytes."""
@@ -241,20 +367,38 @@ class Transformer(nn.Module):
         cache = self.layers[0].attention.cache if len(self.layers) else None
         return cache.k.shape[2] if cache is not None else 0
 
-    def forward(self, tokens: torch.Tensor, start: int | torch.Tensor = 0) -> torch.Tensor:
-        """`start` an int: positions start..start+T-1. A [1] long tensor: one decode step
-        (T=1) whose position lives on the device, the form a CUDA graph can replay."""
-        t = tokens.shape[1]
-        mask = None
-        if isinstance(start, torch.Tensor):
-            freqs = self.freqs_cis.index_select(0, start)
-            mask = (torch.arange(self.cache_len, device=tokens.device) <= start).view(1, 1, 1, -1)
-        elif start + t > self.freqs_cis.shape[0]:
-            raise ValueError(f"positions {start}..{start + t - 1} exceed the rotary table ({self.freqs_cis.shape[0]})")
-        else:
-            freqs = self.freqs_cis[start : start + t]
+    def forward(self, tokens: torch.Tensor, start: int | torch.Tensor = 0, kv_len: int | None = None) -> torch.Tensor:
+        """Logits [B,T,V] (fp32) for tokens [B,T] at positions start..start+T-1.
+
+        `start`: an int, or a [1] long tensor on the device (a CUDA graph replays the same
+        tensor with a new value). `kv_len`: the cache positions attention reads, 0..kv_len-1;
+        by default through the last new token (start+T, read on the host). Slots beyond the
+        new tokens are masked anyway, so reading more changes nothing but the cost: a step
+        that must keep static shapes passes `kv_len=self.cache_len`.
+        Without a cache, the tokens attend to each other only (causally).
+        """
+        window = self._window(tokens, start, kv_len)
         h = self.tok_embeddings(tokens)
         with sdpa_kernel(_SDPA_BACKENDS):
             for layer in self.layers:
-                h = layer(h, start, freqs, mask)
+                h = layer(h, window)
         return self.output(self.norm(h)).float()
+
+    def _window(self, tokens: torch.Tensor, start: int | torch.Tensor, kv_len: int | None) -> Window:
+        t, device = tokens.shape[1], tokens.device
+        cache_len = self.cache_len
+        # One new token reading exactly the filled cache sees every key: no mask to build or apply.
+        everything_visible = kv_len is None and t == 1
+        kv_len = int(start) + t if kv_len is None else kv_len
+        limit = cache_len or self.freqs_cis.shape[0]
+        if kv_len > limit:
+            where = "KV cache" if cache_len else "rotary table"
+            raise ValueError(f"positions up to {kv_len - 1} exceed the {where} ({limit} positions)")
+        positions = torch.arange(t, device=device) + start  # [T]
+        freqs = self._rope(device).index_select(0, positions)  # [T,D/2]
+        rows = query_rows(device, self.args.n_heads // self.args.kv_heads)
+        if everything_visible:
+            return Window(positions, freqs, kv_len, None, rows)
+        keys = torch.arange(kv_len, device=device) if cache_len else positions  # [S]
+        mask = attention_mask(positions, keys, rows, self.tok_embeddings.weight.dtype)  # [T*rows,S]
+        return Window(positions, freqs, kv_len, mask, rows)

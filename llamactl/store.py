@@ -167,7 +167,7 @@ def _forget_hashes(root: Path) -> None:
 
 def show_model(model: str, progress: HashProgress | None = None) -> dict[str, Any]:
     """Everything `info` says about a model (name or path), plus config, chat template and hashed files."""
-    from llamactl.chat import TEMPLATE_NAME
+    from llamactl.templates import DEFAULT_TEMPLATE
 
     path = resolve_model(model)
     reader = open_checkpoint(path)
@@ -184,7 +184,7 @@ def show_model(model: str, progress: HashProgress | None = None) -> dict[str, An
         "info": model_info(reader).to_dict(),
         "quantization": reader.quant.describe() if reader.quant is not None else None,
         "config": reader.args.to_params(),
-        "chat_template": TEMPLATE_NAME,
+        "chat_template": DEFAULT_TEMPLATE,
         "source": source,
         "size": sum(f.stat().st_size for f in files),
         "files": [{"path": str(f.relative_to(root)), "size": f.stat().st_size, "sha256": hashes[f]} for f in files],

@@ -1,128 +1,30 @@
-"""Sampling against transformers' logits warpers; generation and chat against transformers' generate."""
+"""Prefill and decoding against transformers' generate; the decode step is an argument."""
 
 from __future__ import annotations
 
 import re
-from collections import Counter
 
 import pytest
 import torch
 
-from llamactl.chat import Message, encode_dialog
-from llamactl.generate import (
-    ChatSession,
-    ContextOverflowError,
-    Generation,
-    SamplingParams,
-    generate,
-    greedy,
-    make_generator,
-    prefill,
-    sample,
-    sampling_probs,
-    top_k_filter,
-)
-from llamactl.tokenizer import Tokenizer
-from tests._chat_util import (
-    FIXTURES,
-    STORIES,
-    hf_greedy,
-    hf_twin,
-    random_model,
-    tiny_args,
-    train_tiny_tokenizer,
-)
+from llamactl.engine import EagerStep
+from llamactl.generate import ContextOverflowError, Generation, decode_one, generate, prefill
+from llamactl.sampling import SamplingParams
+from llamactl.tokenizer import SentencePieceTokenizer, Tokenizer
+from tests._chat_util import FIXTURES, STORIES, hf_greedy, hf_twin, random_model, tiny_args, train_tiny_tokenizer
 
 GREEDY = SamplingParams(temperature=0)
 
 
 @pytest.fixture(scope="module")
 def tok(tmp_path_factory: pytest.TempPathFactory) -> Tokenizer:
-    return Tokenizer(train_tiny_tokenizer(tmp_path_factory.mktemp("tok")))
+    return SentencePieceTokenizer(train_tiny_tokenizer(tmp_path_factory.mktemp("tok")))
 
 
 @pytest.fixture(scope="module", params=[False, True], ids=["mha", "gqa"])
 def pair(request: pytest.FixtureRequest):
     model = random_model(tiny_args(gqa=request.param), seed=3)
     return model, hf_twin(model)
-
-
-class ForwardCounter:
-    """Counts tokens the model is actually run on (the oracle for 'only the new turn is prefilled')."""
-
-    def __init__(self, model: torch.nn.Module) -> None:
-        self.calls: list[int] = []
-        self.handle = model.register_forward_pre_hook(lambda _m, args: self.calls.append(args[0].shape[1]))
-
-
-# ------------------------------------------------------------------ sampling
-
-
-def _hf_probs(logits: torch.Tensor, temperature: float, top_k: int, top_p: float) -> torch.Tensor:
-    from transformers.generation.logits_process import (
-        LogitsProcessorList,
-        TemperatureLogitsWarper,
-        TopKLogitsWarper,
-        TopPLogitsWarper,
-    )
-
-    warpers = LogitsProcessorList([TemperatureLogitsWarper(temperature)])
-    if top_k:
-        warpers.append(TopKLogitsWarper(top_k))
-    if top_p < 1:
-        warpers.append(TopPLogitsWarper(top_p))
-    return torch.softmax(warpers(None, logits[None].clone())[0], dim=-1)
-
-
-@pytest.mark.parametrize(
-    ("temperature", "top_k", "top_p"), [(1.0, 0, 1.0), (0.6, 0, 0.9), (0.8, 20, 1.0), (1.3, 50, 0.7), (0.3, 0, 0.5)]
-)
-def test_sampling_distribution_matches_transformers(temperature: float, top_k: int, top_p: float) -> None:
-    gen = torch.Generator().manual_seed(0)
-    for _ in range(5):
-        logits = torch.randn(300, generator=gen) * 3
-        ours = sampling_probs(logits, temperature, top_p, top_k)
-        theirs = _hf_probs(logits, temperature, top_k, top_p)
-        assert torch.equal(ours > 0, theirs > 0)
-        torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-7)
-
-
-def test_greedy_is_argmax_and_first_on_ties() -> None:
-    logits = torch.tensor([0.1, 3.0, -1.0, 3.0])
-    assert greedy(logits) == 1
-    assert sample(logits, GREEDY, None) == 1
-
-
-def test_top_k_keeps_exactly_k() -> None:
-    logits = torch.randn(100, generator=torch.Generator().manual_seed(1))
-    kept = torch.isfinite(top_k_filter(logits, 7))
-    assert kept.sum() == 7 and set(kept.nonzero().flatten().tolist()) == set(logits.topk(7).indices.tolist())
-
-
-def test_seeded_draws_follow_the_distribution_and_repeat() -> None:
-    logits = torch.log(torch.tensor([0.5, 0.25, 0.15, 0.1]))
-    params = SamplingParams(temperature=1.0, top_p=1.0)
-    gen_a, _ = make_generator(42)
-    draws = [sample(logits, params, gen_a) for _ in range(4000)]
-    gen_b, _ = make_generator(42)
-    assert draws[:200] == [sample(logits, params, gen_b) for _ in range(200)]
-    freq = Counter(draws)
-    for token, p in enumerate([0.5, 0.25, 0.15, 0.1]):
-        assert abs(freq[token] / 4000 - p) < 0.03  # ~4 standard deviations
-    # top_p 0.6 keeps only the first two tokens (mass before token 2 is 0.75 > 0.6)
-    nucleus = SamplingParams(temperature=1.0, top_p=0.6)
-    assert {sample(logits, nucleus, gen_a) for _ in range(300)} == {0, 1}
-
-
-def test_sampling_params_validation() -> None:
-    from llamactl.errors import LlamactlError
-
-    for bad in (dict(temperature=-1), dict(top_p=0), dict(top_p=1.5), dict(top_k=-2), dict(max_new_tokens=0)):
-        with pytest.raises(LlamactlError):
-            SamplingParams(**bad).validate()
-
-
-# ------------------------------------------------------------------ generation vs transformers
 
 
 def test_greedy_generate_equals_transformers(pair, tok: Tokenizer) -> None:
@@ -167,114 +69,6 @@ def test_stops_at_stop_id_and_at_context_end(tok: Tokenizer) -> None:
         Generation(model, list(range(3, 40)), sampling=GREEDY)
 
 
-def test_chat_second_turn_reuses_cache_and_equals_transformers(pair, tok: Tokenizer) -> None:
-    model, hf = pair
-    session = ChatSession(
-        model, tok, sampling=SamplingParams(temperature=0, max_new_tokens=12), system="Tell a short story."
-    )
-    counter = ForwardCounter(model)
-    answer1 = "".join(session.ask("Once upon a time"))
-    prompt1 = encode_dialog(tok, [Message("system", "Tell a short story."), Message("user", "Once upon a time")])
-    assert tok.encode(answer1) != [] and session.messages[-1] == Message("assistant", answer1)
-    assert counter.calls[0] == len(prompt1)  # turn 1: the whole prompt, once
-    assert tok.decode(hf_greedy(hf, prompt1, 12)) == answer1
-
-    counter.calls.clear()
-    answer2 = "".join(session.ask("The cat sleeps"))
-    prompt2 = encode_dialog(tok, session.dialog()[:-1])
-    assert answer2 == tok.decode(hf_greedy(hf, prompt2, 12))
-    prefilled = counter.calls[0]
-    assert prefilled == session.last.prefilled_tokens
-    # Only the new part runs: at most the re-encoded first answer plus the new user turn.
-    assert prefilled <= len(prompt2) - len(prompt1)
-    assert prefilled + session.last.reused_tokens == len(prompt2)
-    assert all(n == 1 for n in counter.calls[1:])  # then one token per step
-    counter.handle.remove()
-
-
-def test_interrupted_answer_is_kept_cut_and_cache_stays_consistent(pair, tok: Tokenizer) -> None:
-    model, hf = pair
-    session = ChatSession(model, tok, sampling=SamplingParams(temperature=0, max_new_tokens=20))
-    stream = session.ask("The weather was cold")
-    for _ in range(3):
-        next(stream)
-    stream.close()  # what the REPL does on Ctrl-C
-    cut = session.messages[-1]
-    assert cut.role == "assistant" and cut.cut and cut.content
-    # A KeyboardInterrupt raised inside the model's forward is handled the same way.
-    calls = {"n": 0}
-
-    def boom(_module, _args):
-        calls["n"] += 1
-        if calls["n"] == 4:
-            raise KeyboardInterrupt
-
-    handle = model.register_forward_pre_hook(boom)
-    with pytest.raises(KeyboardInterrupt):
-        "".join(session.ask("Tell me more"))
-    handle.remove()
-    assert session.messages[-1].cut
-    answer = "".join(session.ask("And then?"))
-    prompt = encode_dialog(tok, session.dialog()[:-1])
-    assert answer == tok.decode(hf_greedy(hf, prompt, 20))
-
-
-def test_interrupt_before_the_first_token_forgets_the_message(tok: Tokenizer) -> None:
-    model = random_model(tiny_args(), seed=2)
-    session = ChatSession(model, tok, sampling=GREEDY)
-
-    def boom(_module, _args):
-        raise KeyboardInterrupt
-
-    handle = model.register_forward_pre_hook(boom)
-    with pytest.raises(KeyboardInterrupt):
-        next(session.ask("Hello"))
-    handle.remove()
-    assert session.messages == [] and session.cached == []
-
-
-def test_undo_retry_reset(tok: Tokenizer) -> None:
-    model = random_model(tiny_args(), seed=2)
-    session = ChatSession(model, tok, sampling=SamplingParams(temperature=0, max_new_tokens=5))
-    first = "".join(session.ask("Hi"))
-    "".join(session.ask("Again"))
-    assert session.undo() and [m.role for m in session.messages] == ["user", "assistant"]
-    assert "".join(session.retry()) == first and len(session.messages) == 2
-    session.reset()
-    assert session.messages == [] and not session.undo()
-
-
-def test_context_overflow_drops_oldest_keeps_system(tok: Tokenizer) -> None:
-    model = random_model(tiny_args(max_seq_len=128), seed=4)
-    params = SamplingParams(temperature=0, max_new_tokens=8)
-    session = ChatSession(model, tok, sampling=params, system="Be kind.")
-    texts = ["The quick brown fox jumps", "over the lazy dog", "while the cat sleeps", "in the sun today"]
-    dropped = 0
-    for text in texts * 2:
-        "".join(session.ask(text))
-        dropped += session.last.dropped_exchanges
-        assert session.last.prompt_tokens + 8 <= 128
-    assert dropped > 0
-    assert session.dialog()[0] == Message("system", "Be kind.")
-    assert session.messages[-2].content == "in the sun today"
-
-    strict = ChatSession(model, tok, sampling=params, system="Be kind.", overflow="error")
-    before = None
-    with pytest.raises(ContextOverflowError, match="exceed the context of 128"):
-        for text in texts * 2:
-            before = list(strict.messages)
-            "".join(strict.ask(text))
-    assert strict.messages == before  # the refused turn left the dialog as it was
-
-
-def test_prompt_longer_than_context_is_an_error(tok: Tokenizer) -> None:
-    model = random_model(tiny_args(max_seq_len=64), seed=4)
-    session = ChatSession(model, tok, sampling=GREEDY)
-    with pytest.raises(ContextOverflowError, match="even with all earlier exchanges dropped"):
-        session.ask("the quick brown fox " * 20)
-    assert session.messages == []
-
-
 # ------------------------------------------------------------------ a real trained model
 
 
@@ -289,7 +83,7 @@ def test_stories260k_greedy_reproduces_llama2c() -> None:
     from llamactl.loading import load_model
 
     loaded = load_model(STORIES, device="cpu")
-    tok = Tokenizer(STORIES / "tokenizer.model")
+    tok = SentencePieceTokenizer(STORIES / "tokenizer.model")
     # llama2.c: 200 forward passes from BOS, i.e. 200 new tokens.
     ids = list(generate(loaded.model, [tok.bos_id], sampling=GREEDY, stop_ids=[tok.eos_id], max_new_tokens=200))
     assert len(ids) == 200
@@ -300,3 +94,36 @@ def test_golden_text_is_parsed() -> None:
     if not (FIXTURES / "README.md").is_file():
         pytest.skip("fixtures absent")
     assert golden_text().startswith("Once upon a time") and golden_text().endswith("so she")
+
+
+class CountingStep:
+    """A decode step that counts its calls around the eager one."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        self.model, self.inner, self.positions = model, EagerStep(model), []
+
+    def __call__(self, tokens: torch.Tensor, pos: int) -> torch.Tensor:
+        self.positions.append(pos)
+        return self.inner(tokens, pos)
+
+
+def test_decoding_goes_through_the_step_it_is_given(pair, tok: Tokenizer) -> None:
+    model, hf = pair
+    prompt = tok.encode("Once upon a time there was", bos=True)
+    step = CountingStep(model)
+    model.setup_cache(1)
+    run = Generation(model, prompt, sampling=GREEDY, stop_ids=[tok.eos_id], max_new_tokens=24, step=step)
+    ours = list(run)
+    assert ours == hf_greedy(hf, prompt, 24)
+    fed = len(ours) - (run.stop_reason == "length")  # the last token is fed back only to find EOS
+    assert step.positions == list(range(len(prompt), len(prompt) + fed))
+
+
+def test_decode_one_is_the_step_at_one_position(pair, tok: Tokenizer) -> None:
+    model, hf = pair
+    ids = tok.encode("The quick brown fox", bos=True)
+    model.setup_cache(1)
+    prefill(model, ids[:-1], 0)
+    with torch.no_grad():
+        theirs = hf(torch.tensor([ids])).logits[0, -1]
+    torch.testing.assert_close(decode_one(EagerStep(model), ids[-1], len(ids) - 1), theirs, rtol=1e-4, atol=1e-4)

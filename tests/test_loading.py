@@ -51,3 +51,20 @@ def test_info_reports_quantized_scheme_and_bits(tmp_path: Path) -> None:
     assert report["parameters"] == source["parameters"] == stats.params_total
     assert report["dtype"] == "nf4" and report["quantization"]["description"].startswith("nf4")
     assert report["quantization"]["bits_per_weight"] == pytest.approx(stats.bits_per_weight, abs=1e-3)
+
+
+def test_load_for_generation_opens_the_checkpoint_once(
+    tmp_path: Path, tiny_tokenizer: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import llamactl.loading as loading
+    from llamactl.engine import EagerStep
+
+    src = meta_src(tmp_path / "src", tokenizer=tiny_tokenizer)
+    opened = []
+    real = loading.open_checkpoint
+    monkeypatch.setattr(loading, "open_checkpoint", lambda model: opened.append(model) or real(model))
+    loaded, tok = loading.load_for_generation(src, device="cpu")
+    assert opened == [src] and loaded.reader.path == Path(src)
+    assert isinstance(loaded.step, EagerStep) and loaded.step.model is loaded.model
+    assert tok.vocab_size == loaded.args.vocab_size
+    assert all(layer.attention.fused and layer.feed_forward.fused for layer in loaded.model.layers)

@@ -86,14 +86,53 @@ def test_fused_projections_change_nothing_but_the_matmul_count() -> None:
     with torch.no_grad():
         plain = model(tokens)
         model.fuse_projections()
-        attention = model.layers[0].attention
-        assert attention.wqkv is not None and attention.wq.weight.data_ptr() == attention.wqkv.data_ptr()
+        attention, ffn = model.layers[0].attention, model.layers[0].feed_forward
+        assert attention.fused and ffn.fused and not hasattr(attention, "wq") and not hasattr(ffn, "w1")
         assert (model(tokens) - plain).abs().max().item() <= 1e-5
         saved = model.state_dict()
         assert saved.keys() == state.keys() and all(torch.equal(saved[k], state[k]) for k in state)
-        model.to(torch.float64)  # any move or cast undoes the fusion rather than splitting it silently
-        assert attention.wqkv is None and model.layers[0].feed_forward.w13 is None
+        assert list(saved) == list(Transformer(args).state_dict())  # Meta's names in Meta's order
+        model.to(torch.float64)  # the fused weight is a real tensor: moving or casting just works
+        assert attention.fused and attention.wqkv.weight.dtype == torch.float64
         assert (model(tokens) - plain).abs().max().item() <= 1e-5
+        model.to(torch.float32).unfuse_projections()
+        assert not attention.fused and type(attention.wq) is torch.nn.Linear
+        assert list(model.state_dict()) == list(saved) and (model(tokens) - plain).abs().max().item() <= 1e-5
+
+
+def test_a_fused_model_loads_metas_names() -> None:
+    """gpt-fast's load hook: Meta's wq/wk/wv (w1/w3) load into a fused model as one weight."""
+    args = tiny_args()
+    state = random_meta_state(args)
+    tokens = torch.randint(0, args.vocab_size, (1, 7), generator=torch.Generator().manual_seed(7))
+    fused = _model(args, random_meta_state(args, seed=9)).fuse_projections()
+    fused.load_state_dict(state, strict=True)
+    with torch.no_grad():
+        assert torch.equal(fused(tokens), _model(args, state).fuse_projections()(tokens))
+    assert all(torch.equal(fused.state_dict()[k], state[k]) for k in state)
+
+
+def test_only_plain_linear_projections_are_fused() -> None:
+    """A projection a quantizer replaced stays separate, and so do the others of its group."""
+
+    class Replaced(torch.nn.Linear):
+        pass
+
+    args = tiny_args()
+    model = _model(args, random_meta_state(args))
+    old = model.layers[0].attention.wk
+    replacement = Replaced(old.in_features, old.out_features, bias=False)
+    replacement.weight = old.weight
+    model.set_submodule("layers.0.attention.wk", replacement)
+    tokens = torch.randint(0, args.vocab_size, (1, 9), generator=torch.Generator().manual_seed(8))
+    with torch.no_grad():
+        plain = model(tokens)
+        model.fuse_projections()
+        first, second = model.layers[0], model.layers[1]
+        assert not first.attention.fused and first.attention.wk is replacement and first.feed_forward.fused
+        assert second.attention.fused and second.feed_forward.fused
+        assert (model(tokens) - plain).abs().max().item() <= 1e-5
+        assert "layers.0.attention.wk.weight" in model.state_dict()
 
 
 @pytest.mark.parametrize("kv_heads", [4, 2, 1], ids=["mha", "gqa", "mqa"])
@@ -105,34 +144,59 @@ def test_static_decode_step_equals_the_full_forward(kv_heads: int) -> None:
     with torch.no_grad():
         full = model(tokens)
         model.setup_cache(batch=2, max_seq_len=64)
-        parts = [model(tokens[:, :8], 0)] + [model(tokens[:, i : i + 1], torch.tensor([i])) for i in range(8, 20)]
+        parts = [model(tokens[:, :8], 0)]
+        parts += [model(tokens[:, i : i + 1], torch.tensor([i]), kv_len=model.cache_len) for i in range(8, 20)]
     assert (torch.cat(parts, dim=1) - full).abs().max().item() <= 1e-5
 
 
-@pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_cuda_graph_decode_equals_eager(dtype: torch.dtype, monkeypatch: pytest.MonkeyPatch) -> None:
-    from llamactl.graphs import decode_step
-
-    monkeypatch.setenv("LLAMACTL_CUDA_GRAPHS", "1")
+def test_reading_more_of_the_cache_changes_nothing() -> None:
+    """kv_len only sets how much of the cache is read: unwritten slots are masked."""
     args = tiny_args()
-    model = _model(args, random_meta_state(args), dtype).cuda().fuse_projections()
-    prompt = torch.randint(0, args.vocab_size, (1, 6), generator=torch.Generator().manual_seed(6)).cuda()
+    model = _model(args, random_meta_state(args))
+    tokens = torch.randint(0, args.vocab_size, (1, 12), generator=torch.Generator().manual_seed(9))
+    with torch.no_grad():
+        model.setup_cache(1, 32)
+        model(tokens[:, :5], 0)
+        filled = model(tokens[:, 5:], 5)
+        model.setup_cache(1, 32)
+        model(tokens[:, :5], 0, kv_len=32)
+        whole = model(tokens[:, 5:], torch.tensor([5]), kv_len=32)
+    assert (filled - whole).abs().max().item() <= 1e-5
 
-    def greedy(graphs: bool) -> tuple[list[int], torch.Tensor]:
-        model.setup_cache(1, 64)
-        with torch.no_grad():
-            token, logits, out = model(prompt, 0)[:, -1:].argmax(-1), [], []
-            for pos in range(6, 30):
-                step = decode_step(model, token, pos) if graphs else model(token, pos)
-                logits.append(step.clone())
-                token = step[:, -1:].argmax(-1)
-                out.append(int(token))
-        return out, torch.cat(logits, 1)
 
-    eager_tokens, eager_logits = greedy(False)
-    graph_tokens, graph_logits = greedy(True)
-    assert getattr(model, "_graphed_step", None) is not None  # the graph path really ran
-    assert graph_tokens == eager_tokens
-    assert (graph_logits - eager_logits).abs().max().item() <= (1e-4 if dtype == torch.float32 else 0.1)
+def test_positions_past_the_cache_or_rotary_table_are_refused() -> None:
+    args = tiny_args(max_seq_len=16)
+    model = _model(args, random_meta_state(args))
+    with pytest.raises(ValueError, match="rotary table"):
+        model(torch.zeros(1, 4, dtype=torch.long), 14)
+    model.setup_cache(1, 8)
+    with pytest.raises(ValueError, match="KV cache"):
+        model(torch.zeros(1, 2, dtype=torch.long), 7)
+
+
+def test_the_rotary_table_follows_the_model_without_apply_hooks() -> None:
+    args = tiny_args()
+    with torch.device("meta"):
+        model = Transformer(args)
+    assert model.freqs_cis.device.type == "cpu"  # built for real even on the meta device
+    assert torch.equal(model.freqs_cis, Transformer(args).freqs_cis)
+
+
+@pytest.mark.parametrize("kv_heads", [2, 1], ids=["gqa", "mqa"])
+def test_query_heads_as_rows_equal_sdpa_grouping(kv_heads: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The GQA layout CUDA uses (heads as extra query rows), checked here on the CPU."""
+    import llamactl.model
+
+    args = tiny_args(n_kv_heads=kv_heads)
+    model = _model(args, random_meta_state(args))
+    tokens = torch.randint(0, args.vocab_size, (2, 12), generator=torch.Generator().manual_seed(10))
+    with torch.no_grad():
+        native = model(tokens)
+        monkeypatch.setattr(llamactl.model, "query_rows", lambda _device, group: group)
+        rows = model(tokens)
+        model.setup_cache(2, 32)
+        parts = [model(tokens[:, :5], 0)] + [model(tokens[:, i : i + 1], i) for i in range(5, 12)]
+        static = model(tokens[:, 11:], torch.tensor([11]), kv_len=32)
+    assert (rows - native).abs().max().item() <= 1e-5
+    assert (torch.cat(parts, 1) - native).abs().max().item() <= 1e-5
+    assert (static[:, -1] - native[:, -1]).abs().max().item() <= 1e-5

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -16,7 +17,11 @@ from llamactl.bench.options import BenchPlan, ModelKey, model_args
 from llamactl.bench.probes import storage_bytes
 from llamactl.config import ModelArgs, get_preset
 from llamactl.dtypes import name_of, to_torch
+from llamactl.engine import DecodeStep, choose_step
 from llamactl.model import Transformer
+
+if TYPE_CHECKING:
+    from llamactl.quantize import QuantSpec
 
 
 @dataclass(frozen=True)
@@ -37,6 +42,7 @@ class BuiltModel:
 
     model: Transformer
     shape: ModelShape
+    step: DecodeStep  # chosen once, after the weights are fused or quantized
 
 
 def describe_model(plan: BenchPlan, key: ModelKey) -> ModelShape:
@@ -55,21 +61,24 @@ def describe_model(plan: BenchPlan, key: ModelKey) -> ModelShape:
 def build_model(plan: BenchPlan, key: ModelKey) -> BuiltModel:
     """Build the model `key` names on the plan's device: quantized for bits 8/4, else projections fused."""
     opts, device, dtype = plan.options, plan.device, to_torch(key.dtype)
+    quant = quant_spec(key.bits, dtype)
     if opts.model is not None:
         from llamactl.loading import load_model
 
-        loaded = load_model(opts.model, device=device, dtype=dtype)
+        loaded = load_model(opts.model, device=device, dtype=dtype, quant=quant)
         args = loaded.args
         shape = ModelShape(args, args.n_layers, Path(opts.model).name, str(opts.model), dtype, key.bits)
-        built = BuiltModel(loaded.model, shape)
+        assert loaded.step is not None
+        return BuiltModel(loaded.model, shape, loaded.step)
+    shape = describe_model(plan, key)
+    model = build_random_model(shape.args, device, dtype, opts.seed)
+    if quant is not None:
+        from llamactl.loading import quantize_model
+
+        quantize_model(model, quant, device)
     else:
-        shape = describe_model(plan, key)
-        built = BuiltModel(build_random_model(shape.args, device, dtype, opts.seed), shape)
-    if key.bits != 16:
-        quantize_in_place(built.model, key.bits, dtype, device)
-    else:
-        built.model.fuse_projections()
-    return built
+        model.fuse_projections()
+    return BuiltModel(model, shape, choose_step(model))
 
 
 def build_random_model(args: ModelArgs, device: torch.device, dtype: torch.dtype, seed: int = 0) -> Transformer:
@@ -89,16 +98,15 @@ def build_random_model(args: ModelArgs, device: torch.device, dtype: torch.dtype
     return model.eval()
 
 
-def quantize_in_place(model: Transformer, bits: int, dtype: torch.dtype, device: torch.device) -> None:
-    """The scheme `--bits` picks (llamactl.quantize), 4-bit computing in the benchmark's dtype."""
-    from llamactl.loading import quantize_model
+def quant_spec(bits: int, dtype: torch.dtype) -> QuantSpec | None:
+    """The scheme `--bits` picks (None for 16), 4-bit computing in the benchmark's dtype."""
+    if bits == 16:
+        return None
     from llamactl.quantize import parse_spec
 
     spec = parse_spec(bits)
     assert spec is not None
-    if spec.bits == 4:
-        spec = dataclasses.replace(spec, compute_dtype=name_of(dtype))
-    quantize_model(model, spec, device)
+    return dataclasses.replace(spec, compute_dtype=name_of(dtype)) if spec.bits == 4 else spec
 
 
 def weight_bytes(model: torch.nn.Module) -> int:

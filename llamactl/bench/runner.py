@@ -30,8 +30,8 @@ from llamactl.bench.probes import (
 from llamactl.bench.rows import BenchReport, BenchRow, Environment, ProgressFn, summarize
 from llamactl.bench.twin import HFTwin
 from llamactl.dtypes import name_of
+from llamactl.engine import DecodeStep
 from llamactl.estimate import kv_cache_bytes
-from llamactl.graphs import decode_step
 from llamactl.layout import param_count
 from llamactl.model import Transformer
 
@@ -121,12 +121,12 @@ def _prefill(model: Transformer, tokens: torch.Tensor) -> None:
     model(tokens, 0)  # tokens [batch, n_prompt] -> logits [batch, n_prompt, vocab], cache filled
 
 
-def _decode(model: Transformer, first: torch.Tensor, start: int, n_gen: int) -> None:
+def _decode(step: DecodeStep, first: torch.Tensor, start: int, n_gen: int) -> None:
     """Greedy decode of n_gen tokens at start..; the next token stays on the device (no sync)."""
     tok = first  # [batch, 1]
     for pos in range(start, start + n_gen):
         # logits [batch, 1, vocab] -> the greedy next token [batch, 1]
-        tok = decode_step(model, tok, pos)[:, -1].argmax(-1, keepdim=True)
+        tok = step(tok, pos)[:, -1].argmax(-1, keepdim=True)
 
 
 def _fill_cache(model: Transformer, depth: int, generator: torch.Generator) -> None:
@@ -246,7 +246,7 @@ class _ModelRunner:
 
         def ours() -> int:
             with torch.inference_mode():
-                return time_ns(device, lambda: _decode(model, first, depth, n_gen))
+                return time_ns(device, lambda: _decode(self.built.step, first, depth, n_gen))
 
         def theirs() -> int:
             twin = self._twin()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import sys
@@ -63,6 +64,19 @@ def cli_command(func: F) -> F:
                 warn(line)
 
     return wrapper  # type: ignore[return-value]
+
+
+def write(text: str) -> None:
+    """Text on stdout as it comes (a streamed answer): written and flushed, never restyled."""
+    sys.stdout.write(text)
+    sys.stdout.flush()
+
+
+def loading_status(what: str) -> contextlib.AbstractContextManager[object]:
+    """A transient spinner on stderr while weights load (nothing when stderr is not a terminal)."""
+    if stderr.is_terminal:
+        return stderr.status(f"loading {what}…", spinner="dots")
+    return contextlib.nullcontext()
 
 
 def print_json(data: Any) -> None:

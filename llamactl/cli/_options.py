@@ -1,13 +1,104 @@
-"""Typer options several commands share, defined once so their names and help agree."""
+"""Typer options several commands share (generate, chat, tokenize, quantize, bench), and the
+step from their values to library objects: sampling parameters, a quantization spec, a chat
+template, a loaded model. Defined once so their names and help agree everywhere.
+
+Errors the library words without flag names are reworded here with the flag that caused them.
+Library modules are imported inside the functions: building the app for `--help` must not
+import torch.
+"""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Annotated
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
+from llamactl.cli._common import loading_status
+from llamactl.errors import TokenizerError, UsageError
+
 if TYPE_CHECKING:
+    from llamactl.loading import LoadedModel
     from llamactl.quantize import QuantSpec
+    from llamactl.sampling import SamplingParams
+    from llamactl.templates import ChatTemplate
+    from llamactl.tokenizer import Tokenizer
+
+ModelArg = Annotated[
+    str, typer.Argument(help="A model directory (Meta or Hugging Face) or a name under the models home.")
+]
+Temperature = Annotated[float, typer.Option("--temperature", "-t", min=0.0, help="Sampling temperature; 0 is greedy.")]
+TopP = Annotated[
+    float, typer.Option("--top-p", min=0.0, max=1.0, help="Nucleus sampling: keep tokens up to this mass.")
+]
+TopK = Annotated[int, typer.Option("--top-k", min=0, help="Keep only the k most likely tokens (0: off).")]
+Seed = Annotated[int | None, typer.Option("--seed", help="Random seed (default: a fresh one, reported with --json).")]
+MaxNew = Annotated[
+    int | None,
+    typer.Option(
+        "--max-new-tokens", "-n", min=1, help="Stop after this many new tokens (default: EOS or context end)."
+    ),
+]
+Device = Annotated[str | None, typer.Option("--device", help="cpu or cuda (default: cuda when available).")]
+DType = Annotated[str | None, typer.Option("--dtype", help="fp32, bf16 or fp16 (default: bf16 on CUDA, fp32 on CPU).")]
+TokenizerOpt = Annotated[
+    Path | None, typer.Option("--tokenizer", help="tokenizer.model to use instead of the model's.")
+]
+Ctx = Annotated[int | None, typer.Option("--ctx", min=2, help="Context length in tokens (default: the model's).")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object per answer instead of text.")]
+
+
+def sampling_from(
+    temperature: float, top_p: float, top_k: int, seed: int | None, max_new_tokens: int | None
+) -> SamplingParams:
+    from llamactl.sampling import SamplingParams
+
+    if top_p <= 0:
+        raise UsageError("--top-p must be greater than 0")
+    return SamplingParams(temperature, top_p, top_k, seed, max_new_tokens).validate()
+
+
+def sampling_dict(sampling: SamplingParams) -> dict[str, Any]:
+    """The sampling settings as --json reports them."""
+    return {
+        "temperature": sampling.temperature,
+        "top_p": sampling.top_p,
+        "top_k": sampling.top_k,
+        "max_new_tokens": sampling.max_new_tokens,
+    }
+
+
+def template_from(name: str) -> ChatTemplate:
+    """The chat template `--template NAME` names."""
+    from llamactl.templates import UnknownTemplateError, get_template
+
+    try:
+        return get_template(name)
+    except UnknownTemplateError as exc:
+        raise UsageError(f"--template {name}: unknown chat template; choose one of: {', '.join(exc.choices)}") from None
+
+
+def load_from_options(
+    model: str,
+    tokenizer: Path | None,
+    device: str | None,
+    dtype: str | None,
+    ctx: int | None,
+    quant: QuantSpec | None = None,
+) -> tuple[LoadedModel, Tokenizer]:
+    """The model and tokenizer the options name, with a spinner on a terminal."""
+    from llamactl.dtypes import parse_float_dtype
+    from llamactl.loading import load_for_generation
+    from llamactl.tokenizer import MissingTokenizerError
+
+    try:
+        with loading_status(model):
+            return load_for_generation(model, tokenizer, device, parse_float_dtype(dtype), ctx, quant)
+    except MissingTokenizerError as exc:
+        raise TokenizerError(
+            f"{exc.model_path}: no tokenizer.model next to the weights; pass --tokenizer FILE"
+        ) from None
+
 
 # ---------------------------------------------------------------- quantization (quantize, chat, generate, bench)
 

@@ -9,14 +9,14 @@ from __future__ import annotations
 import json
 import sys
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
-from llamactl.chat import TEMPLATE_NAME, chat_template, load_dialog
-from llamactl.cli._common import cli_command, warn
-from llamactl.cli.generate import (
+from llamactl.cli._common import cli_command, warn, write
+from llamactl.cli._options import (
     Bits,
     Ctx,
     Device,
@@ -24,20 +24,26 @@ from llamactl.cli.generate import (
     JsonOpt,
     MaxNew,
     ModelArg,
+    QuantType,
+    Scheme,
     Seed,
     Temperature,
     TokenizerOpt,
     TopK,
     TopP,
-    _sampling_dict,
-    loading_status,
+    load_from_options,
+    quant_from_options,
+    sampling_dict,
     sampling_from,
-    write,
+    template_from,
 )
-from llamactl.dtypes import parse_float_dtype
 from llamactl.errors import UsageError
-from llamactl.generate import ChatSession, load_for_generation
 from llamactl.plugins import hookimpl
+from llamactl.templates import DEFAULT_TEMPLATE, load_dialog
+
+if TYPE_CHECKING:
+    from llamactl.loading import LoadedModel
+    from llamactl.session import ChatSession
 
 
 def chat(
@@ -61,9 +67,11 @@ def chat(
     device: Device = None,
     dtype: DType = None,
     bits: Bits = None,
+    scheme: Scheme = None,
+    quant_type: QuantType = None,
     template: Annotated[
         str, typer.Option("--template", help="Chat template: llama-2-chat or one a plugin registers.")
-    ] = TEMPLATE_NAME,
+    ] = DEFAULT_TEMPLATE,
     tokenizer: TokenizerOpt = None,
     ctx: Ctx = None,
     json_out: JsonOpt = False,
@@ -72,14 +80,15 @@ def chat(
     if overflow not in ("drop", "error"):
         raise UsageError(f"--overflow {overflow}: choose drop or error")
     sampling = sampling_from(temperature, top_p, top_k, seed, max_new_tokens)
-    encode = chat_template(template)
+    chat_template = template_from(template)
     messages = load_dialog(dialog) if dialog is not None else []
     interactive = prompt is None and sys.stdin.isatty()
     inputs: list[str] = []
     if not interactive:
         inputs = _script_inputs(prompt, each_line)
-    with loading_status(model):
-        loaded, tok = load_for_generation(model, tokenizer, device, parse_float_dtype(dtype), ctx, bits)
+    loaded, tok = load_from_options(model, tokenizer, device, dtype, ctx, quant_from_options(bits, scheme, quant_type))
+    from llamactl.session import ChatSession
+
     session = ChatSession(
         loaded.model,
         tok,
@@ -87,8 +96,8 @@ def chat(
         messages=messages,
         overflow=overflow,
         context=loaded.args.max_seq_len,
-        template=template,
-        encode=encode,
+        template=chat_template,
+        step=loaded.step,
     )
     if system is not None:
         session.set_system(system)
@@ -102,8 +111,8 @@ def chat(
         )
     meta = {
         "seed": session.seed_used,
-        "sampling": _sampling_dict(sampling),
-        "template": template,
+        "sampling": sampling_dict(sampling),
+        "template": chat_template.name,
         "model": str(loaded.reader.path),
     }
     if pending:
@@ -123,7 +132,7 @@ def _script_inputs(prompt: str | None, each_line: bool) -> list[str]:
     return [text.strip()] if text.strip() else []
 
 
-def _answer(session: ChatSession, start: Any, json_out: bool, meta: dict[str, Any]) -> None:
+def _answer(session: ChatSession, start: Callable[[], Iterator[str]], json_out: bool, meta: dict[str, Any]) -> None:
     t0 = time.perf_counter()
     stream = start()
     if session.last_dropped:
@@ -131,30 +140,30 @@ def _answer(session: ChatSession, start: Any, json_out: bool, meta: dict[str, An
     for piece in stream:
         if not json_out:
             write(piece)
-    last = session.last
-    answer = session.messages[-1]
-    if json_out:
-        record = {
-            "content": answer.content,
-            "cut": answer.cut,
-            "tokens_in": last.prompt_tokens,
-            "tokens_prefilled": last.prefilled_tokens,
-            "tokens_out": last.new_tokens,
-            "tokens_per_second": round(last.tokens_per_second, 2) if last.tokens_per_second else None,
-            "time_to_first_token_s": round(last.ttft, 4) if last.ttft is not None else None,
-            "seconds": round(time.perf_counter() - t0, 4),
-            "stop_reason": last.stop_reason,
-            "dropped_exchanges": last.dropped_exchanges,
-            **meta,
-        }
-        write(json.dumps(record, ensure_ascii=False) + "\n")
-    else:
+    if not json_out:
         write("\n")
+        return
+    last, answer = session.last, session.messages[-1]
+    assert last is not None
+    record = {
+        "content": answer.content,
+        "cut": answer.cut,
+        "tokens_in": last.prompt_tokens,
+        "tokens_prefilled": last.prefilled_tokens,
+        "tokens_out": last.new_tokens,
+        "tokens_per_second": round(last.tokens_per_second, 2) if last.tokens_per_second else None,
+        "time_to_first_token_s": round(last.ttft, 4) if last.ttft is not None else None,
+        "seconds": round(time.perf_counter() - t0, 4),
+        "stop_reason": last.stop_reason,
+        "dropped_exchanges": last.dropped_exchanges,
+        **meta,
+    }
+    write(json.dumps(record, ensure_ascii=False) + "\n")
 
 
-def _repl(session: ChatSession, loaded: Any, name: str) -> None:
+def _repl(session: ChatSession, loaded: LoadedModel, name: str) -> None:
+    from llamactl.cli.repl import ModelInfo, Repl
     from llamactl.home import chat_history_file
-    from llamactl.repl import ModelInfo, Repl
 
     args = loaded.args
     info = ModelInfo(

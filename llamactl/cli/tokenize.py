@@ -9,18 +9,19 @@ from typing import Annotated
 
 import typer
 
-from llamactl.chat import TEMPLATE_NAME, chat_template, encode_with, load_dialog
 from llamactl.cli._common import cli_command
+from llamactl.cli._options import template_from
 from llamactl.errors import UsageError
 from llamactl.plugins import hookimpl
-from llamactl.tokenizer import Tokenizer, open_tokenizer
+from llamactl.templates import DEFAULT_TEMPLATE, encode_with, load_dialog
+from llamactl.tokenizer import Tokenizer, load_tokenizer, open_tokenizer
 
 
 def _tokenizer(model: str | None, tokenizer: Path | None) -> Tokenizer:
     if (model is None) == (tokenizer is None):
         raise UsageError("give exactly one of --model MODEL or --tokenizer FILE")
     if tokenizer is not None:
-        return Tokenizer(tokenizer)
+        return load_tokenizer(tokenizer)
     from llamactl.checkpoint import open_checkpoint
 
     reader = open_checkpoint(model)
@@ -41,7 +42,7 @@ def tokenize(
     ] = True,
     template: Annotated[
         str, typer.Option("--template", help="Chat template for --chat: llama-2-chat or one a plugin registers.")
-    ] = TEMPLATE_NAME,
+    ] = DEFAULT_TEMPLATE,
     pieces: Annotated[bool, typer.Option("--pieces", help="Show each id with its SentencePiece piece.")] = False,
     json_out: Annotated[bool, typer.Option("--json", help="Print one JSON list.")] = False,
 ) -> None:
@@ -50,7 +51,7 @@ def tokenize(
         raise UsageError("give either TEXT or --chat DIALOG.json, not both")
     tok = _tokenizer(model, tokenizer)
     if chat is not None:
-        ids = encode_with(chat_template(template), tok, load_dialog(chat))
+        ids = encode_with(template_from(template), tok, load_dialog(chat))
     else:
         if text is None:
             if sys.stdin.isatty():

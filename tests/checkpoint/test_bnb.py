@@ -105,12 +105,12 @@ def test_skip_keeps_float_and_transformers_agrees(tmp_path: Path) -> None:
 def test_stories260k_int8_greedy_matches_golden_start(stories_dir: Path, tmp_path: Path) -> None:
     """The real trained model, int8: greedy decoding still tells llama2.c's golden story."""
     from llamactl.generate import SamplingParams, generate
-    from llamactl.tokenizer import Tokenizer
+    from llamactl.tokenizer import load_tokenizer
 
     dst = tmp_path / "q8"
     quantize_to(stories_dir, dst, QuantSpec("int8"), device="cpu")
     model = build_model(open_checkpoint(dst), CPU, torch.float32)
-    tok = Tokenizer(dst / "tokenizer.model")
+    tok = load_tokenizer(dst / "tokenizer.model")
     ids = list(generate(model, [tok.bos_id], sampling=SamplingParams(temperature=0.0), max_new_tokens=16))
     assert tok.decode(ids).startswith("Once upon a time, there was a little girl named Lily.")
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from llamactl.tokenizer import Tokenizer
+from llamactl.tokenizer import load_tokenizer
 from tests._chat_util import FIXTURES, LLAMA2_TOKENIZER, STORIES, hf_greedy, hf_twin, tiny_checkpoint
 from tests.cli._run import assert_one_line_error, run_cli, tree_digest
 
@@ -32,7 +32,7 @@ def test_stories260k_reproduces_llama2c_golden_output() -> None:
 
 def test_greedy_equals_transformers_and_continues_the_prompt(tiny) -> None:
     path, model = tiny
-    tok = Tokenizer(path / "tokenizer.model")
+    tok = load_tokenizer(path / "tokenizer.model")
     prompt = "Once upon a time"
     ids = tok.encode(prompt, bos=True)
     want = tok.decode(ids + hf_greedy(hf_twin(model), ids, 30))[len(tok.decode(ids)) :]
@@ -58,7 +58,7 @@ def test_json_and_seed_reproducibility(tiny) -> None:
     first = records[0]
     assert first["seed"] == 5 and first["tokens_out"] == 16 and first["stop_reason"] == "length"
     assert first["sampling"] == {"temperature": 0.6, "top_p": 0.9, "top_k": 50, "max_new_tokens": 16}
-    assert first["tokens_in"] == len(Tokenizer(path / "tokenizer.model").encode("The cat", bos=True))
+    assert first["tokens_in"] == len(load_tokenizer(path / "tokenizer.model").encode("The cat", bos=True))
     assert first["device"] == "cpu" and first["dtype"] == "float32"
 
 

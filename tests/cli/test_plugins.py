@@ -94,12 +94,12 @@ def register_chat_templates(register):
 
 
 def test_a_plugin_chat_template_is_used_by_tokenize_and_chat(plugin_site: Path, tmp_path: Path) -> None:
-    from llamactl.tokenizer import Tokenizer
+    from llamactl.tokenizer import load_tokenizer
     from tests._chat_util import tiny_checkpoint
 
     make_plugin(plugin_site, "toychat", TEMPLATE_PLUGIN)
     model, _ = tiny_checkpoint(tmp_path / "m")
-    expected = Tokenizer(model / "tokenizer.model").encode("USER: hi there BOT:", bos=True)
+    expected = load_tokenizer(model / "tokenizer.model").encode("USER: hi there BOT:", bos=True)
     dialog = tmp_path / "dialog.json"
     dialog.write_text(json.dumps([{"role": "user", "content": "hi there"}]))
 

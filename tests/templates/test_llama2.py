@@ -1,27 +1,17 @@
 """The Llama 2 chat template against a reference written from Meta's rules, on the real tokenizer.
 
 The reference calls SentencePiece directly and spells every string out literally, so it
-shares no code with llamactl.chat: one misplaced space, newline, BOS or EOS fails it.
+shares no code with llamactl.templates: one misplaced space, newline, BOS or EOS fails it.
 """
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
 import pytest
 import sentencepiece as spm
 
-from llamactl.chat import (
-    DialogError,
-    Message,
-    encode_dialog,
-    encode_history,
-    load_dialog,
-    parse_dialog,
-    save_dialog,
-)
-from llamactl.tokenizer import Tokenizer
+from llamactl.templates import SPECIAL_TAGS, DialogError, Message
+from llamactl.templates.llama2 import B_INST, B_SYS, E_INST, E_SYS, LLAMA2_CHAT, encode_dialog, encode_history
+from llamactl.tokenizer import Tokenizer, load_tokenizer
 from tests._chat_util import LLAMA2_TOKENIZER
 
 BOS, EOS = 1, 2
@@ -36,7 +26,7 @@ def sp() -> spm.SentencePieceProcessor:
 
 @pytest.fixture(scope="module")
 def tok(sp: spm.SentencePieceProcessor) -> Tokenizer:
-    return Tokenizer(LLAMA2_TOKENIZER)
+    return load_tokenizer(LLAMA2_TOKENIZER)
 
 
 def d(*pairs: tuple[str, str]) -> list[Message]:
@@ -126,43 +116,12 @@ def test_special_tags_refused(tok: Tokenizer, tag: str) -> None:
         encode_dialog(tok, d(("system", f"sys {tag}"), ("user", "hi")))
 
 
-def test_parse_messages_json(tmp_path: Path) -> None:
-    path = tmp_path / "dialog.json"
-    path.write_text(json.dumps([{"role": "system", "content": "S"}, {"role": "user", "content": "U"}]))
-    assert load_dialog(path) == d(("system", "S"), ("user", "U"))
-    assert parse_dialog({"messages": [{"role": "user", "content": "U"}]}, "x") == d(("user", "U"))
+def test_the_refused_markers_are_the_templates_own() -> None:
+    assert set(SPECIAL_TAGS) == {B_INST, E_INST, B_SYS.strip(), E_SYS.strip()}
 
 
-@pytest.mark.parametrize(
-    ("content", "message"),
-    [
-        ("[{", "malformed JSON"),
-        ('{"role": "user"}', "expected a JSON list"),
-        ('[{"role": "user"}]', "message 1 must be an object with 'role' and 'content'"),
-        ('[{"role": "bot", "content": "x"}]', "unknown role 'bot'"),
-        ('[{"role": "user", "content": 3}]', "content must be a string"),
-        ('[{"role": "user", "content": "a"}, {"role": "user", "content": "b"}]', "message 2 has role 'user'"),
-        ('[{"role": "user", "content": "a"}, {"role": "system", "content": "b"}]', "only the first message"),
-    ],
-)
-def test_bad_dialog_files(tmp_path: Path, content: str, message: str) -> None:
-    path = tmp_path / "bad.json"
-    path.write_text(content)
-    with pytest.raises(DialogError, match=message) as info:
-        load_dialog(path)
-    assert str(path) in str(info.value)
-    assert path.read_text() == content  # input untouched
-
-
-def test_missing_dialog_file(tmp_path: Path) -> None:
-    with pytest.raises(DialogError, match="file not found"):
-        load_dialog(tmp_path / "none.json")
-
-
-def test_save_and_load_round_trip_keeps_cut_flag(tmp_path: Path) -> None:
-    dialog = [Message("system", "S"), Message("user", "U ünïcode 🦙"), Message("assistant", "part", cut=True)]
-    path = tmp_path / "out.json"
-    save_dialog(path, dialog)
-    assert load_dialog(path) == dialog
-    assert json.loads(path.read_text())[2] == {"role": "assistant", "content": "part", "cut": True}
-    assert [p.name for p in tmp_path.iterdir()] == ["out.json"]  # no temporary file left
+def test_the_template_object_encodes_as_the_functions(tok: Tokenizer) -> None:
+    dialog = d(("system", "S"), ("user", "Hi"), ("assistant", "Hello!"), ("user", "Bye"))
+    assert LLAMA2_CHAT.name == "llama-2-chat"
+    assert LLAMA2_CHAT.encode(tok, dialog) == encode_dialog(tok, dialog)
+    assert LLAMA2_CHAT.encode_history(tok, dialog[:3]) == encode_history(tok, dialog[:3])

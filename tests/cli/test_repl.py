@@ -12,17 +12,18 @@ import pytest
 import sentencepiece as spm
 from rich.console import Console
 
-from llamactl.generate import ChatSession, SamplingParams
-from llamactl.repl import ModelInfo, Repl
-from llamactl.tokenizer import Tokenizer
+from llamactl.cli.repl import ModelInfo, Repl
+from llamactl.sampling import SamplingParams
+from llamactl.session import ChatSession
+from llamactl.tokenizer import SentencePieceTokenizer, Tokenizer
 from tests._chat_util import hf_greedy, hf_twin, random_model, tiny_args, tiny_checkpoint, train_tiny_tokenizer
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
 def tok(tmp_path_factory: pytest.TempPathFactory) -> Tokenizer:
-    return Tokenizer(train_tiny_tokenizer(tmp_path_factory.mktemp("tok")))
+    return SentencePieceTokenizer(train_tiny_tokenizer(tmp_path_factory.mktemp("tok")))
 
 
 def scripted(tok: Tokenizer, lines: list[str], **kw) -> tuple[Repl, io.StringIO]:

@@ -1,43 +1,31 @@
-"""Llama 2 chat dialogs and their exact token encoding.
+"""Dialogs: messages, the rules they follow, and the messages JSON format (parse, load, save).
 
-The encoding is Meta's `chat_completion` (facebookresearch/llama, llama/generation.py):
-a system message is folded into the first user message between `<<SYS>>\\n` and
-`\\n<</SYS>>\\n\\n`; every finished exchange is its own SentencePiece call
-`[INST] {user} [/INST] {answer} ` framed by the BOS and EOS *ids*; the pending user
-message is `[INST] {user} [/INST]` after a BOS id. Getting one space or id wrong silently
-degrades a chat model, so this module is the only place that knows the template.
+A dialog is an optional system message, then user and assistant messages alternating. The
+JSON form is the common one: a list of {"role", "content"} objects (optionally under
+"messages"); an answer cut short carries "cut": true.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, Protocol
+from typing import Any, Literal
 
-from llamactl.errors import LlamactlError, UsageError
-from llamactl.plugins import get_registry, hookimpl
+from llamactl.errors import LlamactlError
 
 Role = Literal["system", "user", "assistant"]
 ROLES: tuple[str, ...] = ("system", "user", "assistant")
 
-B_INST, E_INST = "[INST]", "[/INST]"
-B_SYS, E_SYS = "<<SYS>>\n", "\n<</SYS>>\n\n"
-SPECIAL_TAGS: tuple[str, ...] = (B_INST, E_INST, "<<SYS>>", "<</SYS>>")
-TEMPLATE_NAME = "llama-2-chat"
-TEMPLATE_TEXT = "<s>[INST] <<SYS>>\\n{system}\\n<</SYS>>\\n\\n{user} [/INST] {assistant} </s><s>[INST] {user} [/INST]"
+# Meta's chat_completion refuses any message holding a marker of the Llama 2 template
+# (llama2.py frames turns with them), or a user could forge turns. Every dialog is held to
+# that rule, whichever template encodes it.
+SPECIAL_TAGS: tuple[str, ...] = ("[INST]", "[/INST]", "<<SYS>>", "<</SYS>>")
 
 
 class DialogError(LlamactlError):
     """A dialog is malformed: bad JSON, unknown role, roles out of order, special tags."""
-
-
-class _Encoder(Protocol):
-    bos_id: int
-    eos_id: int
-
-    def encode(self, text: str, bos: bool = False, eos: bool = False) -> list[int]: ...
 
 
 @dataclass(frozen=True)
@@ -89,45 +77,6 @@ def validate_dialog(dialog: Sequence[Message], *, pending: bool = True, source: 
     for index, message in enumerate(dialog):
         if message.role != "assistant":
             check_special_tags(message.content, f"{source}: message {index + 1} ({message.role})")
-
-
-def _fold_system(dialog: Sequence[Message]) -> list[Message]:
-    if dialog and dialog[0].role == "system":
-        if len(dialog) == 1:
-            return []
-        first = dialog[1]
-        return [Message(first.role, B_SYS + dialog[0].content + E_SYS + first.content), *dialog[2:]]
-    return list(dialog)
-
-
-def encode_exchanges(tokenizer: _Encoder, dialog: Sequence[Message]) -> list[int]:
-    """Ids of every finished user/assistant exchange, each `BOS [INST] u [/INST] a EOS`."""
-    folded = _fold_system(dialog)
-    ids: list[int] = []
-    for user, answer in zip(folded[::2], folded[1::2]):
-        text = f"{B_INST} {user.content.strip()} {E_INST} {answer.content.strip()} "
-        ids += tokenizer.encode(text, bos=True, eos=True)
-    return ids
-
-
-def encode_dialog(tokenizer: _Encoder, dialog: Sequence[Message]) -> list[int]:
-    """The exact prompt ids Meta's chat_completion feeds the model for `dialog`.
-
-    The dialog must end with a user message; `encode_history` encodes one that does not.
-    """
-    validate_dialog(dialog, pending=True)
-    folded = _fold_system(dialog)
-    ids = encode_exchanges(tokenizer, dialog)
-    ids += tokenizer.encode(f"{B_INST} {folded[-1].content.strip()} {E_INST}", bos=True, eos=False)
-    return ids
-
-
-def encode_history(tokenizer: _Encoder, dialog: Sequence[Message]) -> list[int]:
-    """Ids of a dialog as far as it goes: a prompt when it ends with the user, else the exchanges."""
-    validate_dialog(dialog, pending=False)
-    if dialog and dialog[-1].role == "user":
-        return encode_dialog(tokenizer, dialog)
-    return encode_exchanges(tokenizer, dialog)
 
 
 def parse_dialog(data: Any, source: str) -> Dialog:
@@ -182,29 +131,3 @@ def save_dialog(path: str | Path, dialog: Iterable[Message]) -> None:
     except OSError as exc:
         tmp.unlink(missing_ok=True)
         raise DialogError(f"{path}: cannot write: {exc.strerror or exc}") from None
-
-
-ChatTemplate = Callable[[Any, Sequence[Message]], list[int]]
-
-
-def encode_with(encode: ChatTemplate, tokenizer: Any, dialog: Sequence[Message]) -> list[int]:
-    """A prompt through `encode` when the dialog ends with the user; otherwise the history
-    as far as it goes (the built-in template's exchanges)."""
-    if encode is encode_dialog or not dialog or dialog[-1].role != "user":
-        return encode_history(tokenizer, dialog)
-    return encode(tokenizer, dialog)
-
-
-def chat_template(name: str) -> ChatTemplate:
-    """The encoder registered under `name`: the built-in llama-2-chat or a plugin's."""
-    if name == TEMPLATE_NAME:
-        return encode_dialog
-    templates = get_registry().chat_templates()
-    if name not in templates:
-        raise UsageError(f"--template {name}: unknown chat template; choose one of: {', '.join(sorted(templates))}")
-    return templates[name]
-
-
-@hookimpl
-def register_chat_templates(register: Callable[[str, ChatTemplate], None]) -> None:
-    register(TEMPLATE_NAME, encode_dialog)

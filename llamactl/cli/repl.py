@@ -1,8 +1,7 @@
 """The interactive `llamactl chat` REPL: prompt, streamed answers, slash commands, history.
 
 All model work goes through `ChatSession`; this module only reads lines, prints with
-rich, and maps commands to session calls. It is the one place outside `cli/` that prints,
-because a REPL *is* terminal output.
+rich, and maps commands to session calls.
 """
 
 from __future__ import annotations
@@ -18,9 +17,10 @@ from pathlib import Path
 from rich.console import Console
 from rich.markup import escape
 
-from llamactl.chat import TEMPLATE_NAME, TEMPLATE_TEXT, load_dialog, save_dialog
 from llamactl.errors import LlamactlError
-from llamactl.generate import ChatSession, SamplingParams
+from llamactl.sampling import SamplingParams
+from llamactl.session import ChatSession
+from llamactl.templates import load_dialog, save_dialog
 
 PROMPT = ">>> "
 CONTINUATION = "... "
@@ -97,7 +97,7 @@ class Repl:
     def banner(self) -> None:
         i = self.info
         self.console.print(f"[bold]llamactl chat[/bold] · {escape(i.name)} · {i.format} · {i.shape}")
-        self.note(f"context {i.context} tokens · {i.device} {i.dtype} · template {self.session.template}")
+        self.note(f"context {i.context} tokens · {i.device} {i.dtype} · template {self.session.template.name}")
         self.note('Type /help for commands, """ for multi-line input, /exit or Ctrl-D to quit.')
         if self.session.system:
             self.note(f"system: {self.session.system}")
@@ -332,16 +332,16 @@ class Repl:
             ("max_new_tokens", s.max_new_tokens or "until EOS"),
             ("overflow", self.session.overflow),
             ("system", self.session.system or "(none)"),
-            (
-                "template",
-                f"{TEMPLATE_NAME}: {TEMPLATE_TEXT}"
-                if self.session.template == TEMPLATE_NAME
-                else self.session.template,
-            ),
+            ("template", self._template_line()),
         ]
         for key, value in rows:
             self.console.print(f"  [bold]{key:<15}[/bold] {escape(str(value))}")
         return True
+
+    def _template_line(self) -> str:
+        template = self.session.template
+        text = getattr(template, "text", None)
+        return f"{template.name}: {text}" if text else template.name
 
     def cmd_tokens(self, _arg: str) -> bool:
         ids = self.session.token_ids()

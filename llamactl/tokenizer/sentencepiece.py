@@ -1,0 +1,74 @@
+"""SentencePiece vocabularies (Llama 1/2's tokenizer.model) behind the Tokenizer protocol.
+
+Llama 1/2 use a SentencePiece BPE model with byte fallback: a leading space is part of a
+piece (`▁the`), the first piece of a text loses it on decode, and a character missing from
+the vocabulary is spelled as its UTF-8 bytes (`<0xF0>` `<0x9F>` ...).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+from llamactl.errors import TokenizerError
+
+_REPLACEMENT = "\ufffd"
+
+
+class SentencePieceTokenizer:
+    """SentencePiece model with Llama's BOS/EOS conventions (BOS/EOS are ids, never text)."""
+
+    def __init__(self, path: str | Path) -> None:
+        import sentencepiece as spm
+
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise TokenizerError(f"{self.path}: tokenizer file not found")
+        try:
+            self.sp = spm.SentencePieceProcessor(model_file=str(self.path))
+        except (OSError, RuntimeError) as exc:
+            raise TokenizerError(f"{self.path}: not a SentencePiece model ({str(exc).splitlines()[0]})") from None
+        self.vocab_size: int = self.sp.vocab_size()
+        self.bos_id: int = self.sp.bos_id()
+        self.eos_id: int = self.sp.eos_id()
+        self._sentinel = self._find_sentinel()
+
+    def __repr__(self) -> str:
+        return f"SentencePieceTokenizer({str(self.path)!r}, vocab_size={self.vocab_size})"
+
+    def encode(self, text: str, bos: bool = False, eos: bool = False) -> list[int]:
+        ids: list[int] = self.sp.encode(text)
+        return ([self.bos_id] if bos else []) + ids + ([self.eos_id] if eos else [])
+
+    def decode(self, ids: Iterable[int]) -> str:
+        """Decode as SentencePiece does (control ids such as BOS/EOS vanish)."""
+        return self.sp.decode([int(i) for i in ids])
+
+    def decode_continuation(self, ids: Sequence[int]) -> str:
+        """Decode `ids` as text that continues earlier text (a leading `▁` stays a space)."""
+        sentinel_text = self.sp.decode([self._sentinel])
+        text = self.sp.decode([self._sentinel, *ids])
+        return text[len(sentinel_text) :]
+
+    def piece(self, token_id: int) -> str:
+        return self.sp.id_to_piece(int(token_id))
+
+    def check_ids(self, ids: Iterable[int], source: str = "token ids") -> list[int]:
+        """Return ids as ints, raising TokenizerError for one outside the vocabulary."""
+        out = [int(i) for i in ids]
+        for i in out:
+            if not 0 <= i < self.vocab_size:
+                raise TokenizerError(f"{source}: id {i} is outside the vocabulary (0..{self.vocab_size - 1})")
+        return out
+
+    def _find_sentinel(self) -> int:
+        # A plain piece decoding to visible text, prepended so that SentencePiece's
+        # "drop the first piece's leading space" rule hits it instead of our tokens.
+        for i in range(self.vocab_size):
+            sp = self.sp
+            if sp.is_control(i) or sp.is_unknown(i) or sp.is_byte(i) or sp.is_unused(i):
+                continue
+            text = sp.decode([i])
+            if text.strip() and _REPLACEMENT not in text:
+                return i
+        raise TokenizerError(f"{self.path}: the vocabulary has no ordinary text piece")
