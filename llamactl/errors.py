@@ -39,6 +39,10 @@ class MissingDependencyError(LlamactlError):
     """An optional dependency is not installed; the message carries the install hint."""
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (what `kill`, `timeout` and systemd send): unwinds like Ctrl-C, so every cleanup runs."""
+
+
 class TokenizerError(LlamactlError):
     """A tokenizer file is missing, unreadable or does not fit the model."""
 

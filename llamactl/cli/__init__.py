@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import os
+import signal
 import sys
+from types import FrameType
 
 import typer
 
 from llamactl import __version__
-
-INTERRUPTED = 130  # the exit code of a command stopped by Ctrl-C (README: exit codes)
+from llamactl.cli._common import INTERRUPTED, TERMINATED
+from llamactl.errors import Terminated
 
 
 def _version(value: bool) -> None:
@@ -42,17 +44,22 @@ def build_app() -> typer.Typer:
     return app
 
 
+def _terminate(signum: int, frame: FrameType | None) -> None:
+    raise Terminated()
+
+
 def main() -> None:
     """Console-script entry point."""
+    signal.signal(signal.SIGTERM, _terminate)  # unwind like Ctrl-C: temporary outputs are removed
     try:
         build_app()(prog_name="llamactl")
     except SystemExit as exc:
-        if exc.code == INTERRUPTED:
+        if exc.code in (INTERRUPTED, TERMINATED):
             # A Ctrl-C that lands while CPython runs exec()'d code (dataclass and namedtuple
             # creation during a lazy import) leaves a flag that makes it re-raise SIGINT at exit
             # even though we handled it: the caller would see "killed by signal 2", not our
             # documented 130. Everything was cleaned up on the way here, so exit directly.
             sys.stdout.flush()
             sys.stderr.flush()
-            os._exit(INTERRUPTED)
+            os._exit(exc.code)  # type: ignore[arg-type]
         raise

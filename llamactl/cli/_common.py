@@ -20,7 +20,10 @@ from rich.progress import (
     TransferSpeedColumn,
 )
 
-from llamactl.errors import LlamactlError
+from llamactl.errors import LlamactlError, Terminated
+
+INTERRUPTED = 130  # exit code after Ctrl-C (README: exit codes)
+TERMINATED = 143  # exit code after SIGTERM (128 + 15, as shells report it)
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -44,7 +47,7 @@ def warn(message: str) -> None:
 
 
 def cli_command(func: F) -> F:
-    """Turn library errors into one stderr line and an exit code; Ctrl-C into exit 130."""
+    """Turn library errors into one stderr line and an exit code; Ctrl-C into exit 130, SIGTERM 143."""
 
     @functools.wraps(func)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
@@ -56,9 +59,12 @@ def cli_command(func: F) -> F:
             return func(*args, **kwargs)
         except LlamactlError as exc:
             raise fail(str(exc), exc.exit_code) from None
+        except Terminated:
+            print("llamactl: terminated", file=sys.stderr)
+            raise typer.Exit(TERMINATED) from None
         except KeyboardInterrupt:
             print("llamactl: interrupted", file=sys.stderr)
-            raise typer.Exit(130) from None
+            raise typer.Exit(INTERRUPTED) from None
         finally:
             for line in failures[reported:]:  # a plugin that broke during the command (e.g. in detect())
                 warn(line)

@@ -17,7 +17,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.markup import escape
 
-from llamactl.errors import LlamactlError
+from llamactl.errors import LlamactlError, Terminated
 from llamactl.sampling import SamplingParams
 from llamactl.session import ChatSession
 from llamactl.templates import load_dialog, save_dialog
@@ -165,6 +165,8 @@ class Repl:
         while True:
             try:
                 text = self.read_message()
+            except Terminated:
+                raise
             except KeyboardInterrupt:
                 self.console.print()
                 self.note("(use /exit or Ctrl-D to quit)")
@@ -218,6 +220,8 @@ class Repl:
                     status.stop()
                     status = None
                 self.console.print(piece, end="", markup=False, highlight=False, soft_wrap=True)
+        except Terminated:
+            raise
         except KeyboardInterrupt:
             if status:
                 status.stop()
