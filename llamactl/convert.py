@@ -14,7 +14,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from llamactl.atomic import atomic_directory, check_destination
+from llamactl.atomic import atomic_directory, atomic_file, check_destination
 from llamactl.checkpoint import (
     CheckpointFormat,
     CheckpointReader,
@@ -80,11 +80,13 @@ def plan_convert(
     quant: QuantSpec | None = None,
     skip: Sequence[str] = (),
     device: str | None = None,
+    gguf_type: str | None = None,
 ) -> ConvertPlan:
     """Open SRC, validate the request and return the plan (nothing is written).
 
     `to` defaults to the format that stores `quant` when quantizing; `skip` (glob patterns)
-    leaves matching block projections unquantized.
+    leaves matching block projections unquantized; `gguf_type` (q8_0, q4_0) quantizes the
+    block projections of a GGUF output. A format with a `file_suffix` writes DST as one file.
     """
     if to is None and quant is None:
         raise UsageError("give a target format (hf, meta, ...) or a quantization scheme")
@@ -93,6 +95,11 @@ def plan_convert(
         raise UsageError(f"format {target.name!r} cannot be written")
     if shards is not None and target.name != "meta":
         raise UsageError("shards apply to the meta format (model-parallel shards); use a max shard size for hf")
+    if gguf_type is not None and target.name != "gguf":
+        raise UsageError("--gguf-type applies to --to gguf")
+    dst_path = Path(dst).expanduser()
+    if target.file_suffix is not None and not dst_path.name.lower().endswith(target.file_suffix):
+        raise UsageError(f"{dst_path}: format {target.name!r} writes one file; name it *{target.file_suffix}")
     reader: CheckpointReader = open_checkpoint(src)
     if quant is not None:
         if quant.method not in target.schemes:
@@ -105,16 +112,18 @@ def plan_convert(
             f"{reader.path}: quantized checkpoint ({reader.quant.method} {reader.quant.scheme}); "
             f"format {target.name!r} cannot hold it, it can only be loaded"
         )
-    dst_path = Path(dst).expanduser()
-    check_destination(reader.path, dst_path, force)
-    options = WriteOptions(dtype=parse_float_dtype(dtype), shards=shards)
+    check_destination(reader.path, dst_path, force, file=target.file_suffix is not None)
+    options = WriteOptions(dtype=parse_float_dtype(dtype), shards=shards, gguf_type=gguf_type)
     if max_shard_bytes is not None:
         options.max_shard_bytes = max_shard_bytes
-    return ConvertPlan(reader, target, dst_path, target.plan(reader, options), options)
+    files = target.plan(reader, options)
+    if target.file_suffix is not None:  # the one file is DST itself
+        files = [(dst_path.name, infos) for _, infos in files]
+    return ConvertPlan(reader, target, dst_path, files, options)
 
 
 def run_convert(plan: ConvertPlan, on_tensor: Callable[[str, int], None] | None = None) -> Path:
-    """Write the plan into a temporary directory beside DST, then move it into place."""
+    """Write the plan into a temporary directory (or file) beside DST, then move it into place."""
     assert plan.target.write is not None
     plan.options.on_tensor = on_tensor
     # Writers need torch (and Meta's skeleton writer its fake tensors): import them before the
@@ -123,7 +132,8 @@ def run_convert(plan: ConvertPlan, on_tensor: Callable[[str, int], None] | None 
     # instead of our 130) and can skip the cleanup below.
     import torch._subclasses.fake_tensor  # noqa: F401
 
-    with atomic_directory(plan.dst) as tmp:
+    atomic = atomic_file if plan.target.file_suffix is not None else atomic_directory
+    with atomic(plan.dst) as tmp:
         plan.target.write(tmp, plan.reader, plan.files, plan.options)
     return plan.dst
 
