@@ -149,6 +149,9 @@ def args_from_gguf(file: GGUFFile, embedding_rows: int | None) -> ModelArgs:
         raise CheckpointError(
             f"{where}: rope scaling {printable(str(scaling))[:40]!r} is not supported (Llama 1/2 only)"
         )
+    for key in ("embedding_length", "block_count", "attention.head_count", "feed_forward_length", "context_length"):
+        if _number(file, f"llama.{key}", int, 1) < 1:  # before any division by it
+            raise CheckpointError(f"{where}: GGUF metadata llama.{key} is {file.get(f'llama.{key}')}, expected >= 1")
     dim = _number(file, "llama.embedding_length", int)
     n_heads = _number(file, "llama.attention.head_count", int)
     tokens = file.get("tokenizer.ggml.tokens")

@@ -94,7 +94,10 @@ def _nibbles(qs: torch.Tensor) -> torch.Tensor:
     """[n, 16] bytes -> [n, 32]: the 16 low nibbles, then the 16 high ones (Q4_0 / Q4_1 / Q5_x order)."""
     import torch
 
-    return torch.cat((qs & 0x0F, qs >> 4), dim=-1)
+    out = torch.empty((qs.shape[0], 32), dtype=torch.uint8)
+    torch.bitwise_and(qs, 0x0F, out=out[:, :16])
+    torch.bitwise_right_shift(qs, 4, out=out[:, 16:])
+    return out
 
 
 def _high_bits32(qh: torch.Tensor) -> torch.Tensor:
@@ -108,25 +111,25 @@ def _high_bits32(qh: torch.Tensor) -> torch.Tensor:
 def _q8_0(b: torch.Tensor) -> torch.Tensor:  # d f16, qs int8[32]
     import torch
 
-    return _f16(b, 0) * b[:, 2:34].contiguous().view(torch.int8).float()
+    return b[:, 2:34].contiguous().view(torch.int8).float().mul_(_f16(b, 0))
 
 
 def _q4_0(b: torch.Tensor) -> torch.Tensor:  # d f16, qs[16]; x = nibble - 8
-    return _f16(b, 0) * (_nibbles(b[:, 2:18]).float() - 8)
+    return _nibbles(b[:, 2:18]).float().sub_(8).mul_(_f16(b, 0))
 
 
 def _q4_1(b: torch.Tensor) -> torch.Tensor:  # d f16, m f16, qs[16]; x = d * nibble + m
-    return _f16(b, 0) * _nibbles(b[:, 4:20]).float() + _f16(b, 2)
+    return _nibbles(b[:, 4:20]).float().mul_(_f16(b, 0)).add_(_f16(b, 2))
 
 
 def _q5_0(b: torch.Tensor) -> torch.Tensor:  # d f16, qh u32, qs[16]; x = (nibble | bit << 4) - 16
     q = _nibbles(b[:, 6:22]) | (_high_bits32(b[:, 2:6]) << 4)
-    return _f16(b, 0) * (q.float() - 16)
+    return q.float().sub_(16).mul_(_f16(b, 0))
 
 
 def _q5_1(b: torch.Tensor) -> torch.Tensor:  # d f16, m f16, qh u32, qs[16]
     q = _nibbles(b[:, 8:24]) | (_high_bits32(b[:, 4:8]) << 4)
-    return _f16(b, 0) * q.float() + _f16(b, 2)
+    return q.float().mul_(_f16(b, 0)).add_(_f16(b, 2))
 
 
 def _shifts(*values: int) -> torch.Tensor:
@@ -146,7 +149,7 @@ def _q2_k(b: torch.Tensor) -> torch.Tensor:
     dl = (_f16(b, 80) * (scales & 0x0F).float()).reshape(n, 16, 1)
     ml = (_f16(b, 82) * (scales >> 4).float()).reshape(n, 16, 1)
     q = (b[:, 16:80].reshape(n, 2, 1, 32) >> _shifts(0, 2, 4, 6).reshape(1, 1, 4, 1)) & 3  # [n, h, j, 32]
-    return (dl * q.reshape(n, 16, 16).float() - ml).reshape(n, QK_K)
+    return q.reshape(n, 16, 16).float().mul_(dl).sub_(ml).reshape(n, QK_K)
 
 
 def _q3_k_scales(s: torch.Tensor) -> torch.Tensor:
@@ -170,7 +173,7 @@ def _q3_k(b: torch.Tensor) -> torch.Tensor:
     low = (b[:, 32:96].reshape(n, 2, 1, 32) >> _shifts(0, 2, 4, 6).reshape(1, 1, 4, 1)) & 3  # [n, h, j, 32]
     bit = (b[:, 0:32].reshape(n, 1, 32) >> _shifts(*range(8)).reshape(1, 8, 1)) & 1  # [n, h*4 + j, 32]
     q = low.reshape(n, 8, 32).float() - 4 * (1 - bit.float())
-    return (dl * q.reshape(n, 16, 16)).reshape(n, QK_K)
+    return q.reshape(n, 16, 16).mul_(dl).reshape(n, QK_K)
 
 
 def _k_scale_min(s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -191,7 +194,7 @@ def _q4_k(b: torch.Tensor) -> torch.Tensor:
     d = (_f16(b, 0) * scale).reshape(n, 8, 1)
     dm = (_f16(b, 2) * minimum).reshape(n, 8, 1)
     q = (b[:, 16:144].reshape(n, 4, 1, 32) >> _shifts(0, 4).reshape(1, 1, 2, 1)) & 0x0F
-    return (d * q.reshape(n, 8, 32).float() - dm).reshape(n, QK_K)
+    return q.reshape(n, 8, 32).float().mul_(d).sub_(dm).reshape(n, QK_K)
 
 
 def _q5_k(b: torch.Tensor) -> torch.Tensor:
@@ -203,7 +206,7 @@ def _q5_k(b: torch.Tensor) -> torch.Tensor:
     low = (b[:, 48:176].reshape(n, 4, 1, 32) >> _shifts(0, 4).reshape(1, 1, 2, 1)) & 0x0F
     high = (b[:, 16:48].reshape(n, 1, 32) >> _shifts(*range(8)).reshape(1, 8, 1)) & 1
     q = low.reshape(n, 8, 32) | (high << 4)
-    return (d * q.float() - dm).reshape(n, QK_K)
+    return q.float().mul_(d).sub_(dm).reshape(n, QK_K)
 
 
 def _q6_k(b: torch.Tensor) -> torch.Tensor:
@@ -220,7 +223,7 @@ def _q6_k(b: torch.Tensor) -> torch.Tensor:
     low = (b[:, 0:128].reshape(n, 2, 1, 64) >> _shifts(0, 4).reshape(1, 1, 2, 1)) & 0x0F  # [n, h, k//2, (k%2, l)]
     high = (b[:, 128:192].reshape(n, 2, 1, 32) >> _shifts(0, 2, 4, 6).reshape(1, 1, 4, 1)) & 3  # [n, h, k, l]
     q = (low.reshape(n, 2, 4, 32) | (high << 4)).to(torch.int8).float() - 32
-    return (d * q.reshape(n, 16, 16)).reshape(n, QK_K)
+    return q.reshape(n, 16, 16).mul_(d).reshape(n, QK_K)
 
 
 DEQUANTIZERS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {

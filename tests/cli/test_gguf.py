@@ -65,6 +65,11 @@ def _architecture(raw: bytes, arch: bytes) -> bytes:
     return raw[:at] + arch + raw[at + len(arch) :]
 
 
+def _uint32(raw: bytes, key: str, value: int) -> bytes:
+    at = _after_key(raw, key) + 4  # value type UINT32
+    return raw[:at] + struct.pack("<I", value) + raw[at + 4 :]
+
+
 def _array_count(raw: bytes, key: str, count: int) -> bytes:
     at = _after_key(raw, key) + 4 + 4  # value type ARRAY, item type
     return raw[:at] + struct.pack("<Q", count) + raw[at + 8 :]
@@ -86,6 +91,8 @@ HOSTILE: dict[str, tuple[Corruption, str]] = {
     "unknown-type": (lambda raw: _set_tensor(raw, "blk.1.ffn_up.weight", ggml_type=99), "ggml type 99 (unknown)"),
     "unsupported-type": (lambda raw: _set_tensor(raw, "blk.1.ffn_up.weight", ggml_type=16), "ggml type IQ2_XXS"),
     "not-llama": (lambda raw: _architecture(raw, b"gemma"), "architecture 'gemma' is not supported"),
+    "zero-heads": (lambda raw: _uint32(raw, "llama.attention.head_count", 0), "head_count is 0, expected >= 1"),
+    "layers-lie": (lambda raw: _uint32(raw, "llama.block_count", 1 << 30), "says 1073741824 layers"),
     "array-length-lies": (
         lambda raw: _array_count(raw, "tokenizer.ggml.tokens", 1 << 50),
         "claims 1125899906842624 entries",
