@@ -93,6 +93,8 @@ def write_reference_gguf(
     for key, value in (extra or {}).items():
         if isinstance(value, str):
             writer.add_string(key, value)
+        elif isinstance(value, list):
+            writer.add_array(key, value)
         else:
             writer.add_uint32(key, int(value))  # type: ignore[call-overload]
     if tokenizer is not None:

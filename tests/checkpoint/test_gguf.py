@@ -391,6 +391,28 @@ def test_rows_that_are_not_whole_blocks_stay_unquantized(tmp_path: Path, stories
         plan_convert(stories_dir, tmp_path / "hf", "hf", gguf_type="q8_0")
 
 
+def test_gguf_to_gguf_keeps_the_vocabulary_it_does_not_understand(tmp_path: Path) -> None:
+    """A gpt2 (BPE) vocabulary, merges and chat template pass through a requantization untouched."""
+    import gguf
+
+    args = tiny_args(multiple_of=32)
+    vocab = {
+        "tokenizer.ggml.model": "gpt2",
+        "tokenizer.ggml.pre": "smollm",
+        "tokenizer.ggml.tokens": [f"t{i}" for i in range(args.vocab_size)],
+        "tokenizer.ggml.merges": ["t 1", "t1 0"],
+        "tokenizer.ggml.bos_token_id": 1,
+        "tokenizer.chat_template": "{% for m in messages %}{{ m['content'] }}{% endfor %}",
+    }
+    src = write_reference_gguf(tmp_path / "bpe.gguf", args, random_meta_state(args), extra=vocab)
+    assert open_checkpoint(src).tokenizer_path is None  # not a SentencePiece vocabulary
+    out = convert(src, tmp_path / "bpe-q8.gguf", "gguf", gguf_type="q8_0")
+    before, after = gguf.GGUFReader(src).fields, gguf.GGUFReader(out).fields
+    for key in vocab:
+        assert after[key].contents() == before[key].contents() and after[key].types == before[key].types, key
+    assert {t.tensor_type.name for t in gguf.GGUFReader(out).tensors} == {"Q8_0", "F32"}
+
+
 def test_writer_streams_one_tensor_at_a_time(tmp_path: Path) -> None:
     """Each tensor the source yields is released before the next one is asked for."""
     args = tiny_args()
