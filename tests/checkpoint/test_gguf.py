@@ -14,8 +14,9 @@ import torch
 from safetensors import safe_open
 
 from llamactl.checkpoint import open_checkpoint
-from llamactl.checkpoint.gguf import LLAMA2_CHAT_TEMPLATE, GGUFReader
+from llamactl.checkpoint.gguf import GGUFReader
 from llamactl.checkpoint.gguf_quants import GGML_TYPES, UNSUPPORTED_NAMES, dequantize
+from llamactl.checkpoint.gguf_write import LLAMA2_CHAT_TEMPLATE
 from llamactl.convert import convert, plan_convert, run_convert
 from llamactl.errors import UsageError
 from llamactl.loading import load_model

@@ -164,10 +164,10 @@ def test_convert_to_gguf_contract(tmp_path: Path, stories_dir: Path) -> None:
 
 
 def test_full_disk_leaves_no_partial_gguf(tmp_path: Path, stories_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from llamactl.checkpoint import gguf
+    from llamactl.checkpoint import gguf_write
 
     calls = {"n": 0}
-    original = gguf._encode
+    original = gguf_write._encode
 
     def encode_until_full(tensor, info):  # type: ignore[no-untyped-def]
         calls["n"] += 1
@@ -175,7 +175,7 @@ def test_full_disk_leaves_no_partial_gguf(tmp_path: Path, stories_dir: Path, mon
             raise OSError(errno.ENOSPC, "No space left on device")
         return original(tensor, info)
 
-    monkeypatch.setattr(gguf, "_encode", encode_until_full)
+    monkeypatch.setattr(gguf_write, "_encode", encode_until_full)
     dst = tmp_path / "s.gguf"
     assert_one_line_error(run_cli("convert", str(stories_dir), str(dst), "--to", "gguf"), "no space left on device")
     assert os.listdir(tmp_path) == []
