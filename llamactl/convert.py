@@ -14,7 +14,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from llamactl.atomic import atomic_directory, check_destination
+from llamactl.atomic import atomic_directory, atomic_file, check_destination
 from llamactl.checkpoint import (
     CheckpointFormat,
     CheckpointReader,
@@ -81,11 +81,13 @@ def plan_convert(
     quant: QuantSpec | None = None,
     skip: Sequence[str] = (),
     device: str | None = None,
+    gguf_type: str | None = None,
 ) -> ConvertPlan:
     """Open SRC, validate the request and return the plan (nothing is written).
 
     `to` defaults to the format that stores `quant` when quantizing; `skip` (glob patterns)
-    leaves matching block projections unquantized.
+    leaves matching block projections unquantized; `gguf_type` (q8_0, q4_0) quantizes the
+    block projections of a GGUF output. A format with a `file_suffix` writes DST as one file.
     """
     if to is None and quant is None:
         raise UsageError("give a target format (hf, meta, ...) or a quantization scheme")
@@ -94,6 +96,11 @@ def plan_convert(
         raise UsageError(f"format {target.name!r} cannot be written")
     if shards is not None and target.name != "meta":
         raise UsageError("shards apply to the meta format (model-parallel shards); use a max shard size for hf")
+    if gguf_type is not None and target.name != "gguf":
+        raise UsageError("a gguf quantization type applies to the gguf format only")
+    dst_path = Path(dst).expanduser()
+    if target.file_suffix is not None and not dst_path.name.lower().endswith(target.file_suffix):
+        raise UsageError(f"{dst_path}: format {target.name!r} writes one file; name it *{target.file_suffix}")
     reader: CheckpointReader = open_checkpoint(src)
     if quant is not None:
         if quant.method not in target.schemes:
@@ -107,12 +114,14 @@ def plan_convert(
             f"format {target.name!r} cannot hold it, it can only be loaded"
         )
     _check_tokenizer(reader)
-    dst_path = Path(dst).expanduser()
-    check_destination(reader.path, dst_path, force)
-    options = WriteOptions(dtype=parse_float_dtype(dtype), shards=shards)
+    check_destination(reader.path, dst_path, force, file=target.file_suffix is not None)
+    options = WriteOptions(dtype=parse_float_dtype(dtype), shards=shards, gguf_type=gguf_type)
     if max_shard_bytes is not None:
         options.max_shard_bytes = max_shard_bytes
-    return ConvertPlan(reader, target, dst_path, target.plan(reader, options), options)
+    files = target.plan(reader, options)
+    if target.file_suffix is not None:  # the one file is DST itself
+        files = [(dst_path.name, infos) for _, infos in files]
+    return ConvertPlan(reader, target, dst_path, files, options)
 
 
 def _check_tokenizer(reader: CheckpointReader) -> None:
@@ -135,7 +144,7 @@ def run_convert(
     on_tensor: Callable[[str, int], None] | None = None,
     on_warning: Callable[[str], None] | None = None,
 ) -> Path:
-    """Write the plan into a temporary directory beside DST, then move it into place.
+    """Write the plan into a temporary directory (or file) beside DST, then move it into place.
 
     `on_warning` hears about tensors holding NaN or Inf (written anyway: they may be intended).
     """
@@ -148,7 +157,8 @@ def run_convert(
     import torch._subclasses.fake_tensor  # noqa: F401
 
     reader = FiniteCheck(plan.reader, on_warning) if on_warning is not None else plan.reader
-    with atomic_directory(plan.dst) as tmp:
+    atomic = atomic_file if plan.target.file_suffix is not None else atomic_directory
+    with atomic(plan.dst) as tmp:
         plan.target.write(tmp, reader, plan.files, plan.options)
     return plan.dst
 

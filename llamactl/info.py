@@ -1,7 +1,9 @@
 """What a checkpoint is and what it will cost in memory, computed from metadata alone.
 
 Everything comes from the reader's tensor infos (quantized tensors carry their scheme and
-stored size), so a quantized checkpoint needs no branch of its own.
+stored size), so a quantized checkpoint needs no branch of its own. A reader whose file
+stores tensors in types of its own (GGUF's ggml types, dequantized on reading) also offers
+`storage()`: the per-type tensor counts and bits per weight, reported as `storage`.
 """
 
 from __future__ import annotations
@@ -46,6 +48,7 @@ class ModelInfo:
     quantization: dict[str, Any] | None
     ctx: int
     memory: dict[str, int] = field(default_factory=dict)
+    storage: dict[str, Any] | None = None  # GGUF: container, tensor_types, bits_per_weight...
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -95,11 +98,28 @@ def _torch_name(dtype: str) -> str:
     return dtypes.lookup(dtype).torch if dtype != "unknown" else dtype
 
 
+def storage_of(reader: CheckpointReader) -> dict[str, Any] | None:
+    """The reader's own storage summary (GGUF), or None for formats that store plain dtypes."""
+    storage = getattr(reader, "storage", None)
+    return storage() if callable(storage) else None
+
+
+def _dtype(reader: CheckpointReader, infos: list[TensorInfo], storage: dict[str, Any] | None) -> str:
+    """A quantized scheme's name, a GGUF's main ggml type (Q4_K...), else the main torch dtype."""
+    if reader.quant is not None:
+        return reader.quant.scheme
+    main = storage.get("main_type") if storage else None
+    if main is not None and main not in ("F32", "F16", "BF16"):
+        return str(main)
+    return _torch_name(main_dtype(infos))
+
+
 def model_info(reader: CheckpointReader, ctx: int | None = None) -> ModelInfo:
     """Describe a checkpoint without loading its weights."""
     args = reader.args
     ctx = ctx or args.max_seq_len
     infos = reader.tensor_infos()
+    storage = storage_of(reader)
     return ModelInfo(
         path=str(reader.path),
         format=reader.format,
@@ -114,7 +134,7 @@ def model_info(reader: CheckpointReader, ctx: int | None = None) -> ModelInfo:
         max_seq_len=args.max_seq_len,
         rope_theta=args.rope_theta,
         norm_eps=args.norm_eps,
-        dtype=reader.quant.scheme if reader.quant is not None else _torch_name(main_dtype(infos)),
+        dtype=_dtype(reader, infos, storage),
         parameters=sum(i.numel for i in infos),
         files=len(reader.files),
         bytes_on_disk=sum(f.stat().st_size for f in reader.files),
@@ -122,4 +142,12 @@ def model_info(reader: CheckpointReader, ctx: int | None = None) -> ModelInfo:
         quantization=quantization_summary(reader, infos),
         ctx=ctx,
         memory=memory_estimates(infos, ctx, args),
+        storage=storage,
     )
+
+
+def describe_storage(storage: dict[str, Any]) -> str:
+    """'GGUF v3: Q4_1 ×210, F32 ×61, Q8_0 ×1; 5.04 bits per weight' (info and show print it)."""
+    types = ", ".join(f"{name} ×{count}" for name, count in storage.get("tensor_types", {}).items())
+    line = f"{storage.get('container', 'stored')}: {types}; {storage.get('bits_per_weight', 0):g} bits per weight"
+    return line + (", tied embeddings" if storage.get("tied_embeddings") else "")

@@ -1,6 +1,8 @@
 """The model store: checkpoints under `$LLAMACTL_HOME/models/<name>/`, managed by name.
 
-A store entry is a directory (or a symlink to one, made by `import --link`). Nothing else
+A store entry is a directory (or a symlink to one, made by `import --link`). A GGUF file is
+imported as a directory holding that one file (moved in, or a symlink to it with `--link`),
+so every entry is a directory and `rm` of a linked GGUF removes only the link. Nothing else
 is kept about a model except what its files say, plus two small side files: the sha256
 cache (`$LLAMACTL_HOME/cache/sha256.json`, keyed by real path, size and mtime so a hash is
 computed once) and, for pulled models, `.llamactl-source.json` naming the repository.
@@ -73,6 +75,8 @@ class ModelEntry:
 def model_files(path: Path) -> list[Path]:
     """Every regular file of a model directory (following a linked import), hidden ones excluded."""
     root = path.resolve()
+    if root.is_file():  # a .gguf given by path
+        return [root]
     out = []
     for dirpath, dirnames, filenames in os.walk(root):
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
@@ -83,9 +87,7 @@ def model_files(path: Path) -> list[Path]:
 
 def describe_entry(name: str, path: Path) -> ModelEntry:
     """Summarise one store directory; an unreadable model gets `error` rather than breaking `list`."""
-    entry = ModelEntry(name=name, path=str(path))
-    if path.is_symlink():
-        entry.linked_to = os.readlink(path)
+    entry = ModelEntry(name=name, path=str(path), linked_to=linked_to(path))
     try:
         entry.size = sum(f.stat().st_size for f in model_files(path))
         report = model_info(open_checkpoint(path))
@@ -94,6 +96,17 @@ def describe_entry(name: str, path: Path) -> ModelEntry:
     except (LlamactlError, OSError) as exc:
         entry.error = str(exc)
     return entry
+
+
+def linked_to(path: Path) -> str | None:
+    """Where a linked import points: the directory symlink, or the one symlinked .gguf inside."""
+    if path.is_symlink():
+        return os.readlink(path)
+    if path.is_dir():
+        entries = [p for p in path.iterdir() if not p.name.startswith(".")]
+        if len(entries) == 1 and entries[0].is_symlink() and entries[0].suffix.lower() == ".gguf":
+            return os.readlink(entries[0])
+    return None
 
 
 def list_models() -> list[ModelEntry]:
@@ -180,15 +193,19 @@ def show_model(model: str, progress: HashProgress | None = None) -> dict[str, An
     return {
         "name": path.name,
         "path": str(path),
-        "linked_to": os.readlink(path) if path.is_symlink() else None,
+        "linked_to": linked_to(path),
         "info": model_info(reader).to_dict(),
         "quantization": reader.quant.describe() if reader.quant is not None else None,
         "config": reader.args.to_params(),
         "chat_template": DEFAULT_TEMPLATE,
         "source": source,
         "size": sum(f.stat().st_size for f in files),
-        "files": [{"path": str(f.relative_to(root)), "size": f.stat().st_size, "sha256": hashes[f]} for f in files],
+        "files": [{"path": _relative(f, root), "size": f.stat().st_size, "sha256": hashes[f]} for f in files],
     }
+
+
+def _relative(file: Path, root: Path) -> str:
+    return file.name if file == root else str(file.relative_to(root))
 
 
 def hash_work(model: str) -> int:
@@ -219,13 +236,13 @@ def _inside(child: Path, parent: Path) -> bool:
 
 
 def import_model(source: str | os.PathLike[str], name: str, link: bool = False) -> Path:
-    """Move (or symlink, with `link`) a checkpoint directory into the store as `name`."""
+    """Move (or symlink, with `link`) a checkpoint directory or a .gguf file into the store as `name`."""
     validate_name(name)
     src = Path(source).expanduser()
     if not src.exists():
         raise ModelNotFoundError(f"{src}: no such directory")
-    if not src.is_dir():
-        raise UsageError(f"{src}: is a file; import the directory that holds the checkpoint")
+    if not src.is_dir() and src.suffix.lower() != ".gguf":
+        raise UsageError(f"{src}: is a file; import the directory that holds the checkpoint (or a .gguf file)")
     open_checkpoint(src)  # refuse anything that is not a readable checkpoint before touching it
     home = models_home()
     dest = home / name
@@ -236,6 +253,8 @@ def import_model(source: str | os.PathLike[str], name: str, link: bool = False) 
     if in_store or _inside(real_home, real_src):
         raise DestinationError(f"{src}: is inside the store (or contains it); nothing to import")
     home.mkdir(parents=True, exist_ok=True)
+    if src.is_file():
+        return _import_file(real_src, dest, link)
     if link:
         dest.symlink_to(real_src, target_is_directory=True)
         return dest
@@ -254,3 +273,32 @@ def import_model(source: str | os.PathLike[str], name: str, link: bool = False) 
             raise
         shutil.rmtree(real_src)
     return dest
+
+
+def _import_file(src: Path, dest: Path, link: bool) -> Path:
+    """A .gguf becomes `dest/<its name>`: built in a hidden directory beside dest, renamed in at the end."""
+    tmp = dest.with_name(f".import-{dest.name}-{os.getpid()}")
+    tmp.mkdir()
+    inside = tmp / src.name
+    try:
+        if link:
+            inside.symlink_to(src)
+        else:
+            _move_file(src, inside)
+        os.rename(tmp, dest)
+    except BaseException:
+        if not link and inside.exists() and not src.exists():
+            os.rename(inside, src)  # the file was moved in: put it back
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return dest
+
+
+def _move_file(src: Path, dst: Path) -> None:
+    try:
+        os.rename(src, dst)
+    except OSError as exc:
+        if exc.errno != errno.EXDEV:
+            raise DestinationError(f"{src}: cannot move it into {dst.parent.parent}: {exc.strerror}") from None
+        shutil.copy2(src, dst)  # another filesystem: copy, then delete the source
+        src.unlink()

@@ -40,9 +40,10 @@ def test_convert_peak_rss_is_well_below_checkpoint_size(tmp_path: Path) -> None:
     assert size > 600e6
     root = Path(__file__).resolve().parents[1]
     results = {}
-    for to, options in (("hf", {}), ("meta", {"shards": 1})):
+    for to, options in (("hf", {}), ("meta", {"shards": 1}), ("gguf", {})):
+        dst = tmp_path / (f"out-{to}" if to != "gguf" else "out.gguf")
         proc = subprocess.run(
-            [sys.executable, "-c", _CHILD, str(src), str(tmp_path / f"out-{to}"), to, json.dumps(options)],
+            [sys.executable, "-c", _CHILD, str(src), str(dst), to, json.dumps(options)],
             capture_output=True,
             text=True,
             check=True,

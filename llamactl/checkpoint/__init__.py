@@ -46,12 +46,14 @@ def list_model_names() -> list[str]:
 
 
 def resolve_model(model: str | os.PathLike[str]) -> Path:
-    """A path to an existing directory, or a model name under models_home()."""
+    """A path to an existing directory or `.gguf` file, or a model name under models_home()."""
     path = Path(model).expanduser()
-    if path.is_dir():
+    if path.is_dir() or (path.is_file() and path.suffix.lower() == ".gguf"):
         return path
     if path.exists():
-        raise ModelNotFoundError(f"{path}: is a file; a model is a directory (params.json or config.json inside)")
+        raise ModelNotFoundError(
+            f"{path}: is a file; a model is a directory (params.json or config.json inside) or a .gguf file"
+        )
     name = str(model)
     if "/" not in name and os.sep not in name:
         candidate = models_home() / name
@@ -69,7 +71,9 @@ def detect_format(path: Path) -> CheckpointFormat:
     for fmt in reversed(list(registry.formats().values())):
         if registry.call_isolated("register_formats", fmt.name, fmt.detect, path):
             return fmt
-    raise CheckpointError(f"{path}: not a model directory (no params.json, config.json or other known checkpoint)")
+    raise CheckpointError(
+        f"{path}: not a model directory (no params.json, config.json, .gguf file or other known checkpoint)"
+    )
 
 
 def open_checkpoint(model: str | os.PathLike[str]) -> CheckpointReader:

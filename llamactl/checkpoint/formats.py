@@ -17,6 +17,7 @@ class WriteOptions:
     dtype: str | None = None  # a float dtype short name; None keeps each tensor's dtype
     shards: int | None = None  # model-parallel shards (Meta); None keeps the source's
     max_shard_bytes: int = 5 * 10**9  # size-based sharding (HF)
+    gguf_type: str | None = None  # GGUF: quantize the block projections (q8_0, q4_0)
     on_tensor: Callable[[str, int], None] | None = None  # progress: (name, bytes written)
 
 
@@ -32,7 +33,9 @@ class CheckpointFormat:
     `--dry-run` and validation happen before anything is written); `write(out_dir, reader,
     plan, options)` streams `reader.iter_tensors()` into `out_dir`. `schemes` names the
     quantization methods whose tensors the format stores as they are (empty: plain weights
-    only, so a quantized source cannot be written to it).
+    only, so a quantized source cannot be written to it). `file_suffix` is set by a format
+    whose output is one file (GGUF: `.gguf`) rather than a directory; `write` then receives
+    that file's (temporary) path instead of a directory.
     """
 
     name: str
@@ -42,3 +45,4 @@ class CheckpointFormat:
     write: Callable[[Path, CheckpointReader, WritePlan, WriteOptions], None] | None = None
     description: str = ""
     schemes: tuple[str, ...] = ()
+    file_suffix: str | None = None

@@ -1,4 +1,4 @@
-"""`llamactl convert`: Meta <-> HF, merging and re-splitting shards."""
+"""`llamactl convert`: Meta <-> HF <-> GGUF, merging and re-splitting shards."""
 
 from __future__ import annotations
 
@@ -16,9 +16,15 @@ if TYPE_CHECKING:
 
 def convert(
     src: Annotated[str, typer.Argument(help="Source checkpoint: a directory or a model name.")],
-    dst: Annotated[Path, typer.Argument(help="Destination directory (must not exist unless --force).")],
-    to: Annotated[str, typer.Option("--to", help="Target format: hf or meta (or a plugin's).")],
+    dst: Annotated[
+        Path, typer.Argument(help="Destination directory, or OUT.gguf for --to gguf (must not exist unless --force).")
+    ],
+    to: Annotated[str, typer.Option("--to", help="Target format: hf, meta or gguf (or a plugin's).")],
     dtype: Annotated[str | None, typer.Option(help="Cast weights to fp32, fp16 or bf16 (default: keep).")] = None,
+    gguf_type: Annotated[
+        str | None,
+        typer.Option("--gguf-type", help="--to gguf: store the block projections as q8_0 or q4_0 (others at --dtype)."),
+    ] = None,
     shards: Annotated[
         int | None, typer.Option(help="Model-parallel shards for --to meta (default: as source).")
     ] = None,
@@ -32,7 +38,14 @@ def convert(
     from llamactl.convert import plan_convert, run_convert
 
     plan = plan_convert(
-        src, dst, to, dtype=dtype, shards=shards, max_shard_bytes=parse_size(max_shard_size), force=force
+        src,
+        dst,
+        to,
+        dtype=dtype,
+        shards=shards,
+        max_shard_bytes=parse_size(max_shard_size),
+        force=force,
+        gguf_type=gguf_type,
     )
     if dry_run:
         _print_plan(plan, json_out)
@@ -65,7 +78,7 @@ def _plan_dict(plan: ConvertPlan) -> dict[str, object]:
                 "name": name,
                 "bytes": sum(i.nbytes for i in infos),
                 "tensors": [
-                    {"name": i.name, "shape": list(i.shape), "dtype": str(i.dtype).removeprefix("torch.")}
+                    {"name": i.name, "shape": list(i.shape), "dtype": i.scheme or str(i.dtype).removeprefix("torch.")}
                     for i in infos
                 ],
             }
@@ -83,7 +96,7 @@ def _print_plan(plan: ConvertPlan, json_out: bool) -> None:
     for name, infos in plan.files:
         out.print(f"{name}  {len(infos)} tensors  {human_bytes(sum(i.nbytes for i in infos))}")
         for info in infos:
-            dt = str(info.dtype).removeprefix("torch.")
+            dt = info.scheme or str(info.dtype).removeprefix("torch.")
             out.print(f"  {info.name}  {list(info.shape)}  {dt}  {human_bytes(info.nbytes)}")
     out.print(f"total {human_bytes(plan.total_bytes)}")
 

@@ -9,7 +9,7 @@ from rich.table import Table
 
 from llamactl.checkpoint import open_checkpoint
 from llamactl.cli._common import cli_command, human_bytes, print_json, stdout
-from llamactl.info import model_info
+from llamactl.info import describe_storage, model_info
 from llamactl.plugins import hookimpl
 
 
@@ -48,6 +48,8 @@ def info(
         ("KV cache / token", f"{human_bytes(report.memory['kv_cache_per_token'])} (fp16)"),
         (f"KV cache @ {report.ctx}", human_bytes(report.memory["kv_cache_at_ctx"])),
     ]
+    if report.storage:
+        rows.insert(2, ("storage", describe_storage(report.storage)))
     if report.quantization:
         quant = report.quantization
         rows.insert(

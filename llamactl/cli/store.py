@@ -18,6 +18,7 @@ from rich.progress import (
 
 from llamactl.cli._common import cli_command, fail, human_bytes, print_json, stderr
 from llamactl.home import models_home
+from llamactl.info import describe_storage
 from llamactl.plugins import hookimpl
 from llamactl.pull import pull_model
 from llamactl.store import hash_work, import_model, list_models, remove_model, show_model, store_path
@@ -118,6 +119,7 @@ def _print_show(data: dict[str, Any]) -> None:
         ("parameters", f"{info['parameters']:,} ({human_count(info['parameters'])})"),
         ("dtype", info["dtype"]),
         ("quantization", data["quantization"] or "none"),
+        *([("storage", describe_storage(info["storage"]))] if info.get("storage") else []),
         ("size", f"{human_bytes(data['size'])} in {len(data['files'])} file(s)"),
         ("config", ", ".join(f"{k}={v}" for k, v in data["config"].items())),
         ("tokenizer", info["tokenizer"] or "none found"),
@@ -172,11 +174,13 @@ def rm_command(
 
 
 def import_command(
-    path: Annotated[str, typer.Argument(help="A checkpoint directory (Meta, Hugging Face or a plugin format).")],
+    path: Annotated[
+        str, typer.Argument(help="A checkpoint directory (Meta, Hugging Face or a plugin format) or a .gguf file.")
+    ],
     name: Annotated[str, typer.Argument(help="The name to give it in the store.")],
     link: Annotated[bool, typer.Option("--link", help="Symlink the directory instead of moving it.")] = False,
 ) -> None:
-    """Move (or --link) a local checkpoint into the store under NAME."""
+    """Move (or --link) a local checkpoint into the store under NAME (a .gguf becomes NAME/<file>.gguf)."""
     dest = import_model(path, name, link=link)
     print(f"{'linked' if link else 'imported'} {name}: {dest}")
 

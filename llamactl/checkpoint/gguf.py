@@ -1,0 +1,309 @@
+"""GGUF (llama.cpp's single-file format) as a checkpoint format: reader, writer, registration.
+
+An adapter over the canonical layout like `hf.py`. Names go through `llamactl.layout`'s GGUF
+column (`blk.0.attn_q.weight` <-> `layers.0.attention.wq.weight`). Rows of wq / wk need no
+permutation: convert_hf_to_gguf.py's `LlamaModel.permute` turns Hugging Face's half-split
+rotary rows back into Meta's interleaved pairs (llama.cpp's LLAMA rope is the interleaved
+"normal" one), so a GGUF holds q/k exactly in Meta's order; transformers' GGUF loader applies
+the inverse (`_reverse_permute_weights`) to get HF's. GGUF dims are innermost first, so a
+[out, in] weight is stored with dims [in, out] and its rows are contiguous.
+
+Reading is lazy: `gguf_file.read_gguf` validates the header without touching tensor data;
+`iter_tensors` memory-maps the file and turns one tensor at a time into the canonical
+float layout (`tensor_entry`, the one place that decides per tensor between dequantizing and
+keeping ggml's blocks for a native scheme). A file without `output.weight` ties the head to
+the embeddings (llama.cpp's rule), and the reader yields the embedding for both.
+
+Writing (`gguf_write`) streams one file, built beside its destination and renamed into place
+(`convert.run_convert`, `atomic.atomic_file`).
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import os
+import struct
+import tempfile
+from collections import Counter
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from llamactl import layout
+from llamactl.checkpoint.base import (
+    TOKENIZER_FILE,
+    ReaderBase,
+    check_against_args,
+    order_like,
+)
+from llamactl.checkpoint.formats import CheckpointFormat
+from llamactl.checkpoint.gguf_file import GGUFArray, GGUFFile, GGUFTensor, read_gguf
+from llamactl.checkpoint.gguf_quants import dequantize
+from llamactl.checkpoint.gguf_vocab import spm_model_bytes, vocab_from_gguf
+from llamactl.checkpoint.gguf_write import plan_format, write_format
+from llamactl.config import ModelArgs, ffn_recipe_for
+from llamactl.errors import CheckpointError, printable
+from llamactl.home import cache_dir
+from llamactl.layout import TensorInfo
+from llamactl.plugins import hookimpl
+
+if TYPE_CHECKING:
+    import torch
+
+    from llamactl.checkpoint.base import Entry
+
+SUFFIX = ".gguf"
+ARCH = "llama"
+
+# ggml types whose blocks a llamactl quantization scheme keeps as they are: ggml type name ->
+# registered scheme. Empty until the native schemes land (their stored parts are exactly
+# GGUF's Q8_0 / Q4_0 blocks); then {"Q8_0": "q8", "Q4_0": "q4"} runs those at native width.
+NATIVE_SCHEMES: dict[str, str] = {}
+
+# ----------------------------------------------------------------------------- finding the file
+
+
+def detect_gguf(path: Path) -> bool:
+    """A `.gguf` file, or a directory holding one and no params.json / config.json."""
+    if path.is_file():
+        return path.suffix.lower() == SUFFIX
+    if not path.is_dir() or (path / "config.json").is_file() or (path / "params.json").is_file():
+        return False
+    return any(_gguf_files(path))
+
+
+def _gguf_files(directory: Path) -> list[Path]:
+    return sorted(p for p in directory.iterdir() if p.suffix.lower() == SUFFIX and p.is_file())
+
+
+def gguf_file_in(path: Path) -> Path:
+    """The one .gguf of `path` (itself when it is a file)."""
+    if path.is_file():
+        return path
+    found = _gguf_files(path)
+    if len(found) != 1:
+        names = ", ".join(printable(p.name) for p in found[:4]) + (", ..." if len(found) > 4 else "")
+        raise CheckpointError(f"{path}: holds {len(found)} .gguf files ({names}); give the path of the one to use")
+    return found[0]
+
+
+# ----------------------------------------------------------------------------- metadata
+
+
+def _float32_value(value: float) -> float:
+    """The shortest decimal that is the same float32 (1e-5, not 9.999999747378752e-06)."""
+    packed = struct.pack("<f", value)
+    for digits in range(1, 10):
+        short = float(f"{value:.{digits}g}")
+        if struct.pack("<f", short) == packed:
+            return short
+    return value
+
+
+def _number(file: GGUFFile, key: str, kind: type, default: Any = ...) -> Any:
+    value = file.get(key)
+    if value is None:
+        if default is ...:
+            raise CheckpointError(f"{file.path}: GGUF metadata {key} is missing")
+        return default
+    ok = isinstance(value, (int, float)) if kind is float else isinstance(value, int)
+    if not ok or isinstance(value, bool):
+        shown = "an array" if isinstance(value, GGUFArray) else printable(repr(value))[:40]
+        raise CheckpointError(f"{file.path}: GGUF metadata {key} should be a number, found {shown}")
+    return _float32_value(value) if file.types.get(key) == 6 else kind(value)
+
+
+def args_from_gguf(file: GGUFFile, embedding_rows: int | None) -> ModelArgs:
+    """ModelArgs from `llama.*` metadata (the keys transformers' GGUF loader maps too)."""
+    where = file.path
+    arch = file.get("general.architecture")
+    if arch != ARCH:
+        shown = printable(repr(arch))[:60] if arch is not None else "missing"
+        raise CheckpointError(f"{where}: architecture {shown} is not supported (llamactl reads 'llama' GGUF files)")
+    if _number(file, "llama.expert_count", int, 0) > 0:
+        raise CheckpointError(f"{where}: a mixture-of-experts llama (llama.expert_count) is not supported")
+    scaling = file.get("llama.rope.scaling.type")
+    if scaling not in (None, "none"):
+        raise CheckpointError(
+            f"{where}: rope scaling {printable(str(scaling))[:40]!r} is not supported (Llama 1/2 only)"
+        )
+    for key in ("embedding_length", "block_count", "attention.head_count", "feed_forward_length", "context_length"):
+        if _number(file, f"llama.{key}", int, 1) < 1:  # before any division by it
+            raise CheckpointError(f"{where}: GGUF metadata llama.{key} is {file.get(f'llama.{key}')}, expected >= 1")
+    dim = _number(file, "llama.embedding_length", int)
+    n_heads = _number(file, "llama.attention.head_count", int)
+    tokens = file.get("tokenizer.ggml.tokens")
+    vocab = _number(file, "llama.vocab_size", int, None) or (tokens.count if isinstance(tokens, GGUFArray) else None)
+    ffn = _number(file, "llama.feed_forward_length", int)
+    multiple_of, multiplier = ffn_recipe_for(dim, ffn, where)
+    args = ModelArgs(
+        dim=dim,
+        n_layers=_number(file, "llama.block_count", int),
+        n_heads=n_heads,
+        n_kv_heads=_number(file, "llama.attention.head_count_kv", int, n_heads),
+        vocab_size=vocab or embedding_rows or 0,
+        multiple_of=multiple_of,
+        ffn_dim_multiplier=multiplier,
+        norm_eps=_number(file, "llama.attention.layer_norm_rms_epsilon", float, 1e-5),
+        rope_theta=_number(file, "llama.rope.freq_base", float, 10000.0),
+        max_seq_len=_number(file, "llama.context_length", int, 4096),
+    ).validate(str(where))
+    for key in ("llama.rope.dimension_count", "llama.attention.key_length", "llama.attention.value_length"):
+        value = _number(file, key, int, args.head_dim)
+        if value != args.head_dim:
+            raise CheckpointError(f"{where}: {key} is {value}, but dim / head_count is {args.head_dim}")
+    return args
+
+
+def canonical_tensors(file: GGUFFile) -> dict[str, GGUFTensor]:
+    """Meta name -> GGUF tensor, refusing anything that is not a llama weight."""
+    out = {}
+    for tensor in file.tensors:
+        meta = layout.gguf_to_meta(tensor.name)
+        if meta is None:
+            if tensor.name == "rope_freqs.weight":
+                raise CheckpointError(f"{file.path}: rope_freqs (Llama 3.1 rope scaling) is not supported")
+            raise CheckpointError(f"{file.path}: unexpected tensor {printable(tensor.name)[:120]!r} for a llama GGUF")
+        out[meta] = tensor
+    return out
+
+
+# ----------------------------------------------------------------------------- reading
+
+
+def native_scheme(meta_name: str, tensor: GGUFTensor) -> str | None:
+    """THE per-tensor decision: the scheme that keeps this tensor's ggml blocks, or None to dequantize."""
+    scheme = NATIVE_SCHEMES.get(tensor.ggml.name)
+    return scheme if scheme is not None and layout.is_quantizable(meta_name) else None
+
+
+def tensor_entry(meta_name: str, tensor: GGUFTensor, data: torch.Tensor) -> Entry:
+    """One tensor's stored bytes (uint8, memory-mapped) as a canonical entry.
+
+    Plain F32 / F16 / BF16 stay a view of the file; quantized types become float32 (exactly
+    what ggml computes); q/k rows are already in Meta's order (see the module docstring).
+    """
+    scheme = native_scheme(meta_name, tensor)
+    if scheme is not None:
+        from llamactl.quantize import QuantizedTensor, get_scheme
+
+        # The scheme's backend defines its parts; ggml's blocks as [rows, row_bytes].
+        blocks = data.reshape(tensor.shape[0], -1) if len(tensor.shape) > 1 else data
+        return QuantizedTensor(get_scheme(scheme), tensor.shape, {"weight": blocks})
+    return dequantize(data, tensor.ggml, tensor.shape)
+
+
+@dataclass
+class GGUFReader(ReaderBase):
+    """One llama GGUF file in the canonical layout."""
+
+    format: str = "gguf"
+    file: GGUFFile = field(default=None)  # type: ignore[assignment]
+    tensors: dict[str, GGUFTensor] = field(default_factory=dict)  # Meta name -> stored tensor
+    tied: bool = False  # no output.weight: the head is the embedding
+
+    @classmethod
+    def open(cls, path: Path) -> GGUFReader:
+        gguf = gguf_file_in(path)
+        file = read_gguf(gguf)
+        if _number(file, "split.count", int, 1) > 1:
+            raise CheckpointError(f"{gguf}: one part of a split GGUF; merge it first (llama-gguf-split --merge)")
+        tensors = canonical_tensors(file)
+        embedding = tensors.get("tok_embeddings.weight")
+        args = args_from_gguf(file, embedding.shape[0] if embedding is not None else None)
+        reader = cls(path=path, args=args, files=[gguf], file=file, tensors=tensors)
+        reader.tied = "output.weight" not in tensors and embedding is not None
+        reader.infos = [reader._info(name, t) for name, t in tensors.items()]
+        if reader.tied:
+            reader.infos.append(reader._info("output.weight", embedding))  # type: ignore[arg-type]
+        check_against_args(reader.infos, args, str(gguf), "its GGUF metadata")
+        reader.infos = order_like(reader.infos, args)
+        return reader
+
+    def _info(self, name: str, tensor: GGUFTensor) -> TensorInfo:
+        scheme = native_scheme(name, tensor)
+        if scheme is not None:
+            return TensorInfo(name, tensor.shape, "uint8", scheme=scheme, stored_bytes=tensor.nbytes)
+        return TensorInfo(name, tensor.shape, tensor.ggml.dtype or "fp32")
+
+    @functools.cached_property
+    def tokenizer_path(self) -> Path | None:  # type: ignore[override]
+        """A SentencePiece file for the GGUF's own llama vocabulary; else a tokenizer.model beside it.
+
+        A GGUF with a `gpt2` (BPE) vocabulary has none yet: the tokenizer package will read it.
+        """
+        vocab = vocab_from_gguf(self.file)
+        if vocab is None:
+            beside = self.path / TOKENIZER_FILE if self.path.is_dir() else None
+            return beside if beside is not None and beside.is_file() else None
+        return _cached_model_file(spm_model_bytes(vocab, str(self.files[0])))
+
+    def storage(self) -> dict[str, Any]:
+        """How the file stores its tensors: ggml type counts and bits per weight (for `info`)."""
+        stored = self.file.tensors
+        numel = sum(t.numel for t in stored)
+        main = Counter(t.ggml.name for n, t in self.tensors.items() if layout.is_quantizable(n)).most_common(1)
+        return {
+            "container": f"GGUF v{self.file.version}",
+            "main_type": main[0][0] if main else stored[0].ggml.name,
+            "tensor_types": dict(Counter(t.ggml.name for t in stored).most_common()),
+            "bits_per_weight": round(8 * sum(t.nbytes for t in stored) / max(numel, 1), 4),
+            "tied_embeddings": self.tied,
+            "vocabulary": self.file.get("tokenizer.ggml.model"),
+            "chat_template": isinstance(self.file.get("tokenizer.chat_template"), str),
+        }
+
+    def iter_tensors(self) -> Iterator[tuple[str, Entry]]:
+        data = _mapped_tensors(self.files[0])
+        for name, tensor in sorted(self.tensors.items(), key=lambda item: item[1].start):
+            entry = tensor_entry(name, tensor, data[tensor.start : tensor.start + tensor.nbytes])
+            yield name, entry
+            if self.tied and name == "tok_embeddings.weight":
+                yield "output.weight", entry
+
+
+def _mapped_tensors(path: Path) -> torch.Tensor:
+    """The whole file as a uint8 tensor over a copy-on-write mapping (pages load on first touch)."""
+    import mmap
+
+    import torch
+
+    with open(path, "rb") as f:
+        mapping = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)  # writable for torch, never written back
+    return torch.frombuffer(mapping, dtype=torch.uint8)
+
+
+def _cached_model_file(model: bytes) -> Path:
+    """`$LLAMACTL_HOME/cache/gguf-tokenizers/<sha256>.model` (a temp file where the home is read-only)."""
+    digest = hashlib.sha256(model).hexdigest()[:32]
+    target = cache_dir("gguf-tokenizers", f"{digest}.model")
+    if target.is_file() and target.stat().st_size == len(model):
+        return target
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+        tmp.write_bytes(model)
+        os.replace(tmp, target)
+        return target
+    except OSError:
+        with tempfile.NamedTemporaryFile(prefix="llamactl-gguf-", suffix=".model", delete=False) as handle:
+            handle.write(model)
+        return Path(handle.name)
+
+
+FORMAT = CheckpointFormat(
+    "gguf",
+    detect_gguf,
+    GGUFReader.open,
+    plan_format,
+    write_format,
+    "GGUF: one llama.cpp file (reads F32/F16/BF16, Q4_0..Q8_0 and K-quants; writes F32/F16/BF16, Q8_0, Q4_0)",
+    file_suffix=SUFFIX,
+)
+
+
+@hookimpl
+def register_formats(register: Callable[[CheckpointFormat], None]) -> None:
+    register(FORMAT)
