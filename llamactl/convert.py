@@ -24,9 +24,9 @@ from llamactl.checkpoint import (
     get_format,
     open_checkpoint,
 )
-from llamactl.checkpoint.base import FiniteCheck
-from llamactl.checkpoint.quantized import QuantizedView
-from llamactl.dtypes import parse_float_dtype
+from llamactl.checkpoint.base import FiniteCheck, main_dtype
+from llamactl.checkpoint.quantized import DequantizedView, QuantizedView
+from llamactl.dtypes import FLOAT_NAMES, parse_float_dtype
 from llamactl.errors import CheckpointError, UsageError
 from llamactl.quantize import QuantSpec
 
@@ -109,10 +109,10 @@ def plan_convert(
     elif skip:
         raise UsageError("skip patterns apply when quantizing")
     elif reader.quant is not None and reader.quant.method not in target.schemes:
-        raise CheckpointError(
-            f"{reader.path}: quantized checkpoint ({reader.quant.method} {reader.quant.scheme}); "
-            f"format {target.name!r} cannot hold it, it can only be loaded"
-        )
+        # A quantized source into a format of plain weights: restore the weights (lossy once,
+        # already paid when the source was quantized) at --dtype, else the source's own float type.
+        plain = main_dtype(reader.tensor_infos())
+        reader = DequantizedView(reader, parse_float_dtype(dtype) or (plain if plain in FLOAT_NAMES else "fp32"))
     _check_tokenizer(reader)
     check_destination(reader.path, dst_path, force, file=target.file_suffix is not None)
     options = WriteOptions(dtype=parse_float_dtype(dtype), shards=shards, gguf_type=gguf_type)

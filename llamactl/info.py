@@ -105,12 +105,12 @@ def storage_of(reader: CheckpointReader) -> dict[str, Any] | None:
 
 
 def _dtype(reader: CheckpointReader, infos: list[TensorInfo], storage: dict[str, Any] | None) -> str:
-    """A quantized scheme's name, a GGUF's main ggml type (Q4_K...), else the main torch dtype."""
-    if reader.quant is not None:
-        return reader.quant.scheme
+    """A GGUF's main ggml type (Q4_K...), a quantized scheme's name, else the main torch dtype."""
     main = storage.get("main_type") if storage else None
     if main is not None and main not in ("F32", "F16", "BF16"):
         return str(main)
+    if reader.quant is not None:
+        return reader.quant.scheme
     return _torch_name(main_dtype(infos))
 
 

@@ -56,11 +56,11 @@ def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
     return out
 
 
-def spec_for(bits: int) -> Any:
-    """The scheme `--bits N` picks."""
-    from llamactl.quantize import parse_spec
+def bnb_spec(bits: int) -> Any:
+    """bitsandbytes' scheme of that width, named explicitly (`--bits` now picks q8 / q4)."""
+    from llamactl.quantize import QuantSpec
 
-    return parse_spec(bits)
+    return QuantSpec({8: "int8", 4: "nf4"}[bits])
 
 
 def quantize_to(src: Path, dst: Path, spec: Any, device: str = "cpu", skip: tuple[str, ...] = ()) -> Any:

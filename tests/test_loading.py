@@ -12,7 +12,7 @@ from llamactl.devices import resolve
 from llamactl.errors import CheckpointError, UsageError
 from llamactl.loading import load_model
 from llamactl.quantize import QuantSpec
-from tests._quantize_util import meta_src, quantize_to, spec_for
+from tests._quantize_util import bnb_spec, meta_src, quantize_to
 from tests.cli._run import run_cli
 
 
@@ -28,17 +28,17 @@ def test_auto_device_without_cuda_is_cpu_fp32() -> None:
 @pytest.mark.parametrize("bits", [8, 4])
 def test_quantize_on_load_equals_loading_the_quantized_checkpoint(tmp_path: Path, bits: int) -> None:
     src = meta_src(tmp_path / "src")
-    quantize_to(src, tmp_path / "q", spec_for(bits), device="cpu")
+    quantize_to(src, tmp_path / "q", bnb_spec(bits), device="cpu")
     tokens = torch.randint(0, 320, (1, 11), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        on_load = load_model(src, device="cpu", quant=spec_for(bits)).model(tokens)
+        on_load = load_model(src, device="cpu", quant=bnb_spec(bits)).model(tokens)
         from_disk = load_model(tmp_path / "q", device="cpu").model(tokens)
         full = load_model(src, device="cpu").model(tokens)
     assert torch.equal(on_load, from_disk)
     assert not torch.equal(on_load, full)  # it really is quantized
     assert (on_load - full).abs().max() < (0.5 if bits == 8 else 2.0)
     with pytest.raises(CheckpointError, match="already quantized"):
-        load_model(tmp_path / "q", device="cpu", quant=spec_for(bits))
+        load_model(tmp_path / "q", device="cpu", quant=bnb_spec(bits))
 
 
 def test_info_reports_quantized_scheme_and_bits(tmp_path: Path) -> None:

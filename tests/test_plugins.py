@@ -63,7 +63,7 @@ def test_broken_plugin_is_one_failure_and_others_still_load(plugin_site: Path, s
 def test_plugin_whose_hook_raises_registers_nothing(plugin_site: Path) -> None:
     make_plugin(plugin_site, "hookfail", HOOK_RAISES)
     registry = get_registry(fresh=True)
-    assert set(registry.formats()) == {"meta", "hf", "bnb", "gguf"}
+    assert set(registry.formats()) == {"meta", "hf", "bnb", "gguf", "native"}
     [info] = registry.plugins()
     assert not info.ok and "bad format table" in (info.error or "")
     assert len(registry.failures) == 1 and "register_formats" in registry.failures[0]

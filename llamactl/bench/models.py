@@ -34,6 +34,7 @@ class ModelShape:
     filename: str  # the checkpoint as given; "" for random weights
     dtype: torch.dtype
     bits: int
+    scheme: str | None = None
 
 
 @dataclass
@@ -52,22 +53,22 @@ def describe_model(plan: BenchPlan, key: ModelKey) -> ModelShape:
         from llamactl.checkpoint import open_checkpoint
 
         args = open_checkpoint(opts.model).args
-        return ModelShape(args, args.n_layers, Path(opts.model).name, str(opts.model), dtype, key.bits)
+        return ModelShape(args, args.n_layers, Path(opts.model).name, str(opts.model), dtype, key.bits, key.scheme)
     source = opts.args if opts.args is not None else get_preset(key.preset)  # type: ignore[arg-type]
     name = f"custom-{source.dim}d" if opts.args is not None else str(key.preset)
-    return ModelShape(model_args(source, key), source.n_layers, name, "", dtype, key.bits)
+    return ModelShape(model_args(source, key), source.n_layers, name, "", dtype, key.bits, key.scheme)
 
 
 def build_model(plan: BenchPlan, key: ModelKey) -> BuiltModel:
     """Build the model `key` names on the plan's device: quantized for bits 8/4, else projections fused."""
     opts, device, dtype = plan.options, plan.device, to_torch(key.dtype)
-    quant = quant_spec(key.bits, dtype)
+    quant = quant_spec(key.scheme, dtype)
     if opts.model is not None:
         from llamactl.loading import load_model
 
         loaded = load_model(opts.model, device=device, dtype=dtype, quant=quant)
         args = loaded.args
-        shape = ModelShape(args, args.n_layers, Path(opts.model).name, str(opts.model), dtype, key.bits)
+        shape = ModelShape(args, args.n_layers, Path(opts.model).name, str(opts.model), dtype, key.bits, key.scheme)
         assert loaded.step is not None
         return BuiltModel(loaded.model, shape, loaded.step)
     shape = describe_model(plan, key)
@@ -98,15 +99,20 @@ def build_random_model(args: ModelArgs, device: torch.device, dtype: torch.dtype
     return model.eval()
 
 
-def quant_spec(bits: int, dtype: torch.dtype) -> QuantSpec | None:
-    """The scheme `--bits` picks (None for 16), 4-bit computing in the benchmark's dtype."""
-    if bits == 16:
-        return None
-    from llamactl.quantize import parse_spec
+def quant_spec(scheme: str | None, dtype: torch.dtype) -> QuantSpec | None:
+    """The registered scheme `key.scheme` names (None: unquantized), as `load_model(quant=...)` applies it.
 
-    spec = parse_spec(bits)
-    assert spec is not None
-    return dataclasses.replace(spec, compute_dtype=name_of(dtype)) if spec.bits == 4 else spec
+    bitsandbytes' 4-bit computes in the benchmark's dtype; the native schemes keep their own
+    compute dtype (bf16: their kernels are never run in fp32 unless asked).
+    """
+    if scheme is None:
+        return None
+    from llamactl.quantize import get_scheme
+
+    spec = get_scheme(scheme)
+    if spec.method == "bitsandbytes" and spec.bits == 4:
+        spec = dataclasses.replace(spec, compute_dtype=name_of(dtype))
+    return spec
 
 
 def weight_bytes(model: torch.nn.Module) -> int:

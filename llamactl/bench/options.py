@@ -17,12 +17,13 @@ from typing import TYPE_CHECKING
 from llamactl.config import ModelArgs, get_preset
 from llamactl.dtypes import FLOAT_NAMES
 from llamactl.errors import UsageError
+from llamactl.quantize.spec import DEFAULT_SCHEME_FOR_BITS, SCHEMES
 
 if TYPE_CHECKING:
     import torch
 
 ATTN_KINDS = ("mha", "gqa", "mqa")
-BITS = (16, 8, 4)  # 16: the dtype as is; 8: bitsandbytes int8; 4: nf4
+BITS = (16, 8, 4)  # 16: the dtype as is; 8 and 4: the schemes --bits picks (q8, q4)
 
 
 @dataclass(frozen=True)
@@ -55,6 +56,7 @@ class BenchOptions:
     kv_heads: list[int] = field(default_factory=lambda: [8])  # KV heads of the "gqa" variant
     dtypes: list[str] | None = None  # None: bf16 on CUDA, fp32 on the CPU
     bits: list[int] = field(default_factory=lambda: [16])
+    schemes: list[str] = field(default_factory=list)  # named schemes (q4, int8, nf4...), after the bits
     layers: list[int | None] | None = None  # None: all, or CPU_DEFAULTS on the CPU; an item None: all
     warmup: int = 1
     repeat: int | None = None  # None: 5, or CPU_DEFAULTS on the CPU
@@ -76,6 +78,7 @@ class ModelKey:
     gqa_heads: int | None  # the kv_heads value of this point; only attn "gqa" uses it
     dtype: str  # short name ("bf16"), weights and KV cache alike
     bits: int  # one of BITS
+    scheme: str | None  # the quantization scheme (None: bits 16, unquantized)
     layers: int | None  # keep only the first N layers; None: all of them
 
 
@@ -172,12 +175,24 @@ def model_args(source: ModelArgs, key: ModelKey) -> ModelArgs:
 
 
 def _model_keys(opts: BenchOptions) -> tuple[ModelKey, ...]:
-    """The models of the cross product, in build order (preset, attn, kv heads, dtype, bits, layers)."""
+    """The models of the cross product, in build order (preset, attn, kv heads, dtype, weights, layers).
+
+    The weights axis is the bits (16, or the scheme each width picks) then the named schemes.
+    """
     presets: list[str | None] = [None] if opts.model is not None or opts.args is not None else [*opts.presets]
     # kv_heads is an axis only when some variant is GQA (then every variant crosses it).
     heads: list[int | None] = [*opts.kv_heads] if "gqa" in opts.attn else [None]
-    product = itertools.product(presets, opts.attn, heads, opts.dtypes or [], opts.bits, opts.layers or [None])
-    return tuple(ModelKey(*point) for point in product)
+    weights = [weights_of(b) for b in opts.bits] + [(SCHEMES[s][0], s) for s in opts.schemes]
+    product = itertools.product(presets, opts.attn, heads, opts.dtypes or [], weights, opts.layers or [None])
+    return tuple(
+        ModelKey(preset, attn, gqa, dtype, bits, scheme, layers)
+        for preset, attn, gqa, dtype, (bits, scheme), layers in product
+    )
+
+
+def weights_of(bits: int) -> tuple[int, str | None]:
+    """(bits, scheme) of a --bits value: 16 unquantized, 8 / 4 the default scheme for that width."""
+    return (bits, None) if bits == 16 else (bits, DEFAULT_SCHEME_FOR_BITS[bits])
 
 
 def _validate(opts: BenchOptions) -> None:
@@ -205,13 +220,16 @@ def _validate(opts: BenchOptions) -> None:
     for b in opts.bits:
         if b not in BITS:
             raise UsageError(f"bits {b}: expected 16, 8 or 4")
+    for name in opts.schemes:
+        if name not in SCHEMES:
+            raise UsageError(f"scheme {name}: unknown; choose one of: {', '.join(SCHEMES)}")
     if opts.warmup < 0:
         raise UsageError(f"warmup {opts.warmup}: must not be negative")
     if opts.repeat is not None and opts.repeat < 1:
         raise UsageError(f"repeat {opts.repeat}: must be at least 1")
     if opts.vs not in (None, "transformers"):
         raise UsageError(f"vs {opts.vs}: only 'transformers' is supported")
-    if opts.vs and opts.bits != [16]:
+    if opts.vs and (opts.bits != [16] or opts.schemes):
         raise UsageError(f"vs transformers: compares unquantized weights only (bits 16), not bits {_listed(opts.bits)}")
     if opts.model is not None:
         if opts.attn != ["native"]:

@@ -82,6 +82,7 @@ class BenchRow:
     vs_median_ts: float | None = None
     vs_samples_ts: list[float] = field(default_factory=list)
     speedup: float | None = None
+    scheme: str | None = None  # the quantization scheme of bits 8 / 4 (q8, int8, q4, nf4...)
 
 
 # The stable schema of json/jsonl/csv: environment fields then row fields, in this order.

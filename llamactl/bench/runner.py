@@ -106,6 +106,7 @@ def _row(shape: ModelShape, cfg: CacheConfig, test: str, n_prompt: int, n_gen: i
         type_w=name_of(shape.dtype),
         type_k=name_of(shape.dtype),
         bits=shape.bits,
+        scheme=shape.scheme,
         n_batch=cfg.batch,
         n_ctx=cfg.ctx,
         n_prompt=n_prompt,

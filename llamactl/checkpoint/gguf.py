@@ -43,6 +43,7 @@ from llamactl.checkpoint.gguf_file import GGUFArray, GGUFFile, GGUFTensor, read_
 from llamactl.checkpoint.gguf_quants import dequantize
 from llamactl.checkpoint.gguf_vocab import spm_model_bytes, vocab_from_gguf
 from llamactl.checkpoint.gguf_write import plan_format, write_format
+from llamactl.checkpoint.tensor_io import Extent, Files
 from llamactl.config import ModelArgs, ffn_recipe_for
 from llamactl.errors import CheckpointError, printable
 from llamactl.home import cache_dir
@@ -57,10 +58,11 @@ if TYPE_CHECKING:
 SUFFIX = ".gguf"
 ARCH = "llama"
 
-# ggml types whose blocks a llamactl quantization scheme keeps as they are: ggml type name ->
-# registered scheme. Empty until the native schemes land (their stored parts are exactly
-# GGUF's Q8_0 / Q4_0 blocks); then {"Q8_0": "q8", "Q4_0": "q4"} runs those at native width.
-NATIVE_SCHEMES: dict[str, str] = {}
+# ggml types whose blocks a llamactl quantization scheme keeps as they are (ggml type name ->
+# registered scheme): the native q8 / q4 parts are exactly GGUF's Q8_0 / Q4_0 blocks, so such
+# a file runs at its own width instead of being dequantized. A file mixing several of them
+# in its block projections is dequantized (a reader has one quantization spec).
+NATIVE_SCHEMES: dict[str, str] = {"Q8_0": "q8", "Q4_0": "q4"}
 
 # ----------------------------------------------------------------------------- finding the file
 
@@ -173,19 +175,21 @@ def canonical_tensors(file: GGUFFile) -> dict[str, GGUFTensor]:
 # ----------------------------------------------------------------------------- reading
 
 
-def native_scheme(meta_name: str, tensor: GGUFTensor) -> str | None:
+def native_scheme(meta_name: str, tensor: GGUFTensor, native: dict[str, str] = NATIVE_SCHEMES) -> str | None:
     """THE per-tensor decision: the scheme that keeps this tensor's ggml blocks, or None to dequantize."""
-    scheme = NATIVE_SCHEMES.get(tensor.ggml.name)
+    scheme = native.get(tensor.ggml.name)
     return scheme if scheme is not None and layout.is_quantizable(meta_name) else None
 
 
-def tensor_entry(meta_name: str, tensor: GGUFTensor, data: torch.Tensor) -> Entry:
+def tensor_entry(
+    meta_name: str, tensor: GGUFTensor, data: torch.Tensor, native: dict[str, str] = NATIVE_SCHEMES
+) -> Entry:
     """One tensor's stored bytes (uint8, memory-mapped) as a canonical entry.
 
     Plain F32 / F16 / BF16 stay a view of the file; quantized types become float32 (exactly
     what ggml computes); q/k rows are already in Meta's order (see the module docstring).
     """
-    scheme = native_scheme(meta_name, tensor)
+    scheme = native_scheme(meta_name, tensor, native)
     if scheme is not None:
         from llamactl.quantize import QuantizedTensor, get_scheme
 
@@ -203,6 +207,7 @@ class GGUFReader(ReaderBase):
     file: GGUFFile = field(default=None)  # type: ignore[assignment]
     tensors: dict[str, GGUFTensor] = field(default_factory=dict)  # Meta name -> stored tensor
     tied: bool = False  # no output.weight: the head is the embedding
+    native: dict[str, str] = field(default_factory=lambda: dict(NATIVE_SCHEMES))  # what this file keeps quantized
 
     @classmethod
     def open(cls, path: Path) -> GGUFReader:
@@ -215,6 +220,13 @@ class GGUFReader(ReaderBase):
         args = args_from_gguf(file, embedding.shape[0] if embedding is not None else None)
         reader = cls(path=path, args=args, files=[gguf], file=file, tensors=tensors)
         reader.tied = "output.weight" not in tensors and embedding is not None
+        schemes = {s for name, t in tensors.items() if (s := native_scheme(name, t)) is not None}
+        if len(schemes) > 1:
+            reader.native = {}
+        elif schemes:
+            from llamactl.quantize import get_scheme
+
+            reader.quant = get_scheme(schemes.pop())
         reader.infos = [reader._info(name, t) for name, t in tensors.items()]
         if reader.tied:
             reader.infos.append(reader._info("output.weight", embedding))  # type: ignore[arg-type]
@@ -223,7 +235,7 @@ class GGUFReader(ReaderBase):
         return reader
 
     def _info(self, name: str, tensor: GGUFTensor) -> TensorInfo:
-        scheme = native_scheme(name, tensor)
+        scheme = native_scheme(name, tensor, self.native)
         if scheme is not None:
             return TensorInfo(name, tensor.shape, "uint8", scheme=scheme, stored_bytes=tensor.nbytes)
         return TensorInfo(name, tensor.shape, tensor.ggml.dtype or "fp32")
@@ -256,23 +268,15 @@ class GGUFReader(ReaderBase):
         }
 
     def iter_tensors(self) -> Iterator[tuple[str, Entry]]:
-        data = _mapped_tensors(self.files[0])
-        for name, tensor in sorted(self.tensors.items(), key=lambda item: item[1].start):
-            entry = tensor_entry(name, tensor, data[tensor.start : tensor.start + tensor.nbytes])
-            yield name, entry
-            if self.tied and name == "tok_embeddings.weight":
-                yield "output.weight", entry
-
-
-def _mapped_tensors(path: Path) -> torch.Tensor:
-    """The whole file as a uint8 tensor over a copy-on-write mapping (pages load on first touch)."""
-    import mmap
-
-    import torch
-
-    with open(path, "rb") as f:
-        mapping = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)  # writable for torch, never written back
-    return torch.frombuffer(mapping, dtype=torch.uint8)
+        # Each tensor's bytes are read by extent (checkpoint.tensor_io), not mapped: a file
+        # truncated while it is read is then an error naming it, not a SIGBUS.
+        with Files() as files:
+            for name, tensor in sorted(self.tensors.items(), key=lambda item: item[1].start):
+                extent = Extent(self.files[0], tensor.start, tensor.nbytes, "uint8", (tensor.nbytes,))
+                entry = tensor_entry(name, tensor, files.read(extent, name), self.native)
+                yield name, entry
+                if self.tied and name == "tok_embeddings.weight":
+                    yield "output.weight", entry
 
 
 def _cached_model_file(model: bytes) -> Path:

@@ -36,6 +36,7 @@ from llamactl.errors import CheckpointError, ConfigError, printable
 from llamactl.layout import HF_IGNORED, TensorInfo
 from llamactl.plugins import hookimpl
 from llamactl.quantize import QuantizedTensor, QuantSpec, storage
+from llamactl.quantize.spec import NATIVE_METHOD
 from llamactl.rotary import permute_for_hf, unpermute_from_hf
 
 if TYPE_CHECKING:
@@ -60,9 +61,14 @@ def quantization_method(path: Path) -> str | None:
         return None
 
 
+# Quantized HF-layout checkpoints other formats read: bitsandbytes (`checkpoint.bnb`) and
+# llamactl's native q8 / q4 (`checkpoint.native`).
+QUANTIZED_METHODS = ("bitsandbytes", NATIVE_METHOD)
+
+
 def detect_hf(path: Path) -> bool:
-    """config.json, unless it describes a bitsandbytes checkpoint (that is `checkpoint.bnb`)."""
-    return (path / CONFIG_FILE).is_file() and quantization_method(path) != "bitsandbytes"
+    """config.json, unless it describes a quantized checkpoint another format reads."""
+    return (path / CONFIG_FILE).is_file() and quantization_method(path) not in QUANTIZED_METHODS
 
 
 def weight_map(path: Path) -> dict[str, Path]:
@@ -115,7 +121,7 @@ class HFReader(ReaderBase):
 
     @staticmethod
     def _refuse_quantized(config: dict[str, Any], where: Path) -> None:
-        """bitsandbytes checkpoints are `checkpoint.bnb`'s; any other method is refused here."""
+        """Quantized checkpoints are `checkpoint.bnb`'s or `checkpoint.native`'s; others are refused."""
         if config.get("quantization_config") is not None:
             QuantSpec.from_hf_config(config["quantization_config"], str(where))
 

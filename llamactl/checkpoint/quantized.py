@@ -17,7 +17,7 @@ from llamactl.checkpoint.base import CheckpointReader, ReaderView
 from llamactl.devices import resolve_device
 from llamactl.errors import CheckpointError
 from llamactl.layout import TensorInfo
-from llamactl.quantize import QuantSpec, backend, quantizable_names, storage
+from llamactl.quantize import QuantSpec, backend, fits, quantizable_names, storage
 
 if TYPE_CHECKING:
     import torch
@@ -36,16 +36,18 @@ class QuantizedView(ReaderView):
     to_quantize: set[str] = field(init=False)
     skipped: list[str] = field(init=False)
     unmatched_skip: list[str] = field(init=False)
+    unfit: list[str] = field(init=False)  # projections whose shape the scheme cannot store (left as they are)
 
     def __post_init__(self) -> None:
         if self.source.quant is not None:
             raise CheckpointError(
                 f"{self.source.path}: already quantized ({self.source.quant.scheme}); use the unquantized original"
             )
-        chosen, self.skipped, self.unmatched_skip = quantizable_names(
-            [i.name for i in self.source.tensor_infos()], self.skip
-        )
-        self.to_quantize = set(chosen)
+        infos = self.source.tensor_infos()
+        chosen, self.skipped, self.unmatched_skip = quantizable_names([i.name for i in infos], self.skip)
+        shapes = {i.name: i.shape for i in infos}
+        self.unfit = [name for name in chosen if not fits(self.quant, shapes[name])]
+        self.to_quantize = set(chosen) - set(self.unfit)
         self.device, _ = resolve_device(self.device)  # the GPU when there is one: quantizing is faster there
         backend(self.quant).prepare(self.device)
 
@@ -67,3 +69,29 @@ class QuantizedView(ReaderView):
                 yield name, impl.quantize(tensor, self.quant, heads, self.device)  # type: ignore[arg-type]
             else:
                 yield name, tensor
+
+
+@dataclass
+class DequantizedView(ReaderView):
+    """`source` with every quantized tensor restored to `dtype` (for formats that hold plain weights only)."""
+
+    source: CheckpointReader
+    dtype: str = "fp32"
+
+    @property
+    def quant(self) -> QuantSpec | None:
+        return None
+
+    def tensor_infos(self) -> list[TensorInfo]:
+        return [TensorInfo(i.name, i.shape, self.dtype) if i.scheme else i for i in self.source.tensor_infos()]
+
+    def iter_tensors(self) -> Iterator[tuple[str, Entry]]:
+        from llamactl.dtypes import to_torch
+        from llamactl.quantize import QuantizedTensor
+
+        target = to_torch(self.dtype)
+        for name, entry in self.source.iter_tensors():
+            if isinstance(entry, QuantizedTensor):
+                yield name, backend(entry.spec).dequantize(entry, target)
+            else:
+                yield name, entry

@@ -104,20 +104,32 @@ def load_from_options(
 
 Bits = Annotated[
     int | None,
-    typer.Option("--bits", help="Quantize the block projections to 8 or 4 bits (default schemes: int8, nf4)."),
+    typer.Option(
+        "--bits", help="Quantize the block projections to 8 or 4 bits (default schemes: q8, q4; torch's own kernels)."
+    ),
 ]
 Scheme = Annotated[
     str | None,
-    typer.Option("--scheme", help="A registered quantization scheme instead of --bits: int8, nf4, fp4 or a plugin's."),
+    typer.Option(
+        "--scheme",
+        help="A registered quantization scheme instead of --bits: q8, q4 (GGUF Q8_0/Q4_0 blocks), "
+        "int8, nf4, fp4 (bitsandbytes, transformers loads them) or a plugin's.",
+    ),
 ]
-QuantType = Annotated[str | None, typer.Option("--quant-type", help="4-bit data type: nf4 (default) or fp4.")]
+QuantType = Annotated[
+    str | None, typer.Option("--quant-type", help="bitsandbytes 4-bit data type with --bits 4: nf4 or fp4.")
+]
+GroupSize = Annotated[
+    int | None,
+    typer.Option("--group-size", help="q8/q4 weights per fp16 scale: 32 (default; GGUF Q8_0/Q4_0), 64 or 128."),
+]
 DoubleQuant = Annotated[
     bool | None,
     typer.Option("--double-quant/--no-double-quant", help="Quantize the 4-bit scales too (default: on)."),
 ]
-Blocksize = Annotated[int | None, typer.Option("--blocksize", help="4-bit block size (default 64).")]
+Blocksize = Annotated[int | None, typer.Option("--blocksize", help="nf4/fp4 block size (default 64).")]
 ComputeDtype = Annotated[
-    str | None, typer.Option("--compute-dtype", help="4-bit compute dtype: bf16 (default), fp16 or fp32.")
+    str | None, typer.Option("--compute-dtype", help="q8/q4/nf4/fp4 compute dtype: bf16 (default), fp16 or fp32.")
 ]
 Int8Threshold = Annotated[
     float | None, typer.Option("--int8-threshold", help="LLM.int8 activation outlier threshold (default 6.0).")
@@ -132,6 +144,7 @@ def quant_from_options(
     blocksize: int | None = None,
     compute_dtype: str | None = None,
     threshold: float | None = None,
+    group_size: int | None = None,
 ) -> QuantSpec | None:
     """The QuantSpec the quantization options describe (None: unquantized)."""
     from llamactl.quantize import get_scheme, parse_spec
@@ -145,4 +158,5 @@ def quant_from_options(
         blocksize=blocksize,
         compute_dtype=compute_dtype,
         threshold=threshold,
+        group_size=group_size,
     )

@@ -82,7 +82,11 @@ def bench(
     dtype: Annotated[
         str | None, typer.Option(help="bf16, fp16 or fp32 (comma list; default CUDA bf16, CPU fp32).")
     ] = None,
-    bits: Annotated[str, typer.Option(help="Weight bits: 16, 8 (int8) or 4 (nf4) (comma list).")] = "16",
+    bits: Annotated[str, typer.Option(help="Weight bits: 16, 8 (q8) or 4 (q4) (comma list).")] = "16",
+    scheme: Annotated[
+        str | None,
+        typer.Option(help="Quantization schemes to run too, after --bits: q8,q4,int8,nf4,fp4 (comma list)."),
+    ] = None,
     layers: Annotated[
         str | None, typer.Option(help=f"Keep only N layers of the preset (default all; CPU {CPU_DEFAULTS.layers}).")
     ] = None,
@@ -117,6 +121,7 @@ def bench(
         kv_heads=_ints("--kv-heads", kv_heads),
         dtypes=_words("--dtype", dtype) if dtype is not None else None,
         bits=_ints("--bits", bits),
+        schemes=_words("--scheme", scheme) if scheme is not None else [],
         layers=[*_ints("--layers", layers)] if layers is not None else None,
         warmup=warmup,
         repeat=repeat,
@@ -258,7 +263,7 @@ def _cells(row: BenchRow, with_vs: bool) -> list[str]:
         row.attn,
         str(row.n_kv_head),
         row.type_w,
-        str(row.bits),
+        f"{row.bits} ({row.scheme})" if row.scheme else str(row.bits),
         str(row.n_batch),
         row.test,
         speed,

@@ -1,6 +1,8 @@
 """`llamactl quantize`: convert with a quantization scheme, then report what it cost.
 
-int8 / nf4 / fp4 are written in bitsandbytes' own serialization (transformers loads them).
+q8 / q4 are written as native checkpoints (GGUF Q8_0 / Q4_0 blocks in safetensors; llamactl
+loads them without re-quantizing); int8 / nf4 / fp4 in bitsandbytes' own serialization
+(transformers loads them).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from llamactl.cli._options import (
     Blocksize,
     ComputeDtype,
     DoubleQuant,
+    GroupSize,
     Int8Threshold,
     QuantType,
     Scheme,
@@ -38,6 +41,7 @@ def quantize(
     blocksize: Blocksize = None,
     compute_dtype: ComputeDtype = None,
     int8_threshold: Int8Threshold = None,
+    group_size: GroupSize = None,
     skip: Annotated[
         list[str] | None,
         typer.Option("--skip", help="Leave matching projections unquantized (glob on Meta or HF names; repeatable)."),
@@ -53,7 +57,7 @@ def quantize(
     force: Annotated[bool, typer.Option("--force", help="Replace DST if it exists.")] = False,
     json_out: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
 ) -> None:
-    """Quantize a checkpoint (bitsandbytes LLM.int8 or 4-bit nf4/fp4) and report the cost."""
+    """Quantize a checkpoint (q8/q4 native, or bitsandbytes int8/nf4/fp4) and report the cost."""
     from llamactl.checkpoint import open_checkpoint
     from llamactl.convert import plan_convert, run_convert
     from llamactl.evaluate import eval_tokens, evaluate_quality, read_eval_text
@@ -61,7 +65,9 @@ def quantize(
 
     if (bits is None) == (scheme is None):
         raise UsageError("give exactly one of --bits 8|4 or --scheme NAME")
-    spec = quant_from_options(bits, scheme, quant_type, double_quant, blocksize, compute_dtype, int8_threshold)
+    spec = quant_from_options(
+        bits, scheme, quant_type, double_quant, blocksize, compute_dtype, int8_threshold, group_size
+    )
     if no_eval and eval_file is not None:
         raise UsageError("--eval and --no-eval contradict each other")
     plan = plan_convert(src, dst, quant=spec, skip=skip or (), force=force, device=device)
@@ -69,6 +75,11 @@ def quantize(
     assert spec is not None and view is not None
     for pattern in view.unmatched_skip:
         warn(f"--skip {pattern}: matches no quantizable tensor")
+    if view.unfit:
+        warn(
+            f"{len(view.unfit)} projections left unquantized: their shape does not fit {spec.scheme} "
+            f"(e.g. {view.unfit[0]}: input features not a multiple of the group size {spec.group_size})"
+        )
     tokens = None if no_eval else eval_tokens(plan.source, read_eval_text(eval_file) if eval_file else BUILTIN_SAMPLE)
     with byte_progress(f"quantize → {spec.scheme}", plan.total_bytes, plan.tensor_count) as progress:
         task = progress.add_task(f"quantize → {spec.scheme}", total=plan.total_bytes, items=0)
@@ -80,7 +91,7 @@ def quantize(
     written = open_checkpoint(plan.dst)
     stats = QuantStats.compare(plan.source.tensor_infos(), written.tensor_infos(), view.skipped)
     quality = None if tokens is None else evaluate_quality(plan.source.path, plan.dst, tokens, device=device)
-    report = _report(plan.source.path, plan.dst, spec, stats, quality, written, view.unmatched_skip)
+    report = _report(plan.source.path, plan.dst, spec, stats, quality, written, view.unmatched_skip, view.unfit)
     if json_out:
         print_json(report)
     else:
@@ -88,17 +99,28 @@ def quantize(
 
 
 def _report(
-    src: Path, dst: Path, spec: Any, stats: Any, quality: Any, written: Any, unmatched: list[str]
+    src: Path,
+    dst: Path,
+    spec: Any,
+    stats: Any,
+    quality: Any,
+    written: Any,
+    unmatched: list[str],
+    unfit: list[str],
 ) -> dict[str, Any]:
     from llamactl.checkpoint.bnb import skip_modules
+    from llamactl.checkpoint.native import unquantized_modules
 
+    kept = unquantized_modules(written) if spec.method == "native" else skip_modules(written)
     return {
         "src": str(src),
         "dst": str(dst),
         "scheme": spec.scheme,
+        "method": spec.method,
         "description": spec.describe(),
-        "quantization_config": spec.to_hf_config(skip_modules(written)),
+        "quantization_config": spec.to_hf_config(kept),
         "unmatched_skip": unmatched,
+        "unfit": unfit,
         **stats.to_dict(),
         "quality": quality.to_dict() if quality else None,
     }
@@ -108,7 +130,7 @@ def _print_table(report: dict[str, Any], stats: Any, quality: Any) -> None:
     table = Table(show_header=False, box=None, pad_edge=False)
     rows = [
         ("wrote", report["dst"]),
-        ("scheme", f"bitsandbytes {report['description']}"),
+        ("scheme", f"{report['method']} {report['description']}"),
         (
             "tensors quantized",
             f"{stats.tensors_quantized} of {stats.tensors_total}"

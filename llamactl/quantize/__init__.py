@@ -1,8 +1,8 @@
 """Weight-only quantization: one QuantSpec, registered schemes, and a backend per method.
 
 The spec (`spec.py`) and the quantized-tensor type (`tensor.py`) import no kernels, so
-metadata commands stay fast; a scheme's backend (bitsandbytes: `bnb.py`) loads when a
-weight is actually quantized, restored or run.
+metadata commands stay fast; a scheme's backend (bitsandbytes: `bnb.py`; the native q8 / q4
+schemes: `native.py`) loads when a weight is actually quantized, restored or run.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import fnmatch
 from collections.abc import Sequence
 
 from llamactl.errors import UsageError
-from llamactl.layout import is_quantizable, meta_to_hf, module_path
+from llamactl.layout import Shape, is_quantizable, meta_to_hf, module_path
 from llamactl.plugins import get_registry
 from llamactl.quantize.spec import DEFAULT_SCHEME_FOR_BITS, SCHEMES, QuantSpec, parse_spec
 from llamactl.quantize.tensor import Backend, Layout, QuantizedTensor
@@ -25,6 +25,7 @@ __all__ = [
     "QuantSpec",
     "QuantizedTensor",
     "backend",
+    "fits",
     "get_scheme",
     "matches_skip",
     "parse_spec",
@@ -35,6 +36,10 @@ __all__ = [
 
 def backend(spec: QuantSpec) -> Backend:
     """The implementation of `spec`'s method (imported on first use: it brings torch and kernels)."""
+    if spec.method == "native":
+        from llamactl.quantize.native import BACKEND as NATIVE
+
+        return NATIVE
     if spec.method == "bitsandbytes":
         from llamactl.quantize.bnb import BACKEND
 
@@ -44,6 +49,10 @@ def backend(spec: QuantSpec) -> Backend:
 
 def storage(spec: QuantSpec) -> Layout:
     """How `spec`'s method stores weights (sizes and part names; torch-free)."""
+    if spec.method == "native":
+        from llamactl.quantize import native_layout
+
+        return native_layout  # type: ignore[return-value]
     if spec.method == "bitsandbytes":
         from llamactl.quantize import bnb_layout
 
@@ -52,7 +61,7 @@ def storage(spec: QuantSpec) -> Layout:
 
 
 def get_scheme(name: str) -> QuantSpec:
-    """A registered scheme by name: int8, nf4, fp4 or a plugin's QuantSpec."""
+    """A registered scheme by name: q8, q4, int8, nf4, fp4 or a plugin's QuantSpec."""
     schemes = get_registry().quantizers()
     if name not in schemes:
         raise UsageError(f"quantization scheme {name!r}: unknown; choose one of: {', '.join(sorted(schemes))}")
@@ -69,6 +78,11 @@ def matches_skip(meta_name: str, patterns: Sequence[str]) -> list[str]:
     hf = meta_to_hf(meta_name) or ""
     names = {meta_name, module_path(meta_name), hf, hf.removesuffix(".weight")}
     return [p for p in patterns if any(fnmatch.fnmatchcase(n, p) for n in names if n)]
+
+
+def fits(spec: QuantSpec, shape: Shape) -> bool:
+    """Whether `spec` can store a weight of this shape (native blocks need in % group == 0)."""
+    return storage(spec).supports(spec, shape)
 
 
 def quantizable_names(names: Sequence[str], skip: Sequence[str] = ()) -> tuple[list[str], list[str], list[str]]:

@@ -45,6 +45,11 @@ def part_infos(spec: QuantSpec, prefix: str, shape: Shape) -> list[TensorInfo]:
     return infos
 
 
+def supports(spec: QuantSpec, shape: Shape) -> bool:
+    """bitsandbytes quantizes any shape (4-bit blocks run over the flattened weight)."""
+    return True
+
+
 def stored_bytes(spec: QuantSpec, shape: Shape) -> int:
     return sum(info.nbytes for info in part_infos(spec, "w", shape))
 

@@ -15,15 +15,20 @@ from llamactl import dtypes
 from llamactl.errors import ConfigError, UsageError
 from llamactl.plugins import hookimpl
 
-# scheme -> (bits, method). bitsandbytes' schemes write checkpoints transformers loads.
+# scheme -> (bits, method). bitsandbytes' schemes write checkpoints transformers loads; the
+# native ones (torch's own int8 / int4 kernels) store GGUF's Q8_0 / Q4_0 blocks.
 SCHEMES: dict[str, tuple[int, str]] = {
+    "q8": (8, "native"),
+    "q4": (4, "native"),
     "int8": (8, "bitsandbytes"),
     "nf4": (4, "bitsandbytes"),
     "fp4": (4, "bitsandbytes"),
 }
-# What `--bits N` means when no --scheme is given.
-DEFAULT_SCHEME_FOR_BITS: dict[int, str] = {8: "int8", 4: "nf4"}
+# What `--bits N` means when no --scheme is given: the fast native schemes.
+DEFAULT_SCHEME_FOR_BITS: dict[int, str] = {8: "q8", 4: "q4"}
 BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
+GROUP_SIZES = (32, 64, 128)  # native schemes: weights per block (32: exactly GGML's Q8_0 / Q4_0)
+NATIVE_METHOD = "llamactl"  # quantization_config.quant_method of native checkpoints
 
 
 @dataclass(frozen=True)
@@ -32,7 +37,9 @@ class QuantSpec:
 
     For bitsandbytes it maps 1:1 onto transformers' BitsAndBytesConfig: `blocksize`,
     `double_quant` and `compute_dtype` apply to the 4-bit types, `threshold` (LLM.int8's
-    activation outlier threshold) to int8.
+    activation outlier threshold) to int8. The native schemes (q8, q4) use `group_size`
+    (weights per block with one fp16 scale) and `compute_dtype` (what activations are cast to
+    for the kernel: bf16 by default, never fp32 unless asked).
     """
 
     scheme: str
@@ -40,6 +47,7 @@ class QuantSpec:
     double_quant: bool = True
     compute_dtype: str = "bf16"
     threshold: float = 6.0
+    group_size: int = 32
 
     @property
     def bits(self) -> int:
@@ -60,10 +68,18 @@ class QuantSpec:
             raise UsageError(f"compute dtype {self.compute_dtype}: choose one of: {', '.join(dtypes.FLOAT_NAMES)}")
         if not self.threshold >= 0:
             raise UsageError(f"int8 threshold {self.threshold}: must be >= 0")
+        if self.group_size not in GROUP_SIZES:
+            raise UsageError(
+                f"group size {self.group_size}: unsupported; choose one of: {', '.join(map(str, GROUP_SIZES))}"
+            )
         return self
 
     def describe(self) -> str:
         """One line for tables and `info`, e.g. `nf4 (double quant, blocksize 64, compute bf16)`."""
+        if self.method == "native":
+            ggml = {"q8": "Q8_0", "q4": "Q4_0"}[self.scheme] if self.group_size == 32 else None
+            blocks = f"GGUF {ggml} blocks" if ggml else f"blocks of {self.group_size}"
+            return f"{self.scheme} ({blocks}, fp16 scales, compute {self.compute_dtype})"
         if self.scheme == "int8":
             return f"int8 (LLM.int8, outlier threshold {self.threshold:g})"
         dq = "double quant" if self.double_quant else "no double quant"
@@ -75,7 +91,17 @@ class QuantSpec:
     # ------------------------------------------------------------------ transformers' config
 
     def to_hf_config(self, skip_modules: Sequence[str] | None = None) -> dict[str, Any]:
-        """`quantization_config` exactly as transformers' BitsAndBytesConfig.to_dict() writes it."""
+        """`quantization_config`: for bitsandbytes exactly as transformers' BitsAndBytesConfig
+        .to_dict() writes it; for the native schemes llamactl's own (quant_method "llamactl")."""
+        if self.method == "native":
+            return {
+                "quant_method": NATIVE_METHOD,
+                "scheme": self.scheme,
+                "bits": self.bits,
+                "group_size": self.group_size,
+                "compute_dtype": dtypes.lookup(self.compute_dtype).hf,
+                "modules_to_not_convert": list(skip_modules) if skip_modules else None,
+            }
         four = self.bits == 4
         return {
             "_load_in_4bit": four,
@@ -98,9 +124,13 @@ class QuantSpec:
         """Read a `quantization_config`; anything but bitsandbytes int8 / 4-bit is an error."""
         if not isinstance(config, Mapping):
             raise ConfigError(f"{where}: quantization_config must be an object, found {type(config).__name__}")
+        if config.get("quant_method") == NATIVE_METHOD:
+            return cls._from_native_config(config, where)
         if config.get("quant_method") != "bitsandbytes":
             method = str(config.get("quant_method"))[:40]
-            raise ConfigError(f"{where}: quantization method {method!r} is not supported (only bitsandbytes)")
+            raise ConfigError(
+                f"{where}: quantization method {method!r} is not supported (only bitsandbytes and {NATIVE_METHOD})"
+            )
         four = bool(config.get("load_in_4bit") or config.get("_load_in_4bit"))
         eight = bool(config.get("load_in_8bit") or config.get("_load_in_8bit"))
         if four == eight:
@@ -122,6 +152,20 @@ class QuantSpec:
         except (UsageError, ValueError, TypeError) as exc:
             raise ConfigError(f"{where}: bad quantization_config ({exc})") from None
 
+    @classmethod
+    def _from_native_config(cls, config: Mapping[str, Any], where: str) -> QuantSpec:
+        try:
+            scheme = str(config.get("scheme"))
+            if SCHEMES.get(scheme, (0, ""))[1] != "native":
+                raise UsageError(f"scheme {scheme[:40]!r} is not q8 or q4")
+            group = config.get("group_size", 32)
+            if not isinstance(group, int) or isinstance(group, bool):
+                raise UsageError(f"group_size {group!r} is not an integer")
+            compute = dtypes.parse_float_dtype(str(config.get("compute_dtype") or "bfloat16"))
+            return cls(scheme, group_size=group, compute_dtype=compute or "bf16").validate()
+        except (UsageError, ValueError, TypeError) as exc:
+            raise ConfigError(f"{where}: bad quantization_config ({exc})") from None
+
 
 def parse_spec(
     bits: int | None = None,
@@ -132,11 +176,13 @@ def parse_spec(
     blocksize: int | None = None,
     compute_dtype: str | None = None,
     threshold: float | None = None,
+    group_size: int | None = None,
 ) -> QuantSpec | None:
     """The one parser of the quantization options every command shares; None: no quantization.
 
-    `bits` picks the default scheme for that width (or `quant_type` for 4-bit); `scheme` is a
-    registered spec (built-in or a plugin's) that the other options refine.
+    `bits` picks the default scheme for that width (q8 / q4; `quant_type` nf4 / fp4 picks
+    bitsandbytes' 4-bit instead); `scheme` is a registered spec (built-in or a plugin's) that
+    the other options refine. Each option applies only to the schemes that have it.
     """
     tuning = {
         "quant type": quant_type,
@@ -144,6 +190,7 @@ def parse_spec(
         "blocksize": blocksize,
         "compute dtype": compute_dtype,
         "int8 threshold": threshold,
+        "group size": group_size,
     }
     if bits is not None and scheme is not None:
         raise UsageError("give either bits or a scheme, not both")
@@ -164,19 +211,31 @@ def parse_spec(
         scheme = QuantSpec(name)
     elif quant_type is not None:
         raise UsageError("quant type applies to bits, not to a named scheme")
-    if scheme.bits == 8:
-        four_only = [n for n in ("double quant", "blocksize", "compute dtype") if tuning[n] is not None]
-        if four_only:
-            raise UsageError(f"{four_only[0]} applies to 4-bit schemes only")
-    elif threshold is not None:
-        raise UsageError("int8 threshold applies to int8 only")
+    _check_applies(scheme, tuning)
     changes = {
         "double_quant": double_quant,
         "blocksize": blocksize,
         "compute_dtype": dtypes.parse_float_dtype(compute_dtype),
         "threshold": threshold,
+        "group_size": group_size,
     }
     return dataclasses.replace(scheme, **{k: v for k, v in changes.items() if v is not None}).validate()
+
+
+def _check_applies(scheme: QuantSpec, tuning: Mapping[str, object]) -> None:
+    """Refuse an option the scheme has no use for (one line naming both)."""
+    native = scheme.method == "native"
+    owners = {
+        "double quant": ("bitsandbytes 4-bit schemes (nf4, fp4)", scheme.method == "bitsandbytes" and scheme.bits == 4),
+        "blocksize": ("bitsandbytes 4-bit schemes (nf4, fp4)", scheme.method == "bitsandbytes" and scheme.bits == 4),
+        "compute dtype": ("4-bit and native schemes", native or scheme.bits == 4),
+        "int8 threshold": ("int8", scheme.scheme == "int8"),
+        "group size": ("the native schemes (q8, q4)", native),
+    }
+    for name, (who, applies) in owners.items():
+        if tuning[name] is not None and not applies and scheme.method in ("native", "bitsandbytes"):
+            hint = " (name the scheme nf4 or fp4)" if who.startswith("bitsandbytes") and native else ""
+            raise UsageError(f"{name} applies to {who} only, not {scheme.scheme}{hint}")
 
 
 @hookimpl

@@ -80,3 +80,7 @@ class Layout(Protocol):
     def part_infos(self, spec: QuantSpec, prefix: str, shape: Shape) -> list[TensorInfo]:
         """The entries a writer will receive for one weight, named `prefix.<part>`."""
         ...
+
+    def supports(self, spec: QuantSpec, shape: Shape) -> bool:
+        """Whether a weight of this [out, in] shape can be stored (else it stays unquantized)."""
+        ...

@@ -42,6 +42,8 @@ def test_kv_heads_must_divide_heads() -> None:
         ({"attn": ["mla"]}, "attn mla"),
         ({"dtypes": ["int3"]}, "dtype int3"),
         ({"bits": [3]}, "bits 3"),
+        ({"schemes": ["q5"]}, "scheme q5: unknown"),
+        ({"vs": "transformers", "schemes": ["q4"]}, "bits 16"),
         ({"vs": "llama.cpp"}, "vs llama.cpp"),
         ({"vs": "transformers", "bits": [4]}, "bits 16"),
         ({"repeat": 0}, "repeat 0: must be at least 1"),
@@ -154,3 +156,9 @@ def test_every_check_happens_before_anything_is_measured(
     monkeypatch.setattr(runner, "build_model", measured)
     with pytest.raises(LlamactlError, match=message):
         run(**change)
+
+
+def test_bits_pick_the_native_schemes_and_schemes_follow() -> None:
+    """--bits 8 / 4 mean q8 / q4; named schemes (bitsandbytes' too) join the same axis after them."""
+    plan = plan_bench(tiny_options(bits=[16, 8, 4], schemes=["int8", "nf4"]), CPU)
+    assert [(k.bits, k.scheme) for k in plan.models] == [(16, None), (8, "q8"), (4, "q4"), (8, "int8"), (4, "nf4")]

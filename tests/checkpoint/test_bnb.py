@@ -13,7 +13,7 @@ from llamactl.convert import plan_convert, run_convert
 from llamactl.loading import build_model, quantize_model
 from llamactl.quantize import QuantSpec
 from llamactl.quantize.quality import QuantStats
-from tests._quantize_util import bnb_config, hf_load, hf_src, meta_src, quantize_to, read_safetensors, spec_for
+from tests._quantize_util import bnb_config, bnb_spec, hf_load, hf_src, meta_src, quantize_to, read_safetensors
 
 bnb = pytest.importorskip("bitsandbytes")
 from llamactl.quantize.bnb import QuantizedLinear  # noqa: E402
@@ -29,7 +29,7 @@ def test_checkpoint_equals_what_transformers_saves(tmp_path: Path, bits: int) ->
     theirs = tmp_path / "theirs"
     hf_load(src, quantization_config=bnb_config(bits)).save_pretrained(theirs)
     ours = tmp_path / "ours"
-    quantize_to(src, ours, spec_for(bits), device="cpu")
+    quantize_to(src, ours, bnb_spec(bits), device="cpu")
     a, b = read_safetensors(ours), read_safetensors(theirs)
     assert sorted(a) == sorted(b)
     for key in b:
@@ -48,7 +48,7 @@ def test_transformers_loads_ours_and_logits_agree(tmp_path: Path, bits: int) -> 
     """
     src = meta_src(tmp_path / "src")
     dst = tmp_path / "q"
-    quantize_to(src, dst, spec_for(bits), device="cpu")
+    quantize_to(src, dst, bnb_spec(bits), device="cpu")
     hf = hf_load(dst)
     layer = hf.model.layers[0].self_attn.q_proj
     assert type(layer).__name__ == ("Linear8bitLt" if bits == 8 else "Linear4bit")
@@ -66,7 +66,7 @@ def test_transformers_loads_ours_and_logits_agree(tmp_path: Path, bits: int) -> 
 def test_quantize_on_load_equals_quantized_checkpoint(tmp_path: Path, bits: int) -> None:
     src = meta_src(tmp_path / "src")
     dst = tmp_path / "q"
-    spec = spec_for(bits)
+    spec = bnb_spec(bits)
     quantize_to(src, dst, spec, device="cpu")
     model = build_model(open_checkpoint(src), CPU, torch.float32)
     assert quantize_model(model, spec, CPU) == 14
@@ -127,13 +127,13 @@ def test_cuda_transformers_and_llamactl_agree(tmp_path: Path, bits: int) -> None
     """
     src = meta_src(tmp_path / "src")
     dst = tmp_path / "q"
-    quantize_to(src, dst, spec_for(bits), device="cuda")
+    quantize_to(src, dst, bnb_spec(bits), device="cuda")
     from transformers import AutoModelForCausalLM
 
     hf = AutoModelForCausalLM.from_pretrained(dst, device_map="cuda", dtype=torch.float32).eval()
     ours = build_model(open_checkpoint(dst), torch.device("cuda"), torch.float32)
     onload = build_model(open_checkpoint(src), torch.device("cuda"), torch.float32)
-    quantize_model(onload, spec_for(bits), "cuda")
+    quantize_model(onload, bnb_spec(bits), "cuda")
     tokens = torch.randint(0, 320, (1, 20), generator=torch.Generator().manual_seed(1)).cuda()
     with torch.inference_mode():
         ref = hf(tokens).logits.float()

@@ -17,6 +17,7 @@ from llamactl.checkpoint import open_checkpoint
 from llamactl.checkpoint.gguf import GGUFReader
 from llamactl.checkpoint.gguf_quants import GGML_TYPES, UNSUPPORTED_NAMES, dequantize
 from llamactl.checkpoint.gguf_write import LLAMA2_CHAT_TEMPLATE
+from llamactl.checkpoint.quantized import DequantizedView
 from llamactl.convert import convert, plan_convert, run_convert
 from llamactl.errors import UsageError
 from llamactl.loading import load_model
@@ -39,8 +40,11 @@ def _tokens(vocab: int, n: int = 12) -> torch.Tensor:
 
 
 def _ours(path: Path, tokens: torch.Tensor) -> torch.Tensor:
+    """llamactl's logits with every tensor dequantized to fp32, as transformers' GGUF loader does
+    (Q8_0 / Q4_0 would otherwise run at native width through the q8 / q4 kernels)."""
     with torch.no_grad():
-        return load_model(path, device="cpu", dtype=torch.float32).model(tokens)
+        reader = DequantizedView(open_checkpoint(path))
+        return load_model(reader, device="cpu", dtype=torch.float32).model(tokens)
 
 
 def _transformers_gguf(path: Path, tokens: torch.Tensor) -> torch.Tensor:
@@ -130,7 +134,7 @@ def test_dequantize_real_llama_quantize_blocks(k_quant_files: dict[str, Path]) -
         reader = open_checkpoint(path)
         oracle = _gguf_oracle(path)
         by_gguf = {t.name: t for t in reader.file.tensors}
-        for meta_name, tensor in reader.iter_tensors():
+        for meta_name, tensor in DequantizedView(reader).iter_tensors():
             if meta_name == "output.weight" and reader.tied:
                 continue
             gguf_name = reader.tensors[meta_name].name
@@ -158,7 +162,8 @@ def test_reference_gguf_reads_in_meta_layout(tmp_path: Path, dtype: str) -> None
     path = write_reference_gguf(tmp_path / "ref.gguf", args, state, dtype=dtype)
     reader = open_checkpoint(path)
     assert reader.format == "gguf" and reader.args == args
-    got = dict(reader.iter_tensors())
+    assert (reader.quant.scheme if reader.quant else None) == ("q8" if dtype == "Q8_0" else None)
+    got = dict(DequantizedView(reader).iter_tensors())
     assert set(got) == set(state)
     for name, tensor in got.items():
         if dtype == "F32" or tensor.ndim == 1:
@@ -192,13 +197,14 @@ def test_directory_with_one_gguf_resolves(tmp_path: Path) -> None:
     assert reader.format == "gguf" and reader.files == [folder / "m.gguf"]
 
 
-def test_reading_is_lazy_and_memory_mapped(tmp_path: Path) -> None:
-    """F32 tensors are views of the mapped file; open() touches no tensor data."""
+def test_reading_is_lazy_and_tensor_by_tensor(tmp_path: Path) -> None:
+    """open() touches no tensor data; each tensor is read into its own memory (no file mapping,
+    so a file truncated while it is read is an error, not a SIGBUS)."""
     args = tiny_args()
     path = write_reference_gguf(tmp_path / "ref.gguf", args, random_meta_state(args))
     reader = open_checkpoint(path)
     name, first = next(iter(reader.iter_tensors()))
-    assert first.untyped_storage().nbytes() == path.stat().st_size  # the whole mapping, not a copy
+    assert first.untyped_storage().nbytes() == first.numel() * first.element_size()  # its own bytes only
     assert name == "tok_embeddings.weight"
 
 
@@ -479,3 +485,22 @@ def test_llama_cpps_converter_output_reads_with_equal_logits(tmp_path: Path, lla
     tokens = _tokens(32000)
     with torch.no_grad():
         assert (_ours(out, tokens) - hf_reference_model(args, state)(tokens).logits).abs().max().item() <= 1e-4
+
+
+@pytest.mark.parametrize("kind", ["q8_0", "q4_0"])
+def test_q8_0_and_q4_0_files_run_at_native_width(tmp_path: Path, stories_dir: Path, kind: str) -> None:
+    """GGUF Q8_0 / Q4_0 blocks are the q8 / q4 schemes' own parts: loaded without dequantizing,
+    converted to a native checkpoint without re-quantizing (bit-equal logits), and dequantized
+    only for a format of plain weights."""
+    gguf_file = convert(stories_dir, tmp_path / "s.gguf", "gguf", gguf_type=kind)
+    reader = open_checkpoint(gguf_file)
+    assert reader.quant is not None and reader.quant.scheme == kind[:2]
+    native = convert(gguf_file, tmp_path / "native", "native")
+    plain = convert(gguf_file, tmp_path / "hf", "hf")
+    tokens = torch.tensor([[1, 403, 407, 261, 378]])
+    with torch.no_grad():
+        at_width = load_model(gguf_file, device="cpu").model
+        assert type(at_width.layers[0].attention.wq).__name__ == "NativeLinear"
+        assert torch.equal(at_width(tokens), load_model(native, device="cpu").model(tokens))
+        dequantized = load_model(DequantizedView(reader), device="cpu", dtype=torch.float32).model(tokens)
+        assert torch.equal(load_model(plain, device="cpu", dtype=torch.float32).model(tokens), dequantized)

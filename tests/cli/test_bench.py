@@ -280,3 +280,21 @@ def test_benchmarks_a_checkpoint_quantized_on_load(tmp_path: Path) -> None:
     assert out.exit_code == 0, out.stderr
     held = {r["bits"]: r["weight_bytes"] for r in json.loads(out.stdout)}
     assert held[16] > held[8] > held[4]
+
+
+def test_scheme_axis_runs_native_and_bitsandbytes_side_by_side(tmp_path: Path) -> None:
+    """--bits 4 is q4; --scheme adds named schemes (nf4: bitsandbytes) to the same run."""
+    pytest.importorskip("bitsandbytes")
+    from tests._ckpt import random_meta_state, tiny_args, write_meta_checkpoint
+
+    args = tiny_args(gqa=True, multiple_of=32)  # FFN 192: every projection fits q4's blocks
+    path = write_meta_checkpoint(tmp_path / "m", args, random_meta_state(args))
+    out = run_cli(
+        "bench", str(path), "--device", "cpu", "--ctx", "64", "--bits", "4", "--scheme", "nf4", "-o", "json", *FAST
+    )
+    assert out.exit_code == 0, out.stderr
+    rows = json.loads(out.stdout)
+    assert {(r["bits"], r["scheme"]) for r in rows} == {(4, "q4"), (4, "nf4")}
+    assert all(r["status"] == "ok" and r["avg_ts"] > 0 for r in rows)
+    bad = run_cli("bench", str(path), "--device", "cpu", "--scheme", "q5")
+    assert bad.exit_code == 2 and "scheme q5: unknown" in bad.stderr

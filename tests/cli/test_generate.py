@@ -108,7 +108,7 @@ def test_bad_options(tiny) -> None:
 
 
 def test_generate_bits_quantizes_on_load(stories_dir: Path, tmp_path: Path) -> None:
-    """--bits 8 runs LLM.int8 on the real model (greedy stays on the golden story); nothing is written."""
+    """--bits 8 runs q8 (GGUF Q8_0 blocks) on the real model (greedy stays on the golden story); nothing is written."""
     before = sorted(p.name for p in tmp_path.iterdir())
     outcome = run_cli("generate", str(stories_dir), "", "-t", "0", "-n", "30", "--bits", "8", "--device", "cpu")
     assert outcome.exit_code == 0, outcome.stderr

@@ -35,7 +35,7 @@ def _no_leftovers(parent: Path) -> None:
 def test_quantize_nf4_json_report_and_layout(tmp_path: Path, tiny_tokenizer: Path) -> None:
     src = meta_src(tmp_path / "src", tokenizer=tiny_tokenizer)
     before = {p.name: p.read_bytes() for p in src.iterdir()}
-    code, out, err = run("quantize", str(src), str(tmp_path / "q4"), "--bits", "4", "--device", "cpu", "--json")
+    code, out, err = run("quantize", str(src), str(tmp_path / "q4"), "--scheme", "nf4", "--device", "cpu", "--json")
     assert code == 0, err
     report = json.loads(out)
     assert report["scheme"] == "nf4" and report["tensors_quantized"] == 14 and report["tensors_total"] == 21
@@ -57,7 +57,7 @@ def test_quantize_nf4_json_report_and_layout(tmp_path: Path, tiny_tokenizer: Pat
 
 def test_quantize_int8_table_and_options(tmp_path: Path) -> None:
     src = hf_src(tmp_path / "src")
-    code, out, err = run("quantize", str(src), str(tmp_path / "q8"), "--bits", "8", "--no-eval")
+    code, out, err = run("quantize", str(src), str(tmp_path / "q8"), "--scheme", "int8", "--no-eval")
     assert code == 0, err
     assert "int8 (LLM.int8" in out and "tensors quantized" in out and "perplexity" not in out
     tensors = read_safetensors(tmp_path / "q8")
@@ -148,7 +148,7 @@ def test_bitsandbytes_missing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -
     for mod in [m for m in sys.modules if m == "bitsandbytes" or m.startswith("bitsandbytes.")]:
         monkeypatch.delitem(sys.modules, mod)
     monkeypatch.setattr(builtins, "__import__", fake_import)
-    code, _, err = run("quantize", str(src), str(tmp_path / "q"), "--bits", "4")
+    code, _, err = run("quantize", str(src), str(tmp_path / "q"), "--scheme", "nf4")
     assert code == 1 and "pip install" in _one_error_line(err) and "bitsandbytes" in err
     assert not (tmp_path / "q").exists()
 
@@ -161,7 +161,7 @@ def test_bitsandbytes_without_backend(tmp_path: Path, monkeypatch: pytest.Monkey
 
     monkeypatch.setattr(bf, "quantize_4bit", broken)
     src = meta_src(tmp_path / "src")
-    code, _, err = run("quantize", str(src), str(tmp_path / "q"), "--bits", "8", "--device", "cpu")
+    code, _, err = run("quantize", str(src), str(tmp_path / "q"), "--scheme", "int8", "--device", "cpu")
     line = _one_error_line(err)
     assert code == 1 and "no usable backend on cpu" in line and "pip install" in line
     assert not (tmp_path / "q").exists()
@@ -212,5 +212,11 @@ def test_four_bit_options_with_bits_8_are_usage_errors(tmp_path: Path) -> None:
     src = meta_src(tmp_path / "src")
     code, _, err = run("quantize", str(src), str(tmp_path / "q"), "--bits", "8", "--quant-type", "fp4")
     assert code == 2 and "quant type applies to 4-bit schemes only" in _one_error_line(err)
-    code, _, err = run("quantize", str(src), str(tmp_path / "q"), "--bits", "4", "--blocksize", "48")
+    code, _, err = run("quantize", str(src), str(tmp_path / "q"), "--scheme", "nf4", "--blocksize", "48")
     assert code == 2 and "32, 64, 128" in _one_error_line(err)
+    code, _, err = run("quantize", str(src), str(tmp_path / "q"), "--bits", "4", "--blocksize", "64")
+    assert code == 2 and "blocksize applies to bitsandbytes 4-bit schemes" in _one_error_line(err)
+    code, _, err = run("quantize", str(src), str(tmp_path / "q"), "--bits", "4", "--group-size", "48")
+    assert code == 2 and "group size 48: unsupported; choose one of: 32, 64, 128" in _one_error_line(err)
+    code, _, err = run("quantize", str(src), str(tmp_path / "q"), "--scheme", "int8", "--group-size", "64")
+    assert code == 2 and "group size applies to the native schemes (q8, q4) only" in _one_error_line(err)

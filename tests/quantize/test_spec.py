@@ -10,8 +10,9 @@ from llamactl.quantize import QuantSpec, parse_spec
 
 def test_bits_pick_the_default_schemes() -> None:
     assert parse_spec() is None
-    assert parse_spec(8) == QuantSpec("int8")
-    assert parse_spec(4) == QuantSpec("nf4")
+    assert parse_spec(8) == QuantSpec("q8")
+    assert parse_spec(4) == QuantSpec("q4")
+    assert parse_spec(4, quant_type="nf4") == QuantSpec("nf4")
     assert parse_spec(4, quant_type="fp4", blocksize=128, double_quant=False) == QuantSpec(
         "fp4", blocksize=128, double_quant=False
     )
@@ -28,9 +29,9 @@ def test_a_named_scheme_is_refined_by_the_options() -> None:
         ({"bits": 3}, "bits 3: unsupported; choose one of: 8, 4"),
         ({"bits": 8, "quant_type": "fp4"}, "quant type applies to 4-bit schemes only"),
         ({"bits": 4, "quant_type": "int4"}, "quant type 'int4': unsupported"),
-        ({"bits": 8, "blocksize": 64}, "blocksize applies to 4-bit schemes only"),
-        ({"bits": 4, "threshold": 5.0}, "int8 threshold applies to int8 only"),
-        ({"bits": 4, "blocksize": 48}, "32, 64, 128"),
+        ({"bits": 8, "blocksize": 64}, "blocksize applies to bitsandbytes 4-bit schemes"),
+        ({"bits": 4, "threshold": 5.0}, "int8 threshold applies to int8 only, not q4"),
+        ({"bits": 4, "quant_type": "nf4", "blocksize": 48}, "32, 64, 128"),
         ({"blocksize": 64}, "blocksize needs bits or a scheme"),
         ({"bits": 4, "scheme": QuantSpec("nf4")}, "either bits or a scheme"),
     ],
