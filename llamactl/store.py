@@ -24,7 +24,7 @@ from typing import Any
 
 from llamactl.checkpoint import list_model_names, open_checkpoint, resolve_model
 from llamactl.errors import DestinationError, LlamactlError, ModelNotFoundError, UsageError
-from llamactl.home import hash_cache_file, models_home
+from llamactl.home import disk_bytes, hash_cache_file, model_files, models_home
 from llamactl.info import model_info
 
 SOURCE_FILE = ".llamactl-source.json"
@@ -72,24 +72,11 @@ class ModelEntry:
         return asdict(self)
 
 
-def model_files(path: Path) -> list[Path]:
-    """Every regular file of a model directory (following a linked import), hidden ones excluded."""
-    root = path.resolve()
-    if root.is_file():  # a .gguf given by path
-        return [root]
-    out = []
-    for dirpath, dirnames, filenames in os.walk(root):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        # Regular files only: a FIFO or a link to /dev/zero would block hashing forever.
-        out += [Path(dirpath) / f for f in sorted(filenames) if not f.startswith(".") and (Path(dirpath) / f).is_file()]
-    return out
-
-
 def describe_entry(name: str, path: Path) -> ModelEntry:
     """Summarise one store directory; an unreadable model gets `error` rather than breaking `list`."""
     entry = ModelEntry(name=name, path=str(path), linked_to=linked_to(path))
     try:
-        entry.size = sum(f.stat().st_size for f in model_files(path))
+        entry.size = disk_bytes(model_files(path))
         report = model_info(open_checkpoint(path))
         entry.format, entry.params, entry.dtype = report.format, report.parameters, report.dtype
         entry.quantization = report.quantization["scheme"] if report.quantization else None
@@ -199,7 +186,7 @@ def show_model(model: str, progress: HashProgress | None = None) -> dict[str, An
         "config": reader.args.to_params(),
         "chat_template": DEFAULT_TEMPLATE,
         "source": source,
-        "size": sum(f.stat().st_size for f in files),
+        "size": disk_bytes(files),
         "files": [{"path": _relative(f, root), "size": f.stat().st_size, "sha256": hashes[f]} for f in files],
     }
 

@@ -6,7 +6,7 @@ import contextlib
 import functools
 import json
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
 import typer
@@ -31,9 +31,27 @@ F = TypeVar("F", bound=Callable[..., Any])
 stderr = Console(stderr=True, highlight=False)
 
 
+# Wide enough that no report line is ever wrapped when stdout is a pipe or a file.
+PIPE_WIDTH = 100_000
+
+
 def stdout() -> Console:
-    """A console on the current stdout (created late so test runners can capture it)."""
-    return Console(highlight=False, soft_wrap=True)
+    """THE console on the current stdout (created late so test runners can capture it).
+
+    On a terminal it wraps at the terminal's width; anywhere else (a pipe, a file) it never
+    wraps, pads or colours: rich's default of 80 columns would break values mid-line.
+    """
+    console = Console(highlight=False, soft_wrap=True)
+    if console.is_terminal:
+        return console
+    return Console(highlight=False, soft_wrap=True, width=PIPE_WIDTH, no_color=True, color_system=None)
+
+
+def print_pairs(rows: Sequence[tuple[str, object]]) -> None:
+    """A key/value report on stdout: keys padded to one column, values whole, no trailing spaces."""
+    width = max((len(key) for key, _ in rows), default=0)
+    for key, value in rows:
+        sys.stdout.write(f"{key.ljust(width)}  {value}".rstrip() + "\n")
 
 
 def fail(message: str, code: int = 1) -> typer.Exit:
@@ -88,6 +106,16 @@ def loading_status(what: str) -> contextlib.AbstractContextManager[object]:
 def print_json(data: Any) -> None:
     """One JSON document on stdout (no colour, stable key order)."""
     sys.stdout.write(json.dumps(data, indent=2, default=str) + "\n")
+
+
+def human_count(n: int | None) -> str:
+    """292800 -> '293K', 6.74e9 -> '6.74B': THE short form of a parameter count (info, show, list)."""
+    if n is None:
+        return "?"
+    for scale, suffix in ((1e9, "B"), (1e6, "M"), (1e3, "K")):
+        if n >= scale:
+            return f"{n / scale:.3g}{suffix}"
+    return str(n)
 
 
 def human_bytes(n: float) -> str:

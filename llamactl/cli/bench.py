@@ -15,7 +15,6 @@ from typing import Annotated
 
 import typer
 from rich import box
-from rich.console import Console
 from rich.table import Table
 
 from llamactl.bench import (
@@ -180,9 +179,7 @@ def _print(report: BenchReport, fmt: str) -> None:
     elif fmt == "md":
         sys.stdout.write("\n".join([*_header_lines(report), "", *_markdown(report)]) + "\n")
     else:
-        console = stdout()
-        if not console.is_terminal:  # plain text at its natural width when piped
-            console = Console(width=1000, highlight=False, soft_wrap=True, no_color=True)
+        console = stdout()  # plain text at its natural width when piped
         for line in _header_lines(report):
             console.print(line, markup=False)
         console.print(_table(report, ascii_only=not console.is_terminal))

@@ -11,9 +11,8 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-from rich.table import Table
 
-from llamactl.cli._common import byte_progress, cli_command, human_bytes, print_json, stdout, warn
+from llamactl.cli._common import byte_progress, cli_command, human_bytes, print_json, print_pairs, warn
 from llamactl.cli._options import (
     Bits,
     Blocksize,
@@ -127,8 +126,7 @@ def _report(
 
 
 def _print_table(report: dict[str, Any], stats: Any, quality: Any) -> None:
-    table = Table(show_header=False, box=None, pad_edge=False)
-    rows = [
+    rows: list[tuple[str, object]] = [
         ("wrote", report["dst"]),
         ("scheme", f"{report['method']} {report['description']}"),
         (
@@ -157,9 +155,7 @@ def _print_table(report: dict[str, Any], stats: Any, quality: Any) -> None:
             ("top-1 agreement", f"{100 * quality.top1_agreement:.2f}%"),
             ("mean KL", f"{quality.mean_kl:.6f} nats"),
         ]
-    for key, value in rows:
-        table.add_row(key, value)
-    stdout().print(table)
+    print_pairs(rows)
 
 
 @hookimpl

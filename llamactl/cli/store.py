@@ -16,7 +16,7 @@ from rich.progress import (
     TransferSpeedColumn,
 )
 
-from llamactl.cli._common import cli_command, fail, human_bytes, print_json, stderr
+from llamactl.cli._common import cli_command, fail, human_bytes, human_count, print_json, print_pairs, stderr
 from llamactl.home import models_home
 from llamactl.info import describe_storage
 from llamactl.plugins import hookimpl
@@ -24,15 +24,6 @@ from llamactl.pull import pull_model
 from llamactl.store import hash_work, import_model, list_models, remove_model, show_model, store_path
 
 JSON_HELP = "Print JSON for scripts."
-
-
-def human_count(n: int | None) -> str:
-    if n is None:
-        return "?"
-    for scale, suffix in ((1e9, "B"), (1e6, "M"), (1e3, "K")):
-        if n >= scale:
-            return f"{n / scale:.3g}{suffix}"
-    return str(n)
 
 
 def _columns(rows: list[list[str]]) -> None:
@@ -133,9 +124,7 @@ def _print_show(data: dict[str, Any]) -> None:
     if data["source"]:
         src = data["source"]
         lines.append(("source", f"{src.get('repo_id')}@{src.get('commit')} (pulled {src.get('pulled_at')})"))
-    width = max(len(k) for k, _ in lines)
-    for key, value in lines:
-        print(f"{key.ljust(width)}  {value}")
+    print_pairs(lines)
     print("files:")
     if data["files"]:
         _columns([[f["sha256"], human_bytes(f["size"]), f["path"]] for f in data["files"]])
