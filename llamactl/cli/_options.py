@@ -46,16 +46,64 @@ TokenizerOpt = Annotated[
 ]
 Ctx = Annotated[int | None, typer.Option("--ctx", min=2, help="Context length in tokens (default: the model's).")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object per answer instead of text.")]
+Stop = Annotated[
+    list[str] | None,
+    typer.Option("--stop", metavar="TEXT", help="End the answer before this text (never printed; repeatable)."),
+]
+RepeatPenalty = Annotated[
+    float,
+    typer.Option(
+        "--repeat-penalty", min=0.0, help="Penalise tokens seen in the last --repeat-last-n (1.0: off; 1.1 typical)."
+    ),
+]
+RepeatLastN = Annotated[
+    int, typer.Option("--repeat-last-n", min=0, help="How many recent tokens --repeat-penalty looks at.")
+]
+MinP = Annotated[
+    float,
+    typer.Option("--min-p", min=0.0, max=1.0, help="Drop tokens less likely than this times the top one (0: off)."),
+]
+Logprobs = Annotated[
+    int,
+    typer.Option(
+        "--logprobs", min=0, max=20, help="With --json: log-probabilities of the N most likely tokens at each step."
+    ),
+]
 
 
 def sampling_from(
-    temperature: float, top_p: float, top_k: int, seed: int | None, max_new_tokens: int | None
+    temperature: float,
+    top_p: float,
+    top_k: int,
+    seed: int | None,
+    max_new_tokens: int | None,
+    *,
+    stop: list[str] | None = None,
+    repeat_penalty: float = 1.0,
+    repeat_last_n: int = 64,
+    min_p: float = 0.0,
+    logprobs: int = 0,
 ) -> SamplingParams:
     from llamactl.sampling import SamplingParams
 
     if top_p <= 0:
         raise UsageError("--top-p must be greater than 0")
-    return SamplingParams(temperature, top_p, top_k, seed, max_new_tokens).validate()
+    if repeat_penalty <= 0:
+        raise UsageError("--repeat-penalty must be greater than 0")
+    if stop and not all(stop):
+        raise UsageError('--stop "": a stop string must not be empty')
+    return SamplingParams(
+        temperature,
+        top_p,
+        top_k,
+        seed,
+        max_new_tokens,
+        repeat_penalty=repeat_penalty,
+        repeat_last_n=repeat_last_n,
+        min_p=min_p,
+        stop=tuple(stop or ()),
+        logprobs=logprobs,
+    ).validate()
 
 
 def sampling_dict(sampling: SamplingParams) -> dict[str, Any]:
@@ -64,8 +112,29 @@ def sampling_dict(sampling: SamplingParams) -> dict[str, Any]:
         "temperature": sampling.temperature,
         "top_p": sampling.top_p,
         "top_k": sampling.top_k,
+        "min_p": sampling.min_p,
+        "repeat_penalty": sampling.repeat_penalty,
+        "repeat_last_n": sampling.repeat_last_n,
+        "stop": list(sampling.stop),
         "max_new_tokens": sampling.max_new_tokens,
     }
+
+
+def logprobs_json(tokenizer: Tokenizer, ids: list[int], steps: list[tuple[float, list[tuple[int, float]]]]) -> list:
+    """--logprobs as JSON: per generated token its id, text, logprob and the top alternatives."""
+
+    def piece(i: int) -> str:
+        return tokenizer.piece(i)
+
+    return [
+        {
+            "id": token,
+            "token": piece(token),
+            "logprob": round(lp, 6),
+            "top_logprobs": [{"id": i, "token": piece(i), "logprob": round(v, 6)} for i, v in top],
+        }
+        for token, (lp, top) in zip(ids, steps, strict=False)
+    ]
 
 
 def template_from(name: str) -> ChatTemplate:

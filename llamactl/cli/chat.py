@@ -22,16 +22,22 @@ from llamactl.cli._options import (
     Device,
     DType,
     JsonOpt,
+    Logprobs,
     MaxNew,
+    MinP,
     ModelArg,
     QuantType,
+    RepeatLastN,
+    RepeatPenalty,
     Scheme,
     Seed,
+    Stop,
     Temperature,
     TokenizerOpt,
     TopK,
     TopP,
     load_from_options,
+    logprobs_json,
     quant_from_options,
     sampling_dict,
     sampling_from,
@@ -59,8 +65,13 @@ def chat(
     temperature: Temperature = 0.6,
     top_p: TopP = 0.9,
     top_k: TopK = 0,
+    min_p: MinP = 0.0,
+    repeat_penalty: RepeatPenalty = 1.0,
+    repeat_last_n: RepeatLastN = 64,
+    stop: Stop = None,
     seed: Seed = None,
     max_new_tokens: MaxNew = None,
+    logprobs: Logprobs = 0,
     overflow: Annotated[
         str, typer.Option("--overflow", help="When the context is full: drop (oldest exchanges) or error.")
     ] = "drop",
@@ -79,7 +90,18 @@ def chat(
     """Chat with a Llama 2 chat model: a REPL on a terminal, plain answers in pipes."""
     if overflow not in ("drop", "error"):
         raise UsageError(f"--overflow {overflow}: choose drop or error")
-    sampling = sampling_from(temperature, top_p, top_k, seed, max_new_tokens)
+    sampling = sampling_from(
+        temperature,
+        top_p,
+        top_k,
+        seed,
+        max_new_tokens,
+        stop=stop,
+        repeat_penalty=repeat_penalty,
+        repeat_last_n=repeat_last_n,
+        min_p=min_p,
+        logprobs=logprobs,
+    )
     chat_template = template_from(template)
     messages = load_dialog(dialog) if dialog is not None else []
     interactive = prompt is None and sys.stdin.isatty()
@@ -137,17 +159,30 @@ def _answer(session: ChatSession, start: Callable[[], Iterator[str]], json_out: 
     stream = start()
     if session.last_dropped:
         warn(f"context full: dropped the {session.last_dropped} oldest exchange(s), system prompt kept")
-    for piece in stream:
-        if not json_out:
-            write(piece)
+    try:
+        for piece in stream:
+            if not json_out:
+                write(piece)
+    except KeyboardInterrupt:
+        if json_out:  # the partial answer, marked cut, then exit 130 (cli_command)
+            stream.close()  # the session records the partial answer and its stats
+            _write_record(session, meta, t0, interrupted=True)
+        raise
     if not json_out:
         write("\n")
         return
-    last, answer = session.last, session.messages[-1]
+    _write_record(session, meta, t0)
+
+
+def _write_record(session: ChatSession, meta: dict[str, Any], t0: float, interrupted: bool = False) -> None:
+    """The --json object of the last answer; one cut by Ctrl-C says "cut": true, "stop_reason": "interrupted"."""
+    last = session.last
     assert last is not None
+    # Cut before its first token, an answer never joins the dialog: its content is empty.
+    answer = None if interrupted and not last.new_tokens else session.messages[-1]
     record = {
-        "content": answer.content,
-        "cut": answer.cut,
+        "content": answer.content if answer else "",
+        "cut": answer.cut if answer else True,
         "tokens_in": last.prompt_tokens,
         "tokens_prefilled": last.prefilled_tokens,
         "tokens_out": last.new_tokens,
@@ -156,8 +191,11 @@ def _answer(session: ChatSession, start: Callable[[], Iterator[str]], json_out: 
         "seconds": round(time.perf_counter() - t0, 4),
         "stop_reason": last.stop_reason,
         "dropped_exchanges": last.dropped_exchanges,
+        "tokens": last.ids,
         **meta,
     }
+    if session.sampling.logprobs:
+        record["logprobs"] = logprobs_json(session.tokenizer, last.ids, last.logprobs)
     write(json.dumps(record, ensure_ascii=False) + "\n")
 
 

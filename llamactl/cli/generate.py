@@ -16,16 +16,22 @@ from llamactl.cli._options import (
     Device,
     DType,
     JsonOpt,
+    Logprobs,
     MaxNew,
+    MinP,
     ModelArg,
     QuantType,
+    RepeatLastN,
+    RepeatPenalty,
     Scheme,
     Seed,
+    Stop,
     Temperature,
     TokenizerOpt,
     TopK,
     TopP,
     load_from_options,
+    logprobs_json,
     quant_from_options,
     sampling_dict,
     sampling_from,
@@ -34,7 +40,10 @@ from llamactl.errors import UsageError
 from llamactl.plugins import hookimpl
 
 if TYPE_CHECKING:
-    from llamactl.generate import Generation
+    from llamactl.generate import Completion, Generation
+    from llamactl.loading import LoadedModel
+    from llamactl.sampling import SamplingParams
+    from llamactl.tokenizer import Tokenizer
 
 
 def run_stats(run: Generation, prompt_tokens: int, seconds: float) -> dict[str, Any]:
@@ -57,8 +66,13 @@ def generate(
     temperature: Temperature = 0.6,
     top_p: TopP = 0.9,
     top_k: TopK = 0,
+    min_p: MinP = 0.0,
+    repeat_penalty: RepeatPenalty = 1.0,
+    repeat_last_n: RepeatLastN = 64,
+    stop: Stop = None,
     seed: Seed = None,
     max_new_tokens: MaxNew = None,
+    logprobs: Logprobs = 0,
     device: Device = None,
     dtype: DType = None,
     bits: Bits = None,
@@ -73,22 +87,48 @@ def generate(
         if sys.stdin.isatty():
             raise UsageError('give a PROMPT argument or pipe one on stdin ("" starts from BOS alone)')
         prompt = sys.stdin.read().removesuffix("\n")  # `echo text |` adds one
-    sampling = sampling_from(temperature, top_p, top_k, seed, max_new_tokens)
+    sampling = sampling_from(
+        temperature,
+        top_p,
+        top_k,
+        seed,
+        max_new_tokens,
+        stop=stop,
+        repeat_penalty=repeat_penalty,
+        repeat_last_n=repeat_last_n,
+        min_p=min_p,
+        logprobs=logprobs,
+    )
     loaded, tok = load_from_options(model, tokenizer, device, dtype, ctx, quant_from_options(bits, scheme, quant_type))
     from llamactl.generate import Completion
 
     completion = Completion(loaded.model, tok, prompt, sampling, step=loaded.step)
     start = time.perf_counter()
-    for piece in completion:
-        if not json_out:
-            write(piece)
-    seconds = time.perf_counter() - start
+    try:
+        for piece in completion:
+            if not json_out:
+                write(piece)
+    except KeyboardInterrupt:
+        if json_out:  # the partial answer, marked cut, before exit 130
+            completion.run.stop_reason = "interrupted"
+            _write_record(completion, loaded, sampling, tok, time.perf_counter() - start, cut=True)
+        raise
     if not json_out:
         write("\n")
         return
+    _write_record(completion, loaded, sampling, tok, time.perf_counter() - start, cut=False)
+
+
+def _write_record(
+    completion: Completion, loaded: LoadedModel, sampling: SamplingParams, tok: Tokenizer, seconds: float, *, cut: bool
+) -> None:
+    """The --json object of a completion (also of one cut by Ctrl-C)."""
+    run = completion.run
     record = {
         "content": completion.text,
-        **run_stats(completion.run, len(completion.prompt_ids), seconds),
+        "cut": cut,
+        **run_stats(run, len(completion.prompt_ids), seconds),
+        "tokens": list(run.produced),
         "seed": completion.seed,
         "sampling": sampling_dict(sampling),
         "template": "none (plain completion)",
@@ -96,6 +136,8 @@ def generate(
         "device": str(loaded.device),
         "dtype": str(loaded.dtype).removeprefix("torch."),
     }
+    if sampling.logprobs:
+        record["logprobs"] = logprobs_json(tok, run.produced, run.logprobs)
     write(json.dumps(record, ensure_ascii=False) + "\n")
 
 

@@ -57,7 +57,16 @@ def test_json_and_seed_reproducibility(tiny) -> None:
     assert records[0]["content"] == records[1]["content"] != records[2]["content"]
     first = records[0]
     assert first["seed"] == 5 and first["tokens_out"] == 16 and first["stop_reason"] == "length"
-    assert first["sampling"] == {"temperature": 0.6, "top_p": 0.9, "top_k": 50, "max_new_tokens": 16}
+    assert first["sampling"] == {
+        "temperature": 0.6,
+        "top_p": 0.9,
+        "top_k": 50,
+        "min_p": 0.0,
+        "repeat_penalty": 1.0,
+        "repeat_last_n": 64,
+        "stop": [],
+        "max_new_tokens": 16,
+    }
     assert first["tokens_in"] == len(load_tokenizer(path / "tokenizer.model").encode("The cat", bos=True))
     assert first["device"] == "cpu" and first["dtype"] == "float32"
 
