@@ -177,12 +177,14 @@ def _print(report: BenchReport, fmt: str) -> None:
     elif fmt == "csv":
         sys.stdout.write(_csv(report))
     elif fmt == "md":
-        sys.stdout.write("\n".join([*_header_lines(report), "", *_markdown(report)]) + "\n")
+        sys.stdout.write("\n".join([*_header_lines(report), "", *_markdown(report), "", *legend(report)]) + "\n")
     else:
         console = stdout()  # plain text at its natural width when piped
         for line in _header_lines(report):
             console.print(line, markup=False)
         console.print(_table(report, ascii_only=not console.is_terminal))
+        for line in legend(report):
+            console.print(line, markup=False)
 
 
 def _csv(report: BenchReport) -> str:
@@ -205,7 +207,7 @@ def _header_lines(report: BenchReport) -> list[str]:
     commit = f" ({env.build_commit})" if env.build_commit else ""
     lines = [
         f"llamactl {env.llamactl_version}{commit}, torch {env.torch_version}{cuda}",
-        f"device: {device}; peak copy bandwidth {env.peak_bandwidth_gbs:.0f} GB/s",
+        f"device: {device}; peak bandwidth {env.peak_bandwidth_gbs:.0f} GB/s ({_peak_source(env.peak_bandwidth_source)})",
         f"cpu: {env.cpu_info}, {env.cpu_cores} cores / {env.cpu_threads} threads, "
         f"{env.n_threads} torch threads, RAM {_gib(env.ram_bytes)}",
     ]
@@ -216,6 +218,39 @@ def _header_lines(report: BenchReport) -> list[str]:
         lines.append(f"layers: {shown} ({why}--layers to change); sizes and speeds are for these layers")
     if env.backends == "CPU":
         lines.append("memory: peak = process RSS high-water mark; KV measured = cache tensor storage")
+    return lines
+
+
+def _peak_source(source: str) -> str:
+    if source == "decode":
+        return "the fastest decode below: faster than the bandwidth probe's best run"
+    return source.removeprefix("probe: ")
+
+
+def legend(report: BenchReport) -> list[str]:
+    """What the test names and columns mean, for the tests this report has (table and md footer)."""
+    lines = []
+    pp = next((r for r in report.rows if r.n_prompt), None)
+    tg = next((r for r in report.rows if r.n_gen), None)
+    if pp is not None:
+        lines.append(f"{pp.test}: prefill of a {pp.n_prompt}-token prompt (llama-bench's name)")
+    if tg is not None:
+        lines.append(
+            f"{tg.test}: {tg.n_gen} tokens decoded one at a time after {tg.n_depth} already in the KV cache, "
+            f"which ends full at {tg.n_ctx} (llama-bench's name)"
+        )
+    lines.append(
+        f"t/s: tokens per second, mean ± sd over {report.options.repeat} runs; median: their median; "
+        "GB/s: bytes a decode step reads (weights + KV) × steps per second; "
+        "% peak: that ÷ the peak bandwidth in the header"
+    )
+    estimates = report.estimates
+    if estimates:
+        lines.append(
+            f"estimate: the full {estimates[0].n_layer}-layer model scaled from the rows measured with fewer "
+            "layers (time per token × layers; weights and KV cache by formula); not measured, "
+            "so not in json/jsonl/csv"
+        )
     return lines
 
 
@@ -253,10 +288,15 @@ def _cells(row: BenchRow, with_vs: bool) -> list[str]:
     kv = mib(row.kv_bytes)
     if row.kv_bytes is not None and row.kv_bytes != row.kv_bytes_formula:
         kv += f" (formula {mib(row.kv_bytes_formula)})"
-    speed = f"{row.avg_ts:.2f} ± {row.stddev_ts:.2f}" if row.avg_ts is not None else row.status.upper()
+    if row.avg_ts is None:
+        speed = row.status.upper()
+    elif row.status == "estimate":
+        speed = f"~{row.avg_ts:.2f}"
+    else:
+        speed = f"{row.avg_ts:.2f} ± {row.stddev_ts:.2f}"
     cells = [
         row.model_type,
-        f"{row.n_layer}/{row.n_layer_model}",
+        f"{row.n_layer}/{row.n_layer_model}" + (" (estimate)" if row.status == "estimate" else ""),
         row.attn,
         str(row.n_kv_head),
         row.type_w,
@@ -266,8 +306,8 @@ def _cells(row: BenchRow, with_vs: bool) -> list[str]:
         speed,
         num(row.median_ts, ".2f"),
         num(row.ms_per_token, ".2f"),
-        kv if row.status == "ok" else mib(row.kv_bytes_formula),
-        mib(row.weight_bytes),
+        kv if row.status == "ok" else mib(row.kv_bytes_formula),  # oom, estimate: the formula
+        mib(row.model_size),
         mib(row.peak_bytes),
         num(row.bandwidth_gbs, ".1f"),
         num(row.bandwidth_frac * 100 if row.bandwidth_frac is not None else None, ".0f"),
@@ -283,7 +323,7 @@ def _table(report: BenchReport, ascii_only: bool = False) -> Table:
     table = Table(*cols, title="llamactl bench", box=box.ASCII if ascii_only else box.HEAVY_HEAD)
     for col in table.columns[8:]:
         col.justify = "right"
-    for row in report.rows:
+    for row in [*report.rows, *report.estimates]:
         table.add_row(*_cells(row, "speedup" in cols))
     return table
 
@@ -294,5 +334,5 @@ def _markdown(report: BenchReport) -> list[str]:
         "| " + " | ".join(cols) + " |",
         "|" + "|".join("---:" if i >= 8 else "---" for i in range(len(cols))) + "|",
     ]
-    lines += ["| " + " | ".join(_cells(row, "speedup" in cols)) + " |" for row in report.rows]
+    lines += ["| " + " | ".join(_cells(row, "speedup" in cols)) + " |" for row in [*report.rows, *report.estimates]]
     return lines
