@@ -102,9 +102,9 @@ class Generation:
         logits = prefill(self.model, self.ids, self.start)
         self.prefilled = len(self.ids)
         self.cache_len = self.start + len(self.ids)
-        penalised = self.sampling.repeat_penalty != 1.0
+        window = self.sampling.repeat_last_n if self.sampling.repeat_penalty != 1.0 else 0
         while True:
-            previous = self.history + self.ids + self.produced if penalised else ()
+            previous = self._recent(window)
             token = sample(logits, self.sampling, self.generator, previous)
             if self.sampling.logprobs:
                 self.logprobs.append(top_logprobs(logits, token, self.sampling.logprobs))
@@ -127,6 +127,14 @@ class Generation:
                 return
             logits = decode_one(self.step, token, self.cache_len)
             self.cache_len += 1
+
+    def _recent(self, n: int) -> list[int]:
+        """The last n ids of the context (history, prompt, answer so far), for the repetition penalty."""
+        if n <= 0:
+            return []
+        if len(self.produced) >= n:
+            return self.produced[-n:]
+        return (self.history + self.ids)[-(n - len(self.produced)) :] + self.produced
 
     @property
     def tokens_per_second(self) -> float | None:
