@@ -8,9 +8,12 @@ import sys
 from types import FrameType
 
 import typer
+from typer.core import TyperCommand
+from typer.models import DefaultPlaceholder
 
 from llamactl import __version__
 from llamactl.cli._common import INTERRUPTED, TERMINATED
+from llamactl.cli._help import PANELS, TOOLS, TidyCommand, TidyGroup
 from llamactl.errors import Terminated
 
 
@@ -28,6 +31,7 @@ def build_app() -> typer.Typer:
         no_args_is_help=True,
         pretty_exceptions_enable=False,
         context_settings={"help_option_names": ["-h", "--help"]},
+        cls=TidyGroup,
     )
 
     @app.callback()
@@ -41,6 +45,14 @@ def build_app() -> typer.Typer:
     from llamactl.cli.plugins import install_commands
 
     install_commands(app)
+    order = list(dict.fromkeys(PANELS.values()))
+    for info in app.registered_commands:  # plugin commands too: one look for every --help
+        if isinstance(info.cls, DefaultPlaceholder) or info.cls in (None, TyperCommand):
+            info.cls = TidyCommand
+        if isinstance(info.rich_help_panel, DefaultPlaceholder) or info.rich_help_panel is None:
+            info.rich_help_panel = PANELS.get(info.name or "", TOOLS)
+    # Panels are shown in the order their first command comes: model work, store, tools.
+    app.registered_commands.sort(key=lambda i: order.index(i.rich_help_panel) if i.rich_help_panel in order else 99)
     return app
 
 
