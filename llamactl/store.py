@@ -231,6 +231,19 @@ def remove_model(name: str) -> Path:
     return path
 
 
+def derived_entry(source: str, suffix: str) -> Path:
+    """Where `quantize SRC` with no DST writes: the store entry `<SRC's name>-<suffix>` (7b-chat-q4).
+
+    SRC may be a store name or a path (its directory or file stem names it). The store is
+    created if needed; the entry itself is written atomically by the converter.
+    """
+    path = Path(source).expanduser()
+    base = path.resolve().stem if path.is_file() else path.resolve().name if path.exists() else source
+    name = validate_name(f"{base}-{suffix}")
+    models_home().mkdir(parents=True, exist_ok=True)
+    return models_home() / name
+
+
 def _inside(child: Path, parent: Path) -> bool:
     return child == parent or parent in child.parents
 

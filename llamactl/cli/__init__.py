@@ -7,14 +7,26 @@ import signal
 import sys
 from types import FrameType
 
-import typer
-from typer.core import TyperCommand
-from typer.models import DefaultPlaceholder
+from llamactl.errors import INTERRUPTED, TERMINATED, Terminated
 
-from llamactl import __version__
-from llamactl.cli._common import INTERRUPTED, TERMINATED
-from llamactl.cli._help import PANELS, TOOLS, TidyCommand, TidyGroup
-from llamactl.errors import Terminated
+
+def _interrupted_at_startup() -> None:
+    """Ctrl-C before any command runs (importing, loading plugins): nothing to clean up, so exit
+    130 at once, without the traceback Python would print from deep inside an import."""
+    print("llamactl: interrupted", file=sys.stderr)
+    sys.stderr.flush()
+    os._exit(INTERRUPTED)
+
+
+try:  # the imports below are most of start-up time: a Ctrl-C lands here more often than not
+    import typer
+    from typer.core import TyperCommand
+    from typer.models import DefaultPlaceholder
+
+    from llamactl import __version__
+    from llamactl.cli._help import PANELS, TOOLS, TidyCommand, TidyGroup
+except KeyboardInterrupt:
+    _interrupted_at_startup()
 
 
 def _version(value: bool) -> None:
@@ -64,7 +76,11 @@ def main() -> None:
     """Console-script entry point."""
     signal.signal(signal.SIGTERM, _terminate)  # unwind like Ctrl-C: temporary outputs are removed
     try:
-        build_app()(prog_name="llamactl")
+        app = build_app()
+    except KeyboardInterrupt:
+        _interrupted_at_startup()
+    try:
+        app(prog_name="llamactl")
     except SystemExit as exc:
         if exc.code in (INTERRUPTED, TERMINATED):
             # A Ctrl-C that lands while CPython runs exec()'d code (dataclass and namedtuple

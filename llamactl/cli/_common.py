@@ -20,10 +20,7 @@ from rich.progress import (
     TransferSpeedColumn,
 )
 
-from llamactl.errors import LlamactlError, Terminated
-
-INTERRUPTED = 130  # exit code after Ctrl-C (README: exit codes)
-TERMINATED = 143  # exit code after SIGTERM (128 + 15, as shells report it)
+from llamactl.errors import INTERRUPTED, TERMINATED, LlamactlError, Terminated
 
 F = TypeVar("F", bound=Callable[..., Any])
 

@@ -119,12 +119,15 @@ def load_from_options(
     dtype: str | None,
     ctx: int | None,
     quant: QuantSpec | None = None,
+    yes: bool = False,
 ) -> tuple[LoadedModel, Tokenizer]:
-    """The model and tokenizer the options name, with a spinner on a terminal."""
+    """The model and tokenizer the options name, with a spinner on a terminal; a known name not
+    in the store is offered for pulling first (`ensure_model`)."""
     from llamactl.dtypes import parse_float_dtype
     from llamactl.loading import load_for_generation
     from llamactl.tokenizer import MissingTokenizerError
 
+    ensure_model(model, yes)
     try:
         with loading_status(model):
             loaded, tok = load_for_generation(model, tokenizer, device, parse_float_dtype(dtype), ctx, quant)

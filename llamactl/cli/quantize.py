@@ -32,8 +32,12 @@ from llamactl.plugins import hookimpl
 def quantize(
     src: Annotated[str, typer.Argument(help="Source checkpoint (any format): a directory or a model name.")],
     dst: Annotated[
-        Path, typer.Argument(help="Destination directory: a quantized checkpoint (must not exist unless --force).")
-    ],
+        Path | None,
+        typer.Argument(
+            help="Destination directory (must not exist unless --force). Default: the store, "
+            "as SRC-<scheme> (7b-chat-q4), which chat and generate then find by that name."
+        ),
+    ] = None,
     bits: Bits = None,
     scheme: Scheme = None,
     quant_type: QuantType = None,
@@ -57,7 +61,16 @@ def quantize(
     force: Annotated[bool, typer.Option("--force", help="Replace DST if it exists.")] = False,
     json_out: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
 ) -> None:
-    """Quantize a checkpoint (q8/q4 native, or bitsandbytes int8/nf4/fp4) and report the cost."""
+    """Quantize a checkpoint (q8/q4 native, or bitsandbytes int8/nf4/fp4) and report the cost.
+
+    Examples:
+
+        llamactl quantize 7b-chat --bits 4            # into the store as 7b-chat-q4
+
+        llamactl quantize 7b-chat --scheme nf4 --no-eval
+
+        llamactl quantize ./Llama-2-7b-hf ./7b-q8 --bits 8 --json
+    """
     from llamactl.checkpoint import open_checkpoint
     from llamactl.convert import plan_convert, run_convert
     from llamactl.evaluate import eval_tokens, evaluate_quality, read_eval_text
@@ -70,6 +83,13 @@ def quantize(
     )
     if no_eval and eval_file is not None:
         raise UsageError("--eval and --no-eval contradict each other")
+    assert spec is not None  # one of --bits / --scheme was given
+    if dst is None:
+        from llamactl.cli._options import ensure_model
+        from llamactl.store import derived_entry
+
+        ensure_model(src)
+        dst = derived_entry(src, spec.scheme)
     plan = plan_convert(src, dst, quant=spec, skip=skip or (), force=force, device=device)
     view = plan.quantized
     assert spec is not None and view is not None
