@@ -24,7 +24,7 @@ try:  # the imports below are most of start-up time: a Ctrl-C lands here more of
     from typer.models import DefaultPlaceholder
 
     from llamactl import __version__
-    from llamactl.cli._help import PANELS, TOOLS, TidyCommand, TidyGroup
+    from llamactl.cli._help import PANELS, TOOLS, TidyCommand, TidyGroup, epilog
 except KeyboardInterrupt:
     _interrupted_at_startup()
 
@@ -63,6 +63,8 @@ def build_app() -> typer.Typer:
             info.cls = TidyCommand
         if isinstance(info.rich_help_panel, DefaultPlaceholder) or info.rich_help_panel is None:
             info.rich_help_panel = PANELS.get(info.name or "", TOOLS)
+        if isinstance(info.epilog, DefaultPlaceholder) or info.epilog is None:
+            info.epilog = epilog(info.name or "")
     # Panels are shown in the order their first command comes: model work, store, tools.
     app.registered_commands.sort(key=lambda i: order.index(i.rich_help_panel) if i.rich_help_panel in order else 99)
     return app

@@ -37,6 +37,57 @@ PANELS: dict[str, str] = {
 }
 
 
+# THE examples `llamactl CMD --help` ends with (tests parse each against its command).
+EXAMPLES: dict[str, list[str]] = {
+    "chat": [
+        "llamactl chat 7b-chat",
+        'llamactl chat 7b-chat -p "Hi" --json',
+        'echo "Hi" | llamactl chat 7b-chat-q4 --temp 0',
+        'llamactl chat 7b-chat --system "Answer in French." --bits 4',
+    ],
+    "generate": [
+        'llamactl generate 7b "Once upon a time" -t 0 -n 64',
+        'llamactl generate ./stories260K "" --temp 0 --json',
+    ],
+    "convert": [
+        "llamactl convert llama-2-70b/ llama-2-70b-hf/ --to hf",
+        "llamactl convert llama-2-7b-hf/ llama-2-7b/ --to meta --shards 2",
+        "llamactl convert 7b-chat 7b-chat.gguf --to gguf --gguf-type q8_0",
+    ],
+    "quantize": [
+        "llamactl quantize 7b-chat --bits 4",
+        "llamactl quantize 7b-chat --scheme nf4 --no-eval",
+        "llamactl quantize llama-2-7b-hf/ llama-2-7b-q8/ --bits 8 --json",
+    ],
+    "bench": [
+        "llamactl bench --ctx 4096",
+        "llamactl bench --preset 70b --layers 8 --dtype bf16",
+        "llamactl bench 7b-chat --bits 16,8,4 -o md",
+    ],
+    "list": ["llamactl list", "llamactl list --json"],
+    "show": ["llamactl show 7b-chat", "llamactl show ./llama-2-7b-hf --json"],
+    "pull": ["llamactl pull meta-llama/Llama-2-7b-chat-hf", "llamactl pull TheOrg/tiny-llama --name tiny --json"],
+    "import": [
+        "llamactl import ./stories260K stories --ctx 512",
+        "llamactl import ./model.Q4_0.gguf tiny-q4 --link",
+        "llamactl import ./Llama-2-7b-chat 7b-chat --move --json",
+    ],
+    "rm": ["llamactl rm 7b-chat-q4", "llamactl rm old-model --yes --json"],
+    "info": ["llamactl info 7b-chat", "llamactl info llama-2-70b/ --ctx 4096 --json"],
+    "tokenize": [
+        'llamactl tokenize "Hello world" -m 7b-chat',
+        "llamactl tokenize --chat dialog.json -m 7b-chat --pieces",
+    ],
+    "plugins": ["llamactl plugins", "llamactl plugins --all --json"],
+}
+
+
+def epilog(command: str) -> str | None:
+    """The Examples section of a command's help (one paragraph per line in Typer's rich help)."""
+    lines = EXAMPLES.get(command)
+    return "Examples:\n\n" + "\n\n".join(f"  {line}" for line in lines) if lines else None
+
+
 def _value_name(annotation: Any) -> str:
     inner = get_args(annotation)
     base = inner[0] if inner else annotation  # list[str] -> str

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
+from llamactl.cli import _complete
 from llamactl.cli._common import loading_status, warn
 from llamactl.errors import ModelNotFoundError, TokenizerError, UsageError
 
@@ -26,7 +27,11 @@ if TYPE_CHECKING:
     from llamactl.tokenizer import Tokenizer
 
 ModelArg = Annotated[
-    str, typer.Argument(help="A model directory (Meta or Hugging Face) or a name under the models home.")
+    str,
+    typer.Argument(
+        help="A model directory (Meta or Hugging Face) or a name under the models home.",
+        autocompletion=_complete.model_names,
+    ),
 ]
 Temperature = Annotated[
     float, typer.Option("--temperature", "--temp", "-t", min=0.0, help="Sampling temperature; 0 is greedy.")
@@ -43,7 +48,14 @@ MaxNew = Annotated[
     ),
 ]
 Device = Annotated[str | None, typer.Option("--device", help="cpu or cuda (default: cuda when available).")]
-DType = Annotated[str | None, typer.Option("--dtype", help="fp32, bf16 or fp16 (default: bf16 on CUDA, fp32 on CPU).")]
+DType = Annotated[
+    str | None,
+    typer.Option(
+        "--dtype",
+        help="fp32, bf16 or fp16 (default: bf16 on CUDA, fp32 on CPU).",
+        autocompletion=_complete.float_dtypes,
+    ),
+]
 TokenizerOpt = Annotated[
     Path | None, typer.Option("--tokenizer", help="tokenizer.model to use instead of the model's.")
 ]

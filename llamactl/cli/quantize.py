@@ -13,6 +13,7 @@ from typing import Annotated, Any
 import typer
 from rich.table import Table
 
+from llamactl.cli import _complete
 from llamactl.cli._common import byte_progress, cli_command, human_bytes, print_json, stdout, warn
 from llamactl.cli._options import (
     Bits,
@@ -30,7 +31,12 @@ from llamactl.plugins import hookimpl
 
 
 def quantize(
-    src: Annotated[str, typer.Argument(help="Source checkpoint (any format): a directory or a model name.")],
+    src: Annotated[
+        str,
+        typer.Argument(
+            help="Source checkpoint (any format): a directory or a model name.", autocompletion=_complete.model_names
+        ),
+    ],
     dst: Annotated[
         Path | None,
         typer.Argument(
@@ -61,16 +67,7 @@ def quantize(
     force: Annotated[bool, typer.Option("--force", help="Replace DST if it exists.")] = False,
     json_out: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
 ) -> None:
-    """Quantize a checkpoint (q8/q4 native, or bitsandbytes int8/nf4/fp4) and report the cost.
-
-    Examples:
-
-        llamactl quantize 7b-chat --bits 4            # into the store as 7b-chat-q4
-
-        llamactl quantize 7b-chat --scheme nf4 --no-eval
-
-        llamactl quantize ./Llama-2-7b-hf ./7b-q8 --bits 8 --json
-    """
+    """Quantize a checkpoint (q8/q4 native, or bitsandbytes int8/nf4/fp4) and report the cost."""
     from llamactl.checkpoint import open_checkpoint
     from llamactl.convert import plan_convert, run_convert
     from llamactl.evaluate import eval_tokens, evaluate_quality, read_eval_text

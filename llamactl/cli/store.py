@@ -16,6 +16,7 @@ from rich.progress import (
     TransferSpeedColumn,
 )
 
+from llamactl.cli import _complete
 from llamactl.cli._common import cli_command, fail, human_bytes, print_json, stderr
 from llamactl.errors import UsageError
 from llamactl.home import models_home
@@ -151,7 +152,12 @@ def _print_show(data: dict[str, Any]) -> None:
 
 
 def show_command(
-    model: Annotated[str, typer.Argument(help="A model name in the store, or a checkpoint directory.")],
+    model: Annotated[
+        str,
+        typer.Argument(
+            help="A model name in the store, or a checkpoint directory.", autocompletion=_complete.store_names
+        ),
+    ],
     json_output: Annotated[bool, typer.Option("--json", help=JSON_HELP)] = False,
 ) -> None:
     """Everything about a model: config, tokenizer, chat template, files with sizes and sha256."""
@@ -165,20 +171,15 @@ def show_command(
 
 
 def rm_command(
-    name: Annotated[str, typer.Argument(metavar="NAME", help="The model's name in the store.")],
+    name: Annotated[
+        str, typer.Argument(metavar="NAME", help="The model's name in the store.", autocompletion=_complete.store_names)
+    ],
     yes: Annotated[
         bool, typer.Option("--yes", "-y", help="Do not ask; required when stdin is not a terminal.")
     ] = False,
     json_output: Annotated[bool, typer.Option("--json", help=JSON_HELP)] = False,
 ) -> None:
-    """Remove a model from the store (a linked import loses only its link).
-
-    Examples:
-
-        llamactl rm 7b-chat-q4
-
-        llamactl rm old-model --yes --json
-    """
+    """Remove a model from the store (a linked import loses only its link)."""
     path = store_path(name)
     linked = linked_to(path)
     if not yes:
@@ -217,16 +218,10 @@ def import_command(
     ] = None,
     json_output: Annotated[bool, typer.Option("--json", help=JSON_HELP)] = False,
 ) -> None:
-    """Copy a local checkpoint into the store under NAME (cheaply: reflinks or hard links where the
-    filesystem allows); the source stays as it was. A .gguf becomes NAME/<file>.gguf.
+    """Copy a local checkpoint into the store under NAME; the source stays as it was.
 
-    Examples:
-
-        llamactl import ./stories260K stories --ctx 512
-
-        llamactl import ~/Downloads/model.Q4_0.gguf tiny-q4 --link
-
-        llamactl import ./Llama-2-7b-chat 7b-chat --move
+    The copy is cheap where the filesystem allows (reflinks, else hard links). A .gguf becomes
+    NAME/<file>.gguf. --move moves the source in; --link symlinks it.
     """
     if move and link:
         raise UsageError("--move and --link contradict each other; give one (default: copy)")
