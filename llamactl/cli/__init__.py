@@ -13,8 +13,8 @@ from llamactl.errors import INTERRUPTED, TERMINATED, Terminated
 def _interrupted_at_startup() -> None:
     """Ctrl-C before any command runs (importing, loading plugins): nothing to clean up, so exit
     130 at once, without the traceback Python would print from deep inside an import."""
-    print("llamactl: interrupted", file=sys.stderr)
-    sys.stderr.flush()
+    # os.write, not print: the interrupt may have landed while sys.stderr's lock was held.
+    os.write(2, b"llamactl: interrupted\n")
     os._exit(INTERRUPTED)
 
 
@@ -24,6 +24,7 @@ try:  # the imports below are most of start-up time: a Ctrl-C lands here more of
     from typer.models import DefaultPlaceholder
 
     from llamactl import __version__
+    from llamactl.cli._common import said
     from llamactl.cli._help import PANELS, TOOLS, TidyCommand, TidyGroup, epilog
 except KeyboardInterrupt:
     _interrupted_at_startup()
@@ -83,7 +84,13 @@ def main() -> None:
         _interrupted_at_startup()
     try:
         app(prog_name="llamactl")
+    except KeyboardInterrupt:  # while Typer builds the click command: no command has started yet
+        _interrupted_at_startup()
     except SystemExit as exc:
+        # The command is over: a Ctrl-C now would only interrupt Python's own shutdown.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        if exc.code == INTERRUPTED and not said["interrupted"]:
+            os.write(2, b"llamactl: interrupted\n")  # Typer's own exit 130, outside any command
         if exc.code in (INTERRUPTED, TERMINATED):
             # A Ctrl-C that lands while CPython runs exec()'d code (dataclass and namedtuple
             # creation during a lazy import) leaves a flag that makes it re-raise SIGINT at exit
