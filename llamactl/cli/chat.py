@@ -26,6 +26,7 @@ from llamactl.cli._options import (
     MaxNew,
     MinP,
     ModelArg,
+    PullYes,
     QuantType,
     RepeatLastN,
     RepeatPenalty,
@@ -86,6 +87,7 @@ def chat(
     tokenizer: TokenizerOpt = None,
     ctx: Ctx = None,
     json_out: JsonOpt = False,
+    yes: PullYes = False,
 ) -> None:
     """Chat with a Llama 2 chat model: a REPL on a terminal, plain answers in pipes."""
     if overflow not in ("drop", "error"):
@@ -108,7 +110,9 @@ def chat(
     inputs: list[str] = []
     if not interactive:
         inputs = _script_inputs(prompt, each_line)
-    loaded, tok = load_from_options(model, tokenizer, device, dtype, ctx, quant_from_options(bits, scheme, quant_type))
+    loaded, tok = load_from_options(
+        model, tokenizer, device, dtype, ctx, quant_from_options(bits, scheme, quant_type), yes=yes
+    )
     from llamactl.session import ChatSession
 
     session = ChatSession(

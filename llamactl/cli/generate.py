@@ -20,6 +20,7 @@ from llamactl.cli._options import (
     MaxNew,
     MinP,
     ModelArg,
+    PullYes,
     QuantType,
     RepeatLastN,
     RepeatPenalty,
@@ -81,6 +82,7 @@ def generate(
     tokenizer: TokenizerOpt = None,
     ctx: Ctx = None,
     json_out: JsonOpt = False,
+    yes: PullYes = False,
 ) -> None:
     """Continue PROMPT with the model (no chat template), streaming the new text to stdout."""
     if prompt is None:
@@ -99,7 +101,9 @@ def generate(
         min_p=min_p,
         logprobs=logprobs,
     )
-    loaded, tok = load_from_options(model, tokenizer, device, dtype, ctx, quant_from_options(bits, scheme, quant_type))
+    loaded, tok = load_from_options(
+        model, tokenizer, device, dtype, ctx, quant_from_options(bits, scheme, quant_type), yes=yes
+    )
     from llamactl.generate import Completion
 
     completion = Completion(loaded.model, tok, prompt, sampling, step=loaded.step)
