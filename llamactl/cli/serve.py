@@ -80,16 +80,15 @@ def serve(
     Sampling options are the defaults for requests that leave them out.
     """
     from llamactl.server import require_dependencies
+    from llamactl.server.run import bind, is_loopback, run_server, url_of
 
     require_dependencies()
+    if not is_loopback(host) and api_key is None:
+        warn(f"--host {host}: anyone who can reach this address can use the model; set --api-key or {API_KEY_ENV}")
+    sock = bind(host, port)  # first of all (torch is not imported yet): a taken port fails at once
     defaults = sampling_from(temperature, top_p, top_k, seed, max_new_tokens)
     chat_template = template_from(template)
     quant = quant_from_options(bits, scheme, quant_type)
-    from llamactl.server.run import bind, is_loopback, run_server, url_of
-
-    if not is_loopback(host) and api_key is None:
-        warn(f"--host {host}: anyone who can reach this address can use the model; set --api-key or {API_KEY_ENV}")
-    sock = bind(host, port)  # before loading: a taken port fails at once
     # Tensor parallel (--tp N) plugs in here: a loader that starts the ranks and returns rank 0's
     # model with a decode step driving them all; ModelWorker needs nothing else.
     loaded, tok = load_from_options(model, tokenizer, device, dtype, ctx, quant)
@@ -112,7 +111,12 @@ def serve(
         file=sys.stderr,
         flush=True,
     )
-    run_server(app, sock, on_stop=app.models.stop)
+    cancelled: list[int] = []  # the signal handler only records; printing there could re-enter stderr
+    try:
+        run_server(app, sock, on_stop=lambda: cancelled.append(app.models.stop()))
+    finally:
+        if cancelled:
+            print(f"llamactl: stopped serving; {cancelled[0]} request(s) in flight were cancelled", file=sys.stderr)
 
 
 def _default_name(model: str) -> str:

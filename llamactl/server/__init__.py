@@ -8,18 +8,34 @@
 - `run.py`: listening socket and uvicorn, with SIGINT/SIGTERM cancelling what is in flight.
 
 The HTTP parts need the `serve` extra (`pip install 'llamactl[serve]'`): FastAPI and uvicorn.
-This module imports neither, so `require_dependencies()` can say so in one line first.
+This module imports neither (nor torch) until a name is asked for, so `require_dependencies()`
+can say what is missing in one line, and `llamactl serve` can bind its port before torch loads.
 """
 
 from __future__ import annotations
 
+import importlib
 import importlib.util
+from typing import Any
 
 from llamactl.errors import MissingDependencyError
-from llamactl.server.stops import StopScanner
-from llamactl.server.worker import Failed, Finished, Job, ModelWorker, Piece, QueueFullError, ShuttingDownError
 
 REQUIRED = ("fastapi", "uvicorn")
+_EXPORTS = {
+    "ModelWorker": "worker",
+    "Job": "worker",
+    "Piece": "worker",
+    "Finished": "worker",
+    "Failed": "worker",
+    "QueueFullError": "worker",
+    "ShuttingDownError": "worker",
+    "StopScanner": "stops",
+    "ServedModel": "app",
+    "ServerSettings": "app",
+    "create_app": "app",
+    "bind": "run",
+    "run_server": "run",
+}
 
 
 def require_dependencies() -> None:
@@ -29,14 +45,11 @@ def require_dependencies() -> None:
         raise MissingDependencyError(f"llamactl serve needs {' and '.join(missing)}: pip install 'llamactl[serve]'")
 
 
-__all__ = [
-    "Failed",
-    "Finished",
-    "Job",
-    "ModelWorker",
-    "Piece",
-    "QueueFullError",
-    "ShuttingDownError",
-    "StopScanner",
-    "require_dependencies",
-]
+def __getattr__(name: str) -> Any:
+    """The public names, imported from their module on first use (PEP 562)."""
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(f"{__name__}.{_EXPORTS[name]}"), name)
+
+
+__all__ = [*sorted(_EXPORTS), "require_dependencies"]
