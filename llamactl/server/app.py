@@ -21,6 +21,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
+from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -263,7 +264,8 @@ def create_app(models: Sequence[ServedModel], settings: ServerSettings | None = 
         dialog = _dialog(body)
         try:
             validate_dialog(dialog, pending=True, source="messages")
-            prompt = served.template.encode(served.tokenizer, dialog)
+            # off the event loop: a long prompt takes a while to tokenize, and other clients are streaming
+            prompt = await run_in_threadpool(served.template.encode, served.tokenizer, dialog)
         except LlamactlError as exc:
             raise APIError(400, str(exc), param="messages") from None
         job = _job(served, body, prompt, continuation=False, what="messages")
@@ -275,7 +277,8 @@ def create_app(models: Sequence[ServedModel], settings: ServerSettings | None = 
         _refuse_unsupported(body, ("best_of",))
         if body.echo or body.logprobs is not None or body.suffix is not None:
             raise APIError(400, "echo, logprobs and suffix are not supported", param="echo")
-        job = _job(served, body, _completion_ids(served, body.prompt), continuation=True, what="prompt")
+        prompt = await run_in_threadpool(_completion_ids, served, body.prompt)
+        job = _job(served, body, prompt, continuation=True, what="prompt")
         return await _respond(request, registry, served, job, body, "cmpl", settings.log)
 
     return FrontDoor(api, settings, registry)
@@ -289,6 +292,11 @@ def _install_error_handlers(api: FastAPI) -> None:
 
     async def invalid(request: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, RequestValidationError)
+        kind = request.headers.get("content-type", "application/json").split(";")[0].strip()
+        if kind != "application/json" and not kind.endswith("+json"):  # `curl -d` sends a form type
+            return await api_error(
+                request, APIError(400, f"the request body must be JSON (Content-Type: application/json), not {kind}")
+            )
         return await api_error(request, _validation_error(exc))
 
     async def http_error(request: Request, exc: Exception) -> JSONResponse:
@@ -488,7 +496,7 @@ def _usage(done: Finished) -> dict[str, Any]:
 
 
 def _data(obj: Any) -> str:
-    return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
+    return f"data: {json.dumps(obj, ensure_ascii=False, separators=(',', ':'))}\n\n"
 
 
 async def _sse(answer: _Answer, events: AsyncIterator[Event], include_usage: bool) -> AsyncIterator[str]:
@@ -521,13 +529,19 @@ class _Finish:
 
     async def events(self, request: Request) -> AsyncIterator[Event]:
         finished = False
+        loop = asyncio.get_running_loop()
+        checked = loop.time()
         try:
             while True:
                 try:
                     event = await asyncio.wait_for(self.queue.get(), POLL_S)
                 except TimeoutError:
+                    event = None
+                if loop.time() - checked >= POLL_S:  # also while pieces keep coming (a whole answer)
+                    checked = loop.time()
                     if await request.is_disconnected():
                         return
+                if event is None:
                     continue
                 if not isinstance(event, Piece):
                     finished = True

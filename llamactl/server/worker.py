@@ -12,7 +12,6 @@ away, the server stops) ends its generation before the next decode step.
 
 from __future__ import annotations
 
-import dataclasses
 import queue
 import threading
 import time
@@ -219,8 +218,3 @@ class ModelWorker:
             seconds=time.perf_counter() - job.submitted,
             **stats,
         )
-
-
-def with_max_tokens(sampling: SamplingParams, max_tokens: int | None) -> SamplingParams:
-    """`sampling` whose max_new_tokens is a request's max_tokens (None: to EOS or the context's end)."""
-    return dataclasses.replace(sampling, max_new_tokens=max_tokens)

@@ -82,6 +82,7 @@ def _stream_lines(resp: httpx.Response):  # type: ignore[no-untyped-def]
     return (line for line in resp.iter_lines() if line)
 
 
+@pytest.mark.slow
 def test_queue_bound_then_sigterm_mid_stream(tmp_path: Path) -> None:
     """--queue 0: one request runs, the next is a 429; SIGTERM cancels the stream and exits 143."""
     srv = Server(need(STORIES), "--name", "s", "--queue", "0", home=tmp_path / "home")

@@ -175,3 +175,19 @@ def test_client_gone_mid_stream_stops_generation_and_frees_the_slot(client, serv
     got = client.chat.completions.create(model=NAME, messages=[{"role": "user", "content": "hi"}], max_tokens=4)
     assert time.perf_counter() - start < 10 and server.log_record(got.id)["queued_s"] < 0.5
     assert httpx.get(server.url + "/health", timeout=30).json()["pending"] == {NAME: 0}
+
+
+def test_client_gone_while_waiting_for_a_whole_answer_cancels_it(server: Server) -> None:
+    body = chat("Tell me another long story", temperature=0, max_tokens=CTX - 64)
+    mark = len(server.lines)
+    with pytest.raises(httpx.TimeoutException):  # the client gives up and closes the connection
+        httpx.post(server.url + "/v1/chat/completions", json=body, headers=AUTH, timeout=0.3)
+    line = server.wait_for(lambda s: '"client_gone": true' in s and '"stream": false' in s, start=mark)
+    assert line is not None, server.stderr()
+    record = json.loads(line)
+    assert record["finish_reason"] == "cancelled" and record["tokens_out"] < CTX - 64
+
+
+def test_form_encoded_body_is_told_to_send_json(server: Server) -> None:
+    resp = httpx.post(server.url + "/v1/chat/completions", content=b"a=b", headers=AUTH | {"Content-Type": "x/y"})
+    assert resp.status_code == 400 and "Content-Type: application/json" in error_of(resp)["message"]
