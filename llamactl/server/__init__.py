@@ -4,7 +4,8 @@
   request at a time from a bounded queue, reusing the cached prefix of each prompt.
 - `stops.py`: OpenAI's `stop` sequences over streamed text.
 - `schemas.py`: the request models and response objects, OpenAI's shapes.
-- `app.py`: the ASGI app (FastAPI): routes, API key, body bound, errors, server-sent events.
+- `app.py`: the ASGI app (FastAPI): routes, errors, a request into a worker job;
+  `front.py`: API key, body bound, request log; `respond.py`: JSON answers and server-sent events.
 - `run.py`: listening socket and uvicorn, with SIGINT/SIGTERM cancelling what is in flight.
 
 The HTTP parts need the `serve` extra (`pip install 'llamactl[serve]'`): FastAPI and uvicorn.

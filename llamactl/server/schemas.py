@@ -13,6 +13,7 @@ import time
 import uuid
 from typing import Any, Literal
 
+from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 MAX_STOPS = 4  # OpenAI's limit on `stop` sequences
@@ -27,7 +28,7 @@ class _Request(BaseModel):
     top_k: int | None = Field(None, ge=0)  # not OpenAI's; llama.cpp's server and vLLM accept it too
     max_tokens: int | None = Field(None, ge=1)
     stop: str | list[str] | None = None
-    seed: int | None = None
+    seed: int | None = Field(None, ge=-(2**63), le=2**64 - 1)  # what torch.Generator.manual_seed takes
     stream: bool = False
     stream_options: StreamOptions | None = None
     n: int = Field(1, ge=1)
@@ -175,3 +176,24 @@ def text_completion(
 def usage_chunk(rid: str, model: str, created: int, obj: str, use: dict[str, Any]) -> dict[str, Any]:
     """The last chunk of a stream with `stream_options.include_usage`: no choices, the usage."""
     return {"id": rid, "object": obj, "created": created, "model": model, "choices": [], "usage": use}
+
+
+class APIError(Exception):
+    """An error answered as OpenAI's error object with an HTTP status."""
+
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        kind: str = "invalid_request_error",
+        code: str | None = None,
+        param: str | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status, self.message, self.kind, self.code, self.param = status, message, kind, code, param
+        self.headers = headers
+
+    def response(self) -> JSONResponse:
+        body = error_body(self.message, self.kind, self.code, self.param)
+        return JSONResponse(body, status_code=self.status, headers=self.headers)
