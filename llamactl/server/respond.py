@@ -62,11 +62,7 @@ async def respond(
     answer = _Answer(rid, model_id, created, chat=prefix == "chatcmpl")
     if body.stream:
         include_usage = body.stream_options is not None and body.stream_options.include_usage
-        return StreamingResponse(
-            _sse(answer, finish.events(request), include_usage),
-            media_type="text/event-stream",
-            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
-        )
+        return _JobStream(_sse(answer, finish.events(request), include_usage), finish)
     pieces: list[str] = []
     done: Finished | Failed | None = None
     async for event in finish.events(request):
@@ -135,6 +131,28 @@ async def _sse(answer: _Answer, events: AsyncIterator[Event], include_usage: boo
             yield "data: [DONE]\n\n"
 
 
+class _JobStream(StreamingResponse):
+    """A streamed answer that cancels its job however the stream ends.
+
+    Starlette stops sending when the client disconnects by cancelling the sending task, which
+    may leave the event generator suspended rather than closed: this makes the cancel certain.
+    """
+
+    def __init__(self, content: AsyncIterator[str], finish: _Finish) -> None:
+        headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+        super().__init__(content, media_type="text/event-stream", headers=headers)
+        self.finish = finish
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self.finish.abandon()
+
+
+_BACKGROUND: set[asyncio.Task[None]] = set()
+
+
 class _Finish:
     """A job's events for the response, and its log line once the worker is done with it.
 
@@ -144,9 +162,20 @@ class _Finish:
 
     def __init__(self, job: Job, queue: asyncio.Queue[Event], record: dict[str, Any], log: LogSink | None) -> None:
         self.job, self.queue, self.record, self.log = job, queue, record, log
+        self.finished = self.abandoned = False
+
+    def abandon(self) -> None:
+        """The answer stopped being sent before its end: cancel the job; log it once the worker is done."""
+        if self.finished or self.abandoned:
+            return
+        self.abandoned = True
+        self.job.cancel()
+        self.record["client_gone"] = True
+        task = asyncio.get_running_loop().create_task(self._log_when_done())
+        _BACKGROUND.add(task)  # the loop keeps only a weak reference to a task
+        task.add_done_callback(_BACKGROUND.discard)
 
     async def events(self, request: Request) -> AsyncIterator[Event]:
-        finished = False
         loop = asyncio.get_running_loop()
         checked = loop.time()
         try:
@@ -162,16 +191,13 @@ class _Finish:
                 if event is None:
                     continue
                 if not isinstance(event, Piece):
-                    finished = True
+                    self.finished = True
                     self._log(event)
                 yield event
-                if finished:
+                if self.finished:
                     return
         finally:
-            if not finished:
-                self.job.cancel()
-                self.record["client_gone"] = True
-                asyncio.get_running_loop().create_task(self._log_when_done())
+            self.abandon()
 
     async def _log_when_done(self) -> None:
         while isinstance(event := await self.queue.get(), Piece):
@@ -186,7 +212,7 @@ class _Finish:
             record |= {"status": 500, "error": event.message}
         else:
             record |= {
-                "status": 200,
+                "status": 499 if self.abandoned else 200,  # nginx's "client closed request"
                 "tokens_in": event.prompt_tokens,
                 "tokens_cached": event.cached_tokens,
                 "tokens_out": event.completion_tokens,

@@ -169,7 +169,7 @@ def test_client_gone_mid_stream_stops_generation_and_frees_the_slot(client, serv
         first = [json.loads(line[6:]) for line in (next(lines) for _ in range(7)) if line.startswith("data: ")]
     rid = first[0]["id"]  # leaving the block closed the connection after a few tokens
     record = server.log_record(rid)
-    assert record["finish_reason"] == "cancelled" and record["client_gone"] is True
+    assert record["finish_reason"] == "cancelled" and record["client_gone"] is True and record["status"] == 499
     assert record["tokens_out"] < 100, record  # stopped within a few tokens, not at max_tokens
     start = time.perf_counter()
     got = client.chat.completions.create(model=NAME, messages=[{"role": "user", "content": "hi"}], max_tokens=4)
