@@ -33,6 +33,7 @@ from llamactl.cli._options import (
     sampling_from,
     template_from,
 )
+from llamactl.errors import UsageError
 from llamactl.plugins import hookimpl
 from llamactl.templates import DEFAULT_TEMPLATE
 
@@ -83,6 +84,8 @@ def serve(
     from llamactl.server.run import bind, is_loopback, run_server, url_of
 
     require_dependencies()
+    if api_key is not None and not api_key.strip():
+        raise UsageError(f"--api-key (or {API_KEY_ENV}) is empty: give a key, or leave it out for an open server")
     if not is_loopback(host) and api_key is None:
         warn(f"--host {host}: anyone who can reach this address can use the model; set --api-key or {API_KEY_ENV}")
     sock = bind(host, port)  # first of all (torch is not imported yet): a taken port fails at once

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.cli._run import assert_one_line_error, run_cli
 from tests.conftest import STORIES, need
 from tests.server._server import Server, server_env
 
@@ -78,6 +79,12 @@ def test_open_host_warns_without_api_key(tmp_path: Path, taken_port: int) -> Non
     assert keyed.returncode == 1 and "warning" not in keyed.stderr
 
 
+def test_empty_api_key_is_a_usage_error(tmp_path: Path) -> None:
+    done = serve_cmd(tmp_path, str(tmp_path / "m"), "--port", "0", "--api-key", " ")
+    assert done.returncode == 2 and done.stderr.startswith("llamactl: error: --api-key (or LLAMACTL_API_KEY) is empty")
+    assert len(done.stderr.splitlines()) == 1
+
+
 def _stream_lines(resp: httpx.Response):  # type: ignore[no-untyped-def]
     return (line for line in resp.iter_lines() if line)
 
@@ -109,3 +116,11 @@ def test_queue_bound_then_sigterm_mid_stream(tmp_path: Path) -> None:
         "llamactl: terminated",
     ]
     assert "Traceback" not in srv.stderr()
+
+
+def test_missing_server_packages_are_one_line_with_the_install_hint(monkeypatch: pytest.MonkeyPatch) -> None:
+    import llamactl.server
+
+    monkeypatch.setattr(llamactl.server, "REQUIRED", ("fastapi", "no_such_package_for_serve"))
+    out = run_cli("serve", "any-model", "--port", "0")
+    assert_one_line_error(out, "llamactl serve needs no_such_package_for_serve: pip install 'llamactl[serve]'")
