@@ -24,6 +24,7 @@ from llamactl.cli._options import (
     JsonOpt,
     MaxNew,
     ModelArg,
+    PullYes,
     QuantType,
     Scheme,
     Seed,
@@ -75,6 +76,7 @@ def chat(
     tokenizer: TokenizerOpt = None,
     ctx: Ctx = None,
     json_out: JsonOpt = False,
+    yes: PullYes = False,
 ) -> None:
     """Chat with a Llama 2 chat model: a REPL on a terminal, plain answers in pipes."""
     if overflow not in ("drop", "error"):
@@ -86,7 +88,9 @@ def chat(
     inputs: list[str] = []
     if not interactive:
         inputs = _script_inputs(prompt, each_line)
-    loaded, tok = load_from_options(model, tokenizer, device, dtype, ctx, quant_from_options(bits, scheme, quant_type))
+    loaded, tok = load_from_options(
+        model, tokenizer, device, dtype, ctx, quant_from_options(bits, scheme, quant_type), yes=yes
+    )
     from llamactl.session import ChatSession
 
     session = ChatSession(

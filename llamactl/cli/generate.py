@@ -18,6 +18,7 @@ from llamactl.cli._options import (
     JsonOpt,
     MaxNew,
     ModelArg,
+    PullYes,
     QuantType,
     Scheme,
     Seed,
@@ -67,6 +68,7 @@ def generate(
     tokenizer: TokenizerOpt = None,
     ctx: Ctx = None,
     json_out: JsonOpt = False,
+    yes: PullYes = False,
 ) -> None:
     """Continue PROMPT with the model (no chat template), streaming the new text to stdout."""
     if prompt is None:
@@ -74,7 +76,9 @@ def generate(
             raise UsageError('give a PROMPT argument or pipe one on stdin ("" starts from BOS alone)')
         prompt = sys.stdin.read().removesuffix("\n")  # `echo text |` adds one
     sampling = sampling_from(temperature, top_p, top_k, seed, max_new_tokens)
-    loaded, tok = load_from_options(model, tokenizer, device, dtype, ctx, quant_from_options(bits, scheme, quant_type))
+    loaded, tok = load_from_options(
+        model, tokenizer, device, dtype, ctx, quant_from_options(bits, scheme, quant_type), yes=yes
+    )
     from llamactl.generate import Completion
 
     completion = Completion(loaded.model, tok, prompt, sampling, step=loaded.step)

@@ -21,6 +21,7 @@ from llamactl.cli._options import (
     DType,
     MaxNew,
     ModelArg,
+    PullYes,
     QuantType,
     Scheme,
     Seed,
@@ -75,6 +76,7 @@ def serve(
     tokenizer: TokenizerOpt = None,
     ctx: Ctx = None,
     json_out: Annotated[bool, typer.Option("--json", help="Log one JSON object per request on stderr.")] = False,
+    yes: PullYes = False,
 ) -> None:
     """Serve MODEL over an OpenAI-compatible HTTP API (/v1/chat/completions, /v1/completions, /v1/models).
 
@@ -94,7 +96,7 @@ def serve(
     quant = quant_from_options(bits, scheme, quant_type)
     # Tensor parallel (--tp N) plugs in here: a loader that starts the ranks and returns rank 0's
     # model with a decode step driving them all; ModelWorker needs nothing else.
-    loaded, tok = load_from_options(model, tokenizer, device, dtype, ctx, quant)
+    loaded, tok = load_from_options(model, tokenizer, device, dtype, ctx, quant, yes=yes)
     from llamactl.server.app import ServedModel, ServerSettings, create_app
     from llamactl.server.worker import ModelWorker
 

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
+from tests._chat_util import STORIES, need
 from tests.cli._run import assert_one_line_error, run_cli
-from tests.conftest import STORIES, need
 from tests.server._server import Server, server_env
 
 openai = pytest.importorskip("openai")

@@ -10,7 +10,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from tests.conftest import STORIES, need
+from tests._chat_util import STORIES, need
 from tests.server._server import Server
 
 openai = pytest.importorskip("openai")

@@ -13,9 +13,8 @@ from pathlib import Path
 import pytest
 import sentencepiece as spm
 
-from tests._chat_util import LLAMA2_TOKENIZER, random_model, tiny_args, write_meta_checkpoint
+from tests._chat_util import LLAMA2_TOKENIZER, need, random_model, tiny_args, write_meta_checkpoint
 from tests.cli._run import run_cli
-from tests.conftest import need
 from tests.server._server import Server
 
 openai = pytest.importorskip("openai")

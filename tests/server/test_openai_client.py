@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 import sentencepiece as spm
 
+from tests._chat_util import STORIES, need
 from tests.cli._run import run_cli
-from tests.conftest import STORIES, need
 from tests.server._server import Server
 
 openai = pytest.importorskip("openai")
