@@ -31,6 +31,15 @@ def _common_prefix_len(a: Sequence[int], b: Sequence[int]) -> int:
     return n
 
 
+def reusable_prefix(cached: Sequence[int], prompt: Sequence[int]) -> int:
+    """How many leading ids of `prompt` can keep the keys/values the cache holds for `cached`.
+
+    At most len(prompt) - 1: the last prompt token must run through the model to give the
+    logits of the first new one.
+    """
+    return min(_common_prefix_len(cached, prompt), max(0, len(prompt) - 1))
+
+
 @dataclass
 class TurnStats:
     """What a finished (or cut) answer cost; `prompt_tokens` is the whole encoded dialog."""
@@ -176,9 +185,7 @@ class ChatSession:
 
     def _answer(self, prompt: list[int], dropped: int) -> Iterator[str]:
         t0 = time.perf_counter()
-        reuse = _common_prefix_len(self.cached, prompt)
-        if reuse == len(prompt):  # the last prompt token must run to give logits
-            reuse -= 1
+        reuse = reusable_prefix(self.cached, prompt)
         self.cached = self.cached[:reuse]
         run = Generation(
             self.model,

@@ -23,6 +23,7 @@ TOOLS = "Tools"
 PANELS: dict[str, str] = {
     "chat": MODEL_WORK,
     "generate": MODEL_WORK,
+    "serve": MODEL_WORK,
     "convert": MODEL_WORK,
     "quantize": MODEL_WORK,
     "bench": MODEL_WORK,
@@ -48,6 +49,11 @@ EXAMPLES: dict[str, list[str]] = {
     "generate": [
         'llamactl generate 7b "Once upon a time" -t 0 -n 64',
         'llamactl generate ./stories260K "" --temp 0 --json',
+    ],
+    "serve": [
+        "llamactl serve 7b-chat",
+        "llamactl serve 7b-chat --port 0 --json",
+        'llamactl serve 7b-chat --host 0.0.0.0 --api-key "$KEY" --bits 4 --ctx 4096',
     ],
     "convert": [
         "llamactl convert llama-2-70b/ llama-2-70b-hf/ --to hf",
