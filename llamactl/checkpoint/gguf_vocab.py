@@ -252,3 +252,55 @@ def _normalizer_spec(model: bytes) -> dict[int, int | bytes]:
     except IndexError:
         pass  # a model sentencepiece itself loaded: unreachable in practice; defaults apply
     return {}
+
+
+# ----------------------------------------------------------------------------- gpt2 (byte-level BPE)
+
+
+@dataclass
+class BpeVocab:
+    """What a GGUF `gpt2` vocabulary holds (tokens are spelled in GPT-2's byte alphabet)."""
+
+    tokens: list[str]
+    merges: list[str]
+    types: list[int]
+    pre: str | None
+    bos_id: int | None
+    eos_id: int | None
+    unk_id: int | None
+    pad_id: int | None
+    add_bos: bool
+    add_eos: bool
+
+
+def bpe_vocab_from_gguf(file: GGUFFile) -> BpeVocab | None:
+    """The `gpt2` (byte-level BPE) vocabulary a GGUF carries; None for other kinds or none."""
+    if file.get("tokenizer.ggml.model") != "gpt2":
+        return None
+    tokens = file.array("tokenizer.ggml.tokens")
+    merges = file.array("tokenizer.ggml.merges")
+    if not tokens or merges is None:
+        raise CheckpointError(f"{file.path}: tokenizer.ggml.model is 'gpt2' but its tokens or merges are missing")
+    types = file.array("tokenizer.ggml.token_type") or [NORMAL] * len(tokens)
+    if len(types) != len(tokens):
+        raise CheckpointError(
+            f"{file.path}: tokenizer.ggml.tokens and token_type differ in length ({len(tokens)}, {len(types)})"
+        )
+
+    def token_id(key: str) -> int | None:
+        value = file.get(f"tokenizer.ggml.{key}")
+        return value if isinstance(value, int) and not isinstance(value, bool) and 0 <= value < len(tokens) else None
+
+    pre = file.get("tokenizer.ggml.pre")
+    return BpeVocab(
+        [str(t) for t in tokens],
+        [str(m) for m in merges],
+        [int(t) for t in types],
+        pre if isinstance(pre, str) else None,
+        token_id("bos_token_id"),
+        token_id("eos_token_id"),
+        token_id("unknown_token_id"),
+        token_id("padding_token_id"),
+        add_bos=file.get("tokenizer.ggml.add_bos_token") is True,  # llama.cpp's default for gpt2: no BOS
+        add_eos=file.get("tokenizer.ggml.add_eos_token") is True,
+    )

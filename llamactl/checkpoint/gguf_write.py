@@ -11,13 +11,12 @@ SentencePiece `tokenizer.model` as llama.cpp's converter types it, plus a chat t
 
 from __future__ import annotations
 
-import json
 from collections import Counter
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from llamactl import dtypes, layout
-from llamactl.checkpoint.base import CheckpointReader, order_like, tensor_bytes
+from llamactl.checkpoint.base import CheckpointReader, order_like, output_chat_template, tensor_bytes
 from llamactl.checkpoint.formats import WriteOptions, WritePlan
 from llamactl.checkpoint.gguf_file import GGUFArray, GGUFFile
 from llamactl.checkpoint.gguf_quants import BY_NAME, GGMLType
@@ -27,21 +26,6 @@ from llamactl.layout import TensorInfo
 
 if TYPE_CHECKING:
     import torch
-
-# Hugging Face's meta-llama/Llama-2-*-chat-hf tokenizer_config.json `chat_template`, verbatim.
-LLAMA2_CHAT_TEMPLATE = (
-    "{% if messages[0]['role'] == 'system' %}{% set loop_messages = messages[1:] %}"
-    "{% set system_message = messages[0]['content'] %}{% else %}{% set loop_messages = messages %}"
-    "{% set system_message = false %}{% endif %}{% for message in loop_messages %}"
-    "{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}"
-    "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{% endif %}"
-    "{% if loop.index0 == 0 and system_message != false %}"
-    r"{% set content = '<<SYS>>\n' + system_message + '\n<</SYS>>\n\n' + message['content'] %}"
-    "{% else %}{% set content = message['content'] %}{% endif %}{% if message['role'] == 'user' %}"
-    "{{ bos_token + '[INST] ' + content.strip() + ' [/INST]' }}{% elif message['role'] == 'assistant' %}"
-    "{{ ' '  + content.strip() + ' ' + eos_token }}{% endif %}{% endfor %}"
-)
-
 
 # ----------------------------------------------------------------------------- planning
 
@@ -88,19 +72,6 @@ def plan_format(reader: CheckpointReader, options: WriteOptions) -> WritePlan:
 # ----------------------------------------------------------------------------- writing
 
 
-def chat_template_of(reader: CheckpointReader) -> str | None:
-    """The source's own template (tokenizer_config.json), else Llama 2's for a `*chat*` checkpoint."""
-    config = reader.path / "tokenizer_config.json"
-    if reader.path.is_dir() and config.is_file():
-        try:
-            template = json.loads(config.read_text(encoding="utf-8")).get("chat_template")
-        except (OSError, ValueError, AttributeError):
-            template = None
-        if isinstance(template, str) and template:
-            return template
-    return LLAMA2_CHAT_TEMPLATE if "chat" in reader.path.name.lower() else None
-
-
 def _tokenizer_kvs(reader: CheckpointReader) -> dict[str, tuple[object, str]]:
     """tokenizer.* KVs: a GGUF source's as they are (llama or gpt2), else from tokenizer.model."""
     source = getattr(reader, "file", None)
@@ -109,7 +80,7 @@ def _tokenizer_kvs(reader: CheckpointReader) -> dict[str, tuple[object, str]]:
     kvs: dict[str, tuple[object, str]] = {}
     if reader.tokenizer_path is not None:
         kvs = gguf_kvs(read_tokenizer_model(reader.tokenizer_path, reader.args.vocab_size))
-    template = chat_template_of(reader)
+    template = output_chat_template(reader)
     if template is not None:
         kvs["tokenizer.chat_template"] = (template, "STRING")
     return kvs

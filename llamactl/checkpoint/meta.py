@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING
 from llamactl import dtypes
 from llamactl.checkpoint.base import (
     TOKENIZER_FILE,
+    TOKENIZER_JSON,
     CheckpointReader,
     ReaderBase,
     check_against_args,
@@ -223,8 +224,13 @@ def plan_format(reader: CheckpointReader, options: WriteOptions) -> WritePlan:
 def write_format(out_dir: Path, reader: CheckpointReader, plan: WritePlan, options: WriteOptions) -> None:
     write_meta(out_dir, plan, reader.iter_tensors(), options.on_tensor)
     (out_dir / PARAMS_FILE).write_text(json.dumps(meta_params(reader.args), indent=2) + "\n")
-    if reader.tokenizer_path is not None:
-        shutil.copyfile(reader.tokenizer_path, out_dir / TOKENIZER_FILE)
+    tokenizer = reader.tokenizer_path
+    if tokenizer is not None and tokenizer.suffix.lower() == ".json":  # tokenizers' file and its config
+        shutil.copyfile(tokenizer, out_dir / TOKENIZER_JSON)
+        if (tokenizer.parent / "tokenizer_config.json").is_file():
+            shutil.copyfile(tokenizer.parent / "tokenizer_config.json", out_dir / "tokenizer_config.json")
+    elif tokenizer is not None:
+        shutil.copyfile(tokenizer, out_dir / TOKENIZER_FILE)
 
 
 FORMAT = CheckpointFormat(

@@ -28,18 +28,20 @@ from llamactl.cli._options import (
     Scheme,
     Seed,
     Temperature,
+    TemplateOpt,
     TokenizerOpt,
     TopK,
     TopP,
+    check_template_name,
     load_from_options,
+    model_template,
     quant_from_options,
     sampling_dict,
     sampling_from,
-    template_from,
 )
 from llamactl.errors import UsageError
 from llamactl.plugins import hookimpl
-from llamactl.templates import DEFAULT_TEMPLATE, load_dialog
+from llamactl.templates import load_dialog
 
 if TYPE_CHECKING:
     from llamactl.loading import LoadedModel
@@ -69,18 +71,16 @@ def chat(
     bits: Bits = None,
     scheme: Scheme = None,
     quant_type: QuantType = None,
-    template: Annotated[
-        str, typer.Option("--template", help="Chat template: llama-2-chat or one a plugin registers.")
-    ] = DEFAULT_TEMPLATE,
+    template: TemplateOpt = None,
     tokenizer: TokenizerOpt = None,
     ctx: Ctx = None,
     json_out: JsonOpt = False,
 ) -> None:
-    """Chat with a Llama 2 chat model: a REPL on a terminal, plain answers in pipes."""
+    """Chat with a model through its chat template: a REPL on a terminal, plain answers in pipes."""
     if overflow not in ("drop", "error"):
         raise UsageError(f"--overflow {overflow}: choose drop or error")
     sampling = sampling_from(temperature, top_p, top_k, seed, max_new_tokens)
-    chat_template = template_from(template)
+    check_template_name(template)
     messages = load_dialog(dialog) if dialog is not None else []
     interactive = prompt is None and sys.stdin.isatty()
     inputs: list[str] = []
@@ -89,6 +89,7 @@ def chat(
     loaded, tok = load_from_options(model, tokenizer, device, dtype, ctx, quant_from_options(bits, scheme, quant_type))
     from llamactl.session import ChatSession
 
+    chat_template = model_template(template, loaded.reader, tok)
     session = ChatSession(
         loaded.model,
         tok,

@@ -25,7 +25,9 @@ from llamactl.cli._options import (
     TokenizerOpt,
     TopK,
     TopP,
+    check_template_name,
     load_from_options,
+    model_template,
     quant_from_options,
     sampling_dict,
     sampling_from,
@@ -66,18 +68,33 @@ def generate(
     quant_type: QuantType = None,
     tokenizer: TokenizerOpt = None,
     ctx: Ctx = None,
+    template: Annotated[
+        str | None,
+        typer.Option(
+            "--template",
+            help="Frame PROMPT as one user message with this chat template (checkpoint: the model's own); "
+            "default: plain completion.",
+        ),
+    ] = None,
     json_out: JsonOpt = False,
 ) -> None:
-    """Continue PROMPT with the model (no chat template), streaming the new text to stdout."""
+    """Continue PROMPT with the model (no chat template unless --template), streaming the new text."""
     if prompt is None:
         if sys.stdin.isatty():
             raise UsageError('give a PROMPT argument or pipe one on stdin ("" starts from BOS alone)')
         prompt = sys.stdin.read().removesuffix("\n")  # `echo text |` adds one
     sampling = sampling_from(temperature, top_p, top_k, seed, max_new_tokens)
+    check_template_name(template)
     loaded, tok = load_from_options(model, tokenizer, device, dtype, ctx, quant_from_options(bits, scheme, quant_type))
     from llamactl.generate import Completion
 
-    completion = Completion(loaded.model, tok, prompt, sampling, step=loaded.step)
+    prompt_ids = None
+    if template is not None:
+        from llamactl.templates import Message
+
+        chat_template = model_template(template, loaded.reader, tok)
+        prompt_ids = chat_template.encode(tok, [Message("user", prompt)])
+    completion = Completion(loaded.model, tok, prompt, sampling, step=loaded.step, prompt_ids=prompt_ids)
     start = time.perf_counter()
     for piece in completion:
         if not json_out:
@@ -91,7 +108,7 @@ def generate(
         **run_stats(completion.run, len(completion.prompt_ids), seconds),
         "seed": completion.seed,
         "sampling": sampling_dict(sampling),
-        "template": "none (plain completion)",
+        "template": chat_template.name if template is not None else "none (plain completion)",
         "model": str(loaded.reader.path),
         "device": str(loaded.device),
         "dtype": str(loaded.dtype).removeprefix("torch."),

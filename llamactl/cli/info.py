@@ -42,6 +42,7 @@ def info(
         ("parameters", f"{report.parameters:,} ({report.parameters / 1e9:.2f} B)"),
         ("on disk", f"{human_bytes(report.bytes_on_disk)} in {report.files} file(s)"),
         ("tokenizer", report.tokenizer or "none"),
+        ("chat template", report.chat_template_source),
         ("weights fp16/bf16", human_bytes(report.memory["weights_fp16"])),
         ("weights int8", human_bytes(report.memory["weights_int8"])),
         ("weights nf4", human_bytes(report.memory["weights_nf4"])),

@@ -16,11 +16,11 @@ from safetensors import safe_open
 from llamactl.checkpoint import open_checkpoint
 from llamactl.checkpoint.gguf import GGUFReader
 from llamactl.checkpoint.gguf_quants import GGML_TYPES, UNSUPPORTED_NAMES, dequantize
-from llamactl.checkpoint.gguf_write import LLAMA2_CHAT_TEMPLATE
 from llamactl.checkpoint.quantized import DequantizedView
 from llamactl.convert import convert, plan_convert, run_convert
 from llamactl.errors import UsageError
 from llamactl.loading import load_model
+from llamactl.templates.llama2 import HF_TEMPLATE as LLAMA2_CHAT_TEMPLATE
 from tests._ckpt import (
     hf_reference_model,
     load_pth_dir,
