@@ -142,3 +142,28 @@ def test_bad_tokenizer_json_is_one_error_naming_the_file(tmp_path: Path, byte_le
     (tmp_path / "tokenizer_config.json").write_text('{"bos_token": "<nope>"}')
     with pytest.raises(TokenizerError, match=r"bos_token '<nope>' is not in the vocabulary"):
         load_tokenizer(bad)
+
+
+def test_stories260k_gguf_tokenizer_ids_equal_transformers(tmp_path: Path, stories_dir: Path) -> None:
+    """stories260K -> GGUF: the vocabulary read back gives transformers' GGUF tokenizer's ids, and
+    SentencePiece's own. transformers alone drops one leading space of a text (its Llama tokenizer
+    conversion does so for the tokenizer.model too); there SentencePiece is the reference."""
+    import sentencepiece as spm
+    from transformers import AutoTokenizer
+
+    from tests.cli._run import run_cli
+
+    out = tmp_path / "stories.gguf"
+    assert run_cli("convert", str(stories_dir), str(out), "--to", "gguf").exit_code == 0
+    ref = AutoTokenizer.from_pretrained(str(tmp_path), gguf_file=out.name)
+    sp = spm.SentencePieceProcessor(model_file=str(stories_dir / "tokenizer.model"))
+    tok = load_tokenizer(open_checkpoint(out).tokenizer_path)  # type: ignore[arg-type]
+    cli = run_cli("tokenize", "--model", str(out), "--json", TEXTS[1])
+    assert json.loads(cli.stdout) == tok.encode(TEXTS[1], bos=True) == ref(TEXTS[1])["input_ids"]
+    for text in TEXTS + EXTRA[1:]:
+        ids = tok.encode(text, bos=tok.add_bos)
+        assert ids == [1, *sp.encode(text)], text
+        if not text.startswith(" "):
+            assert ids == ref(text)["input_ids"], text
+        else:
+            assert ids[1] == sp.piece_to_id("▁") and ids[2:] == ref(text)["input_ids"][1:], text
