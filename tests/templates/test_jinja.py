@@ -202,3 +202,25 @@ def test_llama2_chat_hf_output_carries_the_template_transformers_applies(
             ours = run_cli("tokenize", "--chat", str(dialog), "--model", str(out), "--json", *extra)
             assert json.loads(ours.stdout) == expected, (messages, extra)
     assert json.loads(run_cli("info", str(out), "--json").stdout)["chat_template"] == "llama-2-chat"
+
+
+@pytest.mark.slow  # transformers' GGUF tokenizer builder: ~6 s
+def test_gguf_output_of_a_tokenizer_json_checkpoint_carries_vocabulary_and_template(
+    tmp_path: Path, chatml_model: Path
+) -> None:
+    """HF (tokenizer.json only) -> GGUF: transformers reads the GGUF's tokenizer and template to the
+    same ids as the source's, and as `llamactl tokenize --chat` on the GGUF."""
+    from transformers import AutoTokenizer
+
+    out = tmp_path / "tiny-smol.gguf"
+    assert run_cli("convert", str(chatml_model), str(out), "--to", "gguf").exit_code == 0
+    ref = AutoTokenizer.from_pretrained(str(tmp_path), gguf_file=out.name)
+    source = AutoTokenizer.from_pretrained(str(chatml_model))
+    dialog = tmp_path / "dialog.json"
+    for messages in DIALOGS:
+        dialog.write_text(json.dumps(messages))
+        ours = json.loads(run_cli("tokenize", "--chat", str(dialog), "--model", str(out), "--json").stdout)
+        expected = _ids(ref.apply_chat_template(messages, add_generation_prompt=True))
+        assert ours == expected == _ids(source.apply_chat_template(messages, add_generation_prompt=True))
+    for text in ("Hello world", "日本語 😀 2024", "  two leading spaces"):
+        assert ref(text)["input_ids"] == source(text)["input_ids"], text
