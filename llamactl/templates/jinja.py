@@ -25,7 +25,7 @@ from typing import Any
 
 from llamactl.errors import LlamactlError
 from llamactl.plugins import hookimpl
-from llamactl.templates.dialog import Message, validate_dialog
+from llamactl.templates.dialog import DialogError, Message, validate_dialog
 
 OWN = "checkpoint"  # the name a checkpoint's own template goes by (`--template checkpoint`)
 
@@ -135,6 +135,7 @@ class JinjaTemplate:
     def encode(self, tokenizer: Any, dialog: Sequence[Message]) -> list[int]:
         """Prompt ids for a dialog ending with the user's message, the assistant's turn opened."""
         validate_dialog(dialog, pending=True)
+        check_special_tokens(tokenizer, dialog)
         return _encode_text(tokenizer, self.render(tokenizer, dialog, add_generation_prompt=True))
 
     def encode_history(self, tokenizer: Any, dialog: Sequence[Message]) -> list[int]:
@@ -143,6 +144,22 @@ class JinjaTemplate:
         if dialog and dialog[-1].role == "user":
             return self.encode(tokenizer, dialog)
         return _encode_text(tokenizer, self.render(tokenizer, dialog, add_generation_prompt=False))
+
+
+def check_special_tokens(tokenizer: Any, dialog: Sequence[Message]) -> None:
+    """Refuse a user or system message holding a special token's text (`<|im_end|>`, `</s>`):
+    the rendered prompt is read with special tokens parsed, so such text would forge turns,
+    as `[INST]` would in Llama 2's format (which Meta refuses, and so does `dialog.py`)."""
+    specials = getattr(tokenizer, "special_tokens", ())
+    for index, message in enumerate(dialog, start=1):
+        if message.role == "assistant":
+            continue
+        for token in specials:
+            if token and token in message.content:
+                raise DialogError(
+                    f"message {index} ({message.role}): contains the special token {token!r}, "
+                    "which is not allowed in a message"
+                )
 
 
 def _encode_text(tokenizer: Any, text: str) -> list[int]:

@@ -96,6 +96,7 @@ class HFTokenizer:
         self.add_bos: bool = self._adds_bos() if config.add_bos_token is None else config.add_bos_token
         self.chat_template = config.chat_template
         self._special = {t.content for t in backend.get_added_tokens_decoder().values() if t.special}
+        self.special_tokens: frozenset[str] = frozenset(self._special)  # texts that encode as a special token
         self._sentinel = self._find_sentinel()
 
     @classmethod

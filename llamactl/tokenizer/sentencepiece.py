@@ -37,6 +37,7 @@ class SentencePieceTokenizer:
         self.eos_token = self.sp.id_to_piece(self.eos_id) if self.eos_id >= 0 else None
         self.chat_template: str | None = None
         self._control = {self.sp.id_to_piece(i): i for i in range(self.vocab_size) if self.sp.is_control(i)}
+        self.special_tokens: frozenset[str] = frozenset(self._control)  # what encode_chat reads as control ids
         self._split = re.compile("|".join(map(re.escape, sorted(self._control, key=len, reverse=True))))
         self._sentinel = self._find_sentinel()
 
