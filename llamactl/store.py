@@ -199,7 +199,7 @@ def show_model(model: str, progress: HashProgress | None = None) -> dict[str, An
     with contextlib.suppress(OSError, ValueError):
         source = json.loads((path / SOURCE_FILE).read_text(encoding="utf-8"))
     return {
-        "name": path.name,
+        "name": path.name if Path(model).expanduser().exists() else model,  # a source's name, not its file's
         "path": str(path),
         "linked_to": linked_to(path),
         "info": report.to_dict(),

@@ -61,6 +61,8 @@ def test_smollm2_resolves_to_the_installed_packages_gguf(tmp_path: Path, monkeyp
     assert entries["smollm2"]["source"] == SMOLLM2.description
     info = json.loads(run_cli("info", "smollm2", "--json").stdout)
     assert info["chat_template"] == "checkpoint" and info["vocab_size"] == 49152
+    shown = json.loads(run_cli("show", "smollm2", "--json").stdout)
+    assert shown["name"] == "smollm2" and shown["path"] == str(gguf) and shown["chat_template"] == "checkpoint"
     assert not (tmp_path / "home" / "models").exists() or not any((tmp_path / "home" / "models").iterdir())
 
 
