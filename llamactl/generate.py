@@ -16,7 +16,7 @@ from llamactl.engine import DecodeStep, EagerStep
 from llamactl.errors import LlamactlError
 from llamactl.model import Transformer
 from llamactl.sampling import SamplingParams, make_generator, sample
-from llamactl.tokenizer import StreamDecoder, Tokenizer
+from llamactl.tokenizer import StreamDecoder, Tokenizer, stop_ids
 
 
 class ContextOverflowError(LlamactlError):
@@ -183,7 +183,7 @@ class Completion:
             )
         generator, self.seed = make_generator(sampling.seed)
         self.run = Generation(
-            model, self.prompt_ids, sampling=sampling, generator=generator, stop_ids=[tokenizer.eos_id], step=step
+            model, self.prompt_ids, sampling=sampling, generator=generator, stop_ids=stop_ids(tokenizer), step=step
         )
         self.text = ""
 

@@ -310,6 +310,8 @@ def _cached_bpe_tokenizer(file: GGUFFile, chat_template: str | None) -> Path:
     def token(token_id: int | None) -> str | None:
         return vocab.tokens[token_id] if token_id is not None else None
 
+    eot = file.get("tokenizer.ggml.eot_token_id")  # an end-of-turn token llama.cpp stops at too
+    stops = tuple(i for i in (vocab.eos_id, eot) if isinstance(i, int) and not isinstance(i, bool))
     config = TokenizerConfig(
         token(vocab.bos_id),
         token(vocab.eos_id),
@@ -318,6 +320,7 @@ def _cached_bpe_tokenizer(file: GGUFFile, chat_template: str | None) -> Path:
         vocab.add_bos,
         vocab.add_eos,
         chat_template,
+        stops if eot is not None else (),
     )
     tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
     try:

@@ -273,7 +273,19 @@ def write_hf(
         (out_dir / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
     plain_names = {layout.meta_to_hf(i.name) for i in reader.tensor_infos() if i.scheme is None}
     plain = [info for _, infos in plan for info in infos if info.name in plain_names]
-    write_hf_config(out_dir, reader.args, dtypes.lookup(main_dtype(plain)).hf, config_extra)
+    extra = special_token_ids(reader) | (config_extra or {})
+    write_hf_config(out_dir, reader.args, dtypes.lookup(main_dtype(plain)).hf, extra)
+
+
+def special_token_ids(reader: CheckpointReader) -> dict[str, int]:
+    """BOS/EOS ids of the checkpoint's tokenizer.json for config.json (a tokenizer.model is Llama's: 1 and 2)."""
+    path = reader.tokenizer_path
+    if path is None or path.suffix.lower() != ".json":
+        return {}
+    from llamactl.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(path)
+    return {key: value for key, value in (("bos_token_id", tok.bos_id), ("eos_token_id", tok.eos_id)) if value >= 0}
 
 
 def _stored_parts(
@@ -295,8 +307,8 @@ def write_hf_config(out_dir: Path, args: ModelArgs, dtype_name: str, extra: dict
     config = hf_config_from_args(args, dtype_name) | (extra or {})
     (out_dir / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
     generation = {
-        "bos_token_id": 1,
-        "eos_token_id": 2,
+        "bos_token_id": config["bos_token_id"],
+        "eos_token_id": config["eos_token_id"],
         "do_sample": True,
         "temperature": 0.6,
         "top_p": 0.9,

@@ -63,6 +63,12 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
     return SentencePieceTokenizer(path)
 
 
+def stop_ids(tokenizer: Tokenizer) -> list[int]:
+    """The ids generation stops at: EOS, plus an end-of-turn token where the tokenizer names one
+    (`stop_ids`, optional: a plugin's tokenizer without it stops at EOS alone)."""
+    return list(getattr(tokenizer, "stop_ids", None) or [tokenizer.eos_id])
+
+
 def check_model_vocab(tokenizer: Tokenizer, model_vocab: int, model_name: str, source: str | Path) -> None:
     """Refuse a tokenizer (read from `source`) whose vocabulary contradicts the model's embedding."""
     if model_vocab != tokenizer.vocab_size:
@@ -107,4 +113,5 @@ __all__ = [
     "check_model_vocab",
     "load_tokenizer",
     "open_tokenizer",
+    "stop_ids",
 ]

@@ -21,6 +21,7 @@ from llamactl.errors import TokenizerError
 
 JSON_FILE = "tokenizer.json"
 CONFIG_FILE = "tokenizer_config.json"
+GENERATION_FILE = "generation_config.json"
 _REPLACEMENT = "\ufffd"
 
 
@@ -35,6 +36,7 @@ class TokenizerConfig:
     add_bos_token: bool | None = None  # None: as the tokenizer's own post-processor does
     add_eos_token: bool | None = None
     chat_template: str | None = None
+    stop_ids: tuple[int, ...] = ()  # generation_config.json's eos_token_id(s)
 
 
 def _token_text(value: Any) -> str | None:
@@ -79,7 +81,19 @@ def read_tokenizer_config(directory: Path) -> TokenizerConfig:
         flag("add_bos_token"),
         flag("add_eos_token"),
         template,
+        _generation_stop_ids(directory),
     )
+
+
+def _generation_stop_ids(directory: Path) -> tuple[int, ...]:
+    """generation_config.json's eos_token_id (an int or a list); () when absent or unreadable."""
+    try:
+        data = json.loads((directory / GENERATION_FILE).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError):
+        return ()
+    value = data.get("eos_token_id") if isinstance(data, dict) else None
+    values = value if isinstance(value, list) else [value]
+    return tuple(v for v in values if isinstance(v, int) and not isinstance(v, bool))
 
 
 class HFTokenizer:
@@ -94,6 +108,9 @@ class HFTokenizer:
         self.bos_id: int = self._id_of(config.bos_token, "bos_token")
         self.eos_id: int = self._id_of(config.eos_token, "eos_token")
         self.add_bos: bool = self._adds_bos() if config.add_bos_token is None else config.add_bos_token
+        # Generation stops at EOS and at every eos_token_id generation_config.json lists (an
+        # end-of-turn token such as Llama 3's <|eot_id|>), as transformers' generate stops.
+        self.stop_ids: list[int] = [i for i in dict.fromkeys([self.eos_id, *config.stop_ids]) if i >= 0]
         self.chat_template = config.chat_template
         self._special = {t.content for t in backend.get_added_tokens_decoder().values() if t.special}
         self.special_tokens: frozenset[str] = frozenset(self._special)  # texts that encode as a special token
@@ -190,6 +207,8 @@ def save_tokenizer_dir(directory: Path, backend: Any, config: TokenizerConfig) -
     if config.chat_template is not None:
         data["chat_template"] = config.chat_template
     (directory / CONFIG_FILE).write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    if config.stop_ids:
+        (directory / GENERATION_FILE).write_text(json.dumps({"eos_token_id": list(config.stop_ids)}) + "\n")
 
 
 def is_replacement_tail(text: str) -> bool:

@@ -33,6 +33,7 @@ class SentencePieceTokenizer:
         self.bos_id: int = self.sp.bos_id()
         self.eos_id: int = self.sp.eos_id()
         self.add_bos = True  # Llama's rule: a text starts with BOS
+        self.stop_ids = [self.eos_id]
         self.bos_token = self.sp.id_to_piece(self.bos_id) if self.bos_id >= 0 else None
         self.eos_token = self.sp.id_to_piece(self.eos_id) if self.eos_id >= 0 else None
         self.chat_template: str | None = None

@@ -167,3 +167,24 @@ def test_stories260k_gguf_tokenizer_ids_equal_transformers(tmp_path: Path, stori
             assert ids == ref(text)["input_ids"], text
         else:
             assert ids[1] == sp.piece_to_id("▁") and ids[2:] == ref(text)["input_ids"][1:], text
+
+
+def test_generation_stops_at_the_end_of_turn_ids_generation_config_lists(tmp_path: Path, byte_level: Path) -> None:
+    """transformers' generate stops at every generation_config.json eos_token_id: so does llamactl."""
+    from llamactl.tokenizer import stop_ids
+
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (tmp_path / name).write_bytes((byte_level / name).read_bytes())
+    assert stop_ids(load_tokenizer(tmp_path / "tokenizer.json")) == [2]
+    (tmp_path / "generation_config.json").write_text('{"eos_token_id": [2, 0]}')
+    assert stop_ids(load_tokenizer(tmp_path / "tokenizer.json")) == [2, 0]
+
+
+def test_gguf_end_of_turn_token_stops_generation(tmp_path: Path, byte_level: Path) -> None:
+    from llamactl.tokenizer import stop_ids
+
+    args = tiny_args(vocab_size=400)
+    extra = gpt2_kvs(byte_level) | {"tokenizer.ggml.eot_token_id": 0}
+    path = write_reference_gguf(tmp_path / "eot.gguf", args, random_meta_state(args), extra=extra)
+    tok = load_tokenizer(open_checkpoint(path).tokenizer_path)  # type: ignore[arg-type]
+    assert stop_ids(tok) == [2, 0]
