@@ -16,7 +16,7 @@ from llamactl.engine import DecodeStep, EagerStep
 from llamactl.errors import LlamactlError
 from llamactl.model import Transformer
 from llamactl.sampling import SamplingParams, StopMatcher, make_generator, sample, top_logprobs
-from llamactl.tokenizer import StreamDecoder, Tokenizer
+from llamactl.tokenizer import StreamDecoder, Tokenizer, stop_ids
 
 
 class ContextOverflowError(LlamactlError):
@@ -198,7 +198,10 @@ class Completion:
     """Plain text completion (Meta's text_completion: the prompt after a BOS id), streamed as text.
 
     The text is the continuation of the prompt, so a leading space of the first new token
-    is kept; from an empty prompt (BOS alone) it is the decode of the new tokens.
+    is kept; from an empty prompt (BOS alone) it is the decode of the new tokens. A tokenizer
+    whose texts start without BOS (`add_bos` false: GPT-2-style BPE) gets none, as
+    transformers encodes the prompt. `prompt_ids` (a chat template's framing of the prompt)
+    replaces the encoding; the answer is then decoded as a text of its own, as a chat turn is.
     """
 
     def __init__(
@@ -208,9 +211,12 @@ class Completion:
         prompt: str,
         sampling: SamplingParams,
         step: DecodeStep | None = None,
+        prompt_ids: list[int] | None = None,
     ) -> None:
         self.tokenizer, self.sampling = tokenizer, sampling.validate()
-        self.prompt_ids = tokenizer.encode(prompt, bos=True)
+        self.framed = prompt_ids is not None
+        bos = getattr(tokenizer, "add_bos", True) or not prompt  # "" still starts from BOS
+        self.prompt_ids = list(prompt_ids) if prompt_ids is not None else tokenizer.encode(prompt, bos=bos)
         if model.cache_len == 0:
             model.setup_cache(1)
         context = model.cache_len
@@ -220,12 +226,12 @@ class Completion:
             )
         generator, self.seed = make_generator(sampling.seed)
         self.run = Generation(
-            model, self.prompt_ids, sampling=sampling, generator=generator, stop_ids=[tokenizer.eos_id], step=step
+            model, self.prompt_ids, sampling=sampling, generator=generator, stop_ids=stop_ids(tokenizer), step=step
         )
         self.text = ""
 
     def __iter__(self) -> Iterator[str]:
-        decoder = StreamDecoder(self.tokenizer, context=self.prompt_ids)
+        decoder = StreamDecoder(self.tokenizer, context=() if self.framed else self.prompt_ids)
         for piece in stream_text(decoder, self.run, self.sampling.stop):
             self.text += piece
             yield piece

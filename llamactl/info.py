@@ -52,6 +52,8 @@ class ModelInfo:
     ctx: int
     memory: dict[str, int] = field(default_factory=dict)
     storage: dict[str, Any] | None = None  # GGUF: container, tensor_types, bits_per_weight...
+    chat_template: str = "llama-2-chat"  # the template chat uses without --template
+    chat_template_source: str = ""  # which one that is, in words
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -149,7 +151,16 @@ def model_info(reader: CheckpointReader, ctx: int | None = None) -> ModelInfo:
         ctx=ctx,
         memory=memory_estimates(infos, ctx, args),
         storage=storage,
+        **_template_fields(reader),
     )
+
+
+def _template_fields(reader: CheckpointReader) -> dict[str, str]:
+    """The chat template a chat with this checkpoint uses by default, and where it comes from."""
+    from llamactl.templates import choose_template, describe_template
+
+    template = choose_template(None, getattr(reader, "chat_template", None), str(reader.path))
+    return {"chat_template": template.name, "chat_template_source": describe_template(template)}
 
 
 def describe_storage(storage: dict[str, Any]) -> str:

@@ -19,7 +19,7 @@ from llamactl.generate import ContextOverflowError, Generation, stream_text
 from llamactl.model import Transformer
 from llamactl.sampling import SamplingParams, make_generator
 from llamactl.templates import LLAMA2_CHAT, ChatTemplate, Dialog, Message, check_special_tags, encode_with
-from llamactl.tokenizer import StreamDecoder, Tokenizer
+from llamactl.tokenizer import StreamDecoder, Tokenizer, stop_ids
 
 
 def _common_prefix_len(a: Sequence[int], b: Sequence[int]) -> int:
@@ -193,7 +193,7 @@ class ChatSession:
             start=reuse,
             sampling=self.sampling,
             generator=self._generator,
-            stop_ids=[self.tokenizer.eos_id],
+            stop_ids=stop_ids(self.tokenizer),
             max_new_tokens=self.sampling.max_new_tokens,
             step=self.step,
             history=prompt[:reuse],

@@ -26,6 +26,7 @@ from llamactl.checkpoint import list_model_names, open_checkpoint, resolve_model
 from llamactl.errors import DestinationError, LlamactlError, ModelNotFoundError, UsageError
 from llamactl.home import disk_bytes, hash_cache_file, model_files, models_home
 from llamactl.info import model_info
+from llamactl.sources import installed_sources
 
 SOURCE_FILE = ".llamactl-source.json"
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]*$")
@@ -67,6 +68,7 @@ class ModelEntry:
     size: int = 0
     linked_to: str | None = None
     error: str | None = None
+    source: str | None = None  # a model an installed package ships (llamactl.sources), not the store
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -97,9 +99,16 @@ def linked_to(path: Path) -> str | None:
 
 
 def list_models() -> list[ModelEntry]:
-    """Every model in the store, by name."""
+    """Every model in the store, by name, then those installed packages provide under other names."""
     root = models_home()
-    return [describe_entry(name, root / name) for name in list_model_names()]
+    names = list_model_names()
+    entries = [describe_entry(name, root / name) for name in names]
+    for source, path in installed_sources():
+        if source.name not in names:
+            entry = describe_entry(source.name, path)
+            entry.source = source.description
+            entries.append(entry)
+    return entries
 
 
 # ----------------------------------------------------------------------------- hashes
@@ -167,10 +176,9 @@ def _forget_hashes(root: Path) -> None:
 
 def show_model(model: str, progress: HashProgress | None = None) -> dict[str, Any]:
     """Everything `info` says about a model (name or path), plus config, chat template and hashed files."""
-    from llamactl.templates import DEFAULT_TEMPLATE
-
     path = resolve_model(model)
     reader = open_checkpoint(path)
+    report = model_info(reader)
     files = model_files(path)
     hashes = file_hashes(files, progress)
     root = path.resolve()
@@ -178,13 +186,14 @@ def show_model(model: str, progress: HashProgress | None = None) -> dict[str, An
     with contextlib.suppress(OSError, ValueError):
         source = json.loads((path / SOURCE_FILE).read_text(encoding="utf-8"))
     return {
-        "name": path.name,
+        "name": path.name if Path(model).expanduser().exists() else model,  # a source's name, not its file's
         "path": str(path),
         "linked_to": linked_to(path),
-        "info": model_info(reader).to_dict(),
+        "info": report.to_dict(),
         "quantization": reader.quant.describe() if reader.quant is not None else None,
         "config": reader.args.to_params(),
-        "chat_template": DEFAULT_TEMPLATE,
+        "chat_template": report.chat_template,
+        "chat_template_source": report.chat_template_source,
         "source": source,
         "size": disk_bytes(files),
         "files": [{"path": _relative(f, root), "size": f.stat().st_size, "sha256": hashes[f]} for f in files],

@@ -32,6 +32,8 @@ TOKENIZER_FILE = "tokenizer.model"
 # no context length): {"trained_context": N}. Hidden, so hashing and `list` sizes skip it, and
 # Meta's own loader never sees it.
 MODEL_META_FILE = ".llamactl-model.json"
+TOKENIZER_JSON = "tokenizer.json"
+TOKENIZER_FILES = (TOKENIZER_FILE, TOKENIZER_JSON)  # the order a checkpoint's tokenizer is looked for
 
 
 class CheckpointReader(Protocol):
@@ -71,11 +73,18 @@ class ReaderBase:
 
     @property
     def tokenizer_path(self) -> Path | None:
-        candidate = self.path / TOKENIZER_FILE
-        if not candidate.is_file():
-            return None
-        check_not_lfs_pointer(candidate)
-        return candidate
+        """tokenizer.model (SentencePiece: Llama 1/2, exact with Meta), else tokenizer.json."""
+        for name in TOKENIZER_FILES:
+            candidate = self.path / name
+            if candidate.is_file():
+                check_not_lfs_pointer(candidate)
+                return candidate
+        return None
+
+    @property
+    def chat_template(self) -> str | None:
+        """The checkpoint's own jinja chat template (chat_template.jinja or tokenizer_config.json)."""
+        return read_chat_template(self.path)
 
     def tensor_infos(self) -> list[TensorInfo]:
         return list(self.infos)
@@ -114,6 +123,30 @@ def write_model_meta(directory: Path, **fields: Any) -> None:
     tmp = directory / f"{MODEL_META_FILE}.tmp"
     tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
     os.replace(tmp, directory / MODEL_META_FILE)
+
+
+def output_chat_template(reader: CheckpointReader) -> str | None:
+    """The chat template a converted checkpoint carries: the source's own, else Llama 2's for a
+    `*chat*` checkpoint (Meta's downloads carry none), so transformers and llama.cpp use the right one."""
+    from llamactl.templates.llama2 import HF_TEMPLATE
+
+    own = getattr(reader, "chat_template", None)
+    if isinstance(own, str) and own:
+        return own
+    return HF_TEMPLATE if "chat" in reader.path.name.lower() else None
+
+
+def read_chat_template(directory: Path) -> str | None:
+    """A directory's chat template as transformers finds it; None when it has none (or is unreadable)."""
+    from llamactl.errors import TokenizerError
+    from llamactl.tokenizer.hf import read_tokenizer_config
+
+    if not directory.is_dir():
+        return None
+    try:
+        return read_tokenizer_config(directory).chat_template
+    except (TokenizerError, OSError, UnicodeDecodeError):
+        return None
 
 
 _LFS_POINTER = b"version https://git-lfs.github.com/spec/"
@@ -204,6 +237,10 @@ class ReaderView:
     @property
     def tokenizer_path(self) -> Path | None:
         return self.source.tokenizer_path
+
+    @property
+    def chat_template(self) -> str | None:
+        return getattr(self.source, "chat_template", None)
 
     def tensor_infos(self) -> list[TensorInfo]:
         return self.source.tensor_infos()

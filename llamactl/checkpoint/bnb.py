@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from llamactl import layout
-from llamactl.checkpoint.base import CheckpointReader, check_against_args
+from llamactl.checkpoint.base import CheckpointReader, check_against_args, output_chat_template
 from llamactl.checkpoint.formats import CheckpointFormat, WriteOptions, WritePlan
 from llamactl.checkpoint.hf import (
     CONFIG_FILE,
@@ -142,7 +142,7 @@ def write_format(out_dir: Path, reader: CheckpointReader, plan: WritePlan, optio
     extra = {"quantization_config": reader.quant.to_hf_config(skip_modules(reader))}
     write_hf(out_dir, plan, reader, options.on_tensor, extra)
     if reader.tokenizer_path is not None:
-        write_tokenizer_files(out_dir, reader.tokenizer_path, reader.args)
+        write_tokenizer_files(out_dir, reader.tokenizer_path, reader.args, output_chat_template(reader))
 
 
 FORMAT = CheckpointFormat(

@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING
 from llamactl import dtypes
 from llamactl.checkpoint.base import (
     TOKENIZER_FILE,
+    TOKENIZER_JSON,
     CheckpointReader,
     ReaderBase,
     check_against_args,
@@ -236,8 +237,13 @@ def write_format(out_dir: Path, reader: CheckpointReader, plan: WritePlan, optio
     context = trained_context(reader)
     if context is not None:  # params.json cannot hold it (Meta's loader would refuse the key)
         write_model_meta(out_dir, trained_context=context)
-    if reader.tokenizer_path is not None:
-        shutil.copyfile(reader.tokenizer_path, out_dir / TOKENIZER_FILE)
+    tokenizer = reader.tokenizer_path
+    if tokenizer is not None and tokenizer.suffix.lower() == ".json":  # tokenizers' file and its config
+        shutil.copyfile(tokenizer, out_dir / TOKENIZER_JSON)
+        if (tokenizer.parent / "tokenizer_config.json").is_file():
+            shutil.copyfile(tokenizer.parent / "tokenizer_config.json", out_dir / "tokenizer_config.json")
+    elif tokenizer is not None:
+        shutil.copyfile(tokenizer, out_dir / TOKENIZER_FILE)
 
 
 FORMAT = CheckpointFormat(

@@ -57,7 +57,7 @@ DType = Annotated[
     ),
 ]
 TokenizerOpt = Annotated[
-    Path | None, typer.Option("--tokenizer", help="tokenizer.model to use instead of the model's.")
+    Path | None, typer.Option("--tokenizer", help="tokenizer.model or tokenizer.json to use instead of the model's.")
 ]
 Ctx = Annotated[int | None, typer.Option("--ctx", min=2, help="Context length in tokens (default: the model's).")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object per answer instead of text.")]
@@ -183,14 +183,48 @@ def logprobs_json(tokenizer: Tokenizer, ids: list[int], steps: list[tuple[float,
     ]
 
 
-def template_from(name: str) -> ChatTemplate:
-    """The chat template `--template NAME` names."""
-    from llamactl.templates import UnknownTemplateError, get_template
+TemplateOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--template",
+        help="Chat template: llama-2-chat, chatml, checkpoint (the model's own) or a plugin's "
+        "(default: the model's own, else llama-2-chat).",
+    ),
+]
+
+
+def template_from(name: str, own: str | None = None, where: str = "model") -> ChatTemplate:
+    """The chat template `--template NAME` names (`checkpoint`: the model's own, `own`)."""
+    from llamactl.templates import UnknownTemplateError, choose_template
 
     try:
-        return get_template(name)
+        return choose_template(name, own, where)
     except UnknownTemplateError as exc:
-        raise UsageError(f"--template {name}: unknown chat template; choose one of: {', '.join(exc.choices)}") from None
+        raise UsageError(
+            f"--template {name}: unknown chat template; choose one of: {', '.join([*exc.choices, 'checkpoint'])}"
+        ) from None
+
+
+def check_template_name(name: str | None) -> None:
+    """Refuse an unknown --template before anything is loaded."""
+    from llamactl.templates import OWN
+
+    if name is not None and name != OWN:
+        template_from(name)
+
+
+def model_template(name: str | None, reader: Any, tokenizer: Any = None) -> ChatTemplate:
+    """The template a loaded model runs with: --template, else the checkpoint's own, else Llama 2's."""
+    own = getattr(reader, "chat_template", None) if reader is not None else None
+    where = str(reader.path) if reader is not None else "tokenizer"
+    if own is None and tokenizer is not None:
+        own = getattr(tokenizer, "chat_template", None)
+        where = str(getattr(tokenizer, "path", where))
+    if name is not None:
+        return template_from(name, own, where)
+    from llamactl.templates import choose_template
+
+    return choose_template(None, own, where)
 
 
 def load_from_options(
@@ -214,7 +248,7 @@ def load_from_options(
             loaded, tok = load_for_generation(model, tokenizer, device, parse_float_dtype(dtype), ctx, quant)
     except MissingTokenizerError as exc:
         raise TokenizerError(
-            f"{exc.model_path}: no tokenizer.model next to the weights; pass --tokenizer FILE"
+            f"{exc.model_path}: no tokenizer.model or tokenizer.json next to the weights; pass --tokenizer FILE"
         ) from None
     loaded.watch_context(
         lambda pos, trained: warn(

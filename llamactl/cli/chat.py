@@ -34,19 +34,21 @@ from llamactl.cli._options import (
     Seed,
     Stop,
     Temperature,
+    TemplateOpt,
     TokenizerOpt,
     TopK,
     TopP,
+    check_template_name,
     load_from_options,
     logprobs_json,
+    model_template,
     quant_from_options,
     sampling_dict,
     sampling_from,
-    template_from,
 )
 from llamactl.errors import UsageError
 from llamactl.plugins import hookimpl
-from llamactl.templates import DEFAULT_TEMPLATE, load_dialog
+from llamactl.templates import load_dialog
 
 if TYPE_CHECKING:
     from llamactl.loading import LoadedModel
@@ -81,15 +83,13 @@ def chat(
     bits: Bits = None,
     scheme: Scheme = None,
     quant_type: QuantType = None,
-    template: Annotated[
-        str, typer.Option("--template", help="Chat template: llama-2-chat or one a plugin registers.")
-    ] = DEFAULT_TEMPLATE,
+    template: TemplateOpt = None,
     tokenizer: TokenizerOpt = None,
     ctx: Ctx = None,
     json_out: JsonOpt = False,
     yes: PullYes = False,
 ) -> None:
-    """Chat with a Llama 2 chat model: a REPL on a terminal, plain answers in pipes."""
+    """Chat with a model through its chat template: a REPL on a terminal, plain answers in pipes."""
     if overflow not in ("drop", "error"):
         raise UsageError(f"--overflow {overflow}: choose drop or error")
     sampling = sampling_from(
@@ -104,7 +104,7 @@ def chat(
         min_p=min_p,
         logprobs=logprobs,
     )
-    chat_template = template_from(template)
+    check_template_name(template)
     messages = load_dialog(dialog) if dialog is not None else []
     interactive = prompt is None and sys.stdin.isatty()
     inputs: list[str] = []
@@ -115,6 +115,7 @@ def chat(
     )
     from llamactl.session import ChatSession
 
+    chat_template = model_template(template, loaded.reader, tok)
     session = ChatSession(
         loaded.model,
         tok,

@@ -31,8 +31,10 @@ from llamactl.cli._options import (
     TokenizerOpt,
     TopK,
     TopP,
+    check_template_name,
     load_from_options,
     logprobs_json,
+    model_template,
     quant_from_options,
     sampling_dict,
     sampling_from,
@@ -81,10 +83,18 @@ def generate(
     quant_type: QuantType = None,
     tokenizer: TokenizerOpt = None,
     ctx: Ctx = None,
+    template: Annotated[
+        str | None,
+        typer.Option(
+            "--template",
+            help="Frame PROMPT as one user message with this chat template (checkpoint: the model's own); "
+            "default: plain completion.",
+        ),
+    ] = None,
     json_out: JsonOpt = False,
     yes: PullYes = False,
 ) -> None:
-    """Continue PROMPT with the model (no chat template), streaming the new text to stdout."""
+    """Continue PROMPT with the model (no chat template unless --template), streaming the new text."""
     if prompt is None:
         if sys.stdin.isatty():
             raise UsageError('give a PROMPT argument or pipe one on stdin ("" starts from BOS alone)')
@@ -101,12 +111,21 @@ def generate(
         min_p=min_p,
         logprobs=logprobs,
     )
+    check_template_name(template)
     loaded, tok = load_from_options(
         model, tokenizer, device, dtype, ctx, quant_from_options(bits, scheme, quant_type), yes=yes
     )
     from llamactl.generate import Completion
 
-    completion = Completion(loaded.model, tok, prompt, sampling, step=loaded.step)
+    prompt_ids = None
+    template_name = "none (plain completion)"
+    if template is not None:
+        from llamactl.templates import Message
+
+        chat_template = model_template(template, loaded.reader, tok)
+        prompt_ids = chat_template.encode(tok, [Message("user", prompt)])
+        template_name = chat_template.name
+    completion = Completion(loaded.model, tok, prompt, sampling, step=loaded.step, prompt_ids=prompt_ids)
     start = time.perf_counter()
     try:
         for piece in completion:
@@ -115,16 +134,23 @@ def generate(
     except KeyboardInterrupt:
         if json_out:  # the partial answer, marked cut, before exit 130
             completion.run.stop_reason = "interrupted"
-            _write_record(completion, loaded, sampling, tok, time.perf_counter() - start, cut=True)
+            _write_record(completion, loaded, sampling, tok, template_name, time.perf_counter() - start, cut=True)
         raise
     if not json_out:
         write("\n")
         return
-    _write_record(completion, loaded, sampling, tok, time.perf_counter() - start, cut=False)
+    _write_record(completion, loaded, sampling, tok, template_name, time.perf_counter() - start, cut=False)
 
 
 def _write_record(
-    completion: Completion, loaded: LoadedModel, sampling: SamplingParams, tok: Tokenizer, seconds: float, *, cut: bool
+    completion: Completion,
+    loaded: LoadedModel,
+    sampling: SamplingParams,
+    tok: Tokenizer,
+    template_name: str,
+    seconds: float,
+    *,
+    cut: bool,
 ) -> None:
     """The --json object of a completion (also of one cut by Ctrl-C)."""
     run = completion.run
@@ -135,7 +161,7 @@ def _write_record(
         "tokens": list(run.produced),
         "seed": completion.seed,
         "sampling": sampling_dict(sampling),
-        "template": "none (plain completion)",
+        "template": template_name,
         "model": str(loaded.reader.path),
         "device": str(loaded.device),
         "dtype": str(loaded.dtype).removeprefix("torch."),

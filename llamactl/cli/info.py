@@ -48,6 +48,7 @@ def info(
             f"(weights {human_bytes(report.weight_bytes_on_disk)} in {report.weight_files})",
         ),
         ("tokenizer", report.tokenizer or "none"),
+        ("chat template", report.chat_template_source),
         ("weights fp16/bf16", human_bytes(report.memory["weights_fp16"])),
         ("weights int8", human_bytes(report.memory["weights_int8"])),
         ("weights nf4", human_bytes(report.memory["weights_nf4"])),

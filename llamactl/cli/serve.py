@@ -26,17 +26,18 @@ from llamactl.cli._options import (
     Scheme,
     Seed,
     Temperature,
+    TemplateOpt,
     TokenizerOpt,
     TopK,
     TopP,
+    check_template_name,
     load_from_options,
+    model_template,
     quant_from_options,
     sampling_from,
-    template_from,
 )
 from llamactl.errors import UsageError
 from llamactl.plugins import hookimpl
-from llamactl.templates import DEFAULT_TEMPLATE
 
 API_KEY_ENV = "LLAMACTL_API_KEY"
 
@@ -70,9 +71,7 @@ def serve(
     bits: Bits = None,
     scheme: Scheme = None,
     quant_type: QuantType = None,
-    template: Annotated[
-        str, typer.Option("--template", help="Chat template: llama-2-chat or one a plugin registers.")
-    ] = DEFAULT_TEMPLATE,
+    template: TemplateOpt = None,
     tokenizer: TokenizerOpt = None,
     ctx: Ctx = None,
     json_out: Annotated[bool, typer.Option("--json", help="Log one JSON object per request on stderr.")] = False,
@@ -92,11 +91,12 @@ def serve(
         warn(f"--host {host}: anyone who can reach this address can use the model; set --api-key or {API_KEY_ENV}")
     sock = bind(host, port)  # first of all (torch is not imported yet): a taken port fails at once
     defaults = sampling_from(temperature, top_p, top_k, seed, max_new_tokens)
-    chat_template = template_from(template)
+    check_template_name(template)
     quant = quant_from_options(bits, scheme, quant_type)
     # Tensor parallel (--tp N) plugs in here: a loader that starts the ranks and returns rank 0's
     # model with a decode step driving them all; ModelWorker needs nothing else.
     loaded, tok = load_from_options(model, tokenizer, device, dtype, ctx, quant, yes=yes)
+    chat_template = model_template(template, loaded.reader, tok)
     from llamactl.server.app import ServedModel, ServerSettings, create_app
     from llamactl.server.worker import ModelWorker
 

@@ -95,6 +95,7 @@ def list_command(json_output: Annotated[bool, typer.Option("--json", help=JSON_H
     for e in entries:
         dtype = e.quantization or e.dtype or "?"
         path = f"{e.path} -> {e.linked_to}" if e.linked_to else e.path
+        path += " (an installed package's)" if e.source else ""
         rows.append([e.name, e.format or "ERROR", human_count(e.params), dtype, human_bytes(e.size), path])
     _columns(rows)
     for e in entries:
@@ -124,7 +125,7 @@ def _print_show(data: dict[str, Any]) -> None:
         ("size", f"{human_bytes(data['size'])} in {len(data['files'])} file(s)"),
         ("config", ", ".join(f"{k}={v}" for k, v in data["config"].items())),
         ("tokenizer", info["tokenizer"] or "none found"),
-        ("chat template", data["chat_template"]),
+        ("chat template", data["chat_template_source"]),
         (
             "weights fp16/int8/nf4",
             " / ".join(human_bytes(info["memory"][k]) for k in ("weights_fp16", "weights_int8", "weights_nf4")),

@@ -25,7 +25,7 @@ from llamactl.model import Transformer
 from llamactl.sampling import SamplingParams, make_generator
 from llamactl.server.stops import StopScanner
 from llamactl.session import reusable_prefix
-from llamactl.tokenizer import StreamDecoder, Tokenizer
+from llamactl.tokenizer import StreamDecoder, Tokenizer, stop_ids
 
 
 class QueueFullError(LlamactlError):
@@ -175,7 +175,7 @@ class ModelWorker:
             start=reuse,
             sampling=job.sampling,
             generator=generator,
-            stop_ids=[self.tokenizer.eos_id],
+            stop_ids=stop_ids(self.tokenizer),
             max_new_tokens=job.sampling.max_new_tokens,
             step=self.step,
         )

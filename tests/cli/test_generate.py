@@ -97,7 +97,7 @@ def test_missing_tokenizer(tiny, tmp_path: Path) -> None:
     bare.mkdir()
     for f in ("params.json", "consolidated.00.pth"):
         (bare / f).write_bytes((path / f).read_bytes())
-    assert_one_line_error(run_cli("generate", str(bare), "hi"), "no tokenizer.model", "--tokenizer")
+    assert_one_line_error(run_cli("generate", str(bare), "hi"), "no tokenizer.model or tokenizer.json", "--tokenizer")
 
 
 def test_prompt_longer_than_the_context(tiny) -> None:
