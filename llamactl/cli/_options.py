@@ -86,7 +86,11 @@ def ensure_model(model: str, yes: bool = False) -> None:
         return
     if not yes:
         if not (sys.stdin.isatty() and sys.stderr.isatty()):
-            raise ModelNotFoundError(f"{model}: not in the store yet; {pull_hint(model, repo)}")
+            from llamactl.checkpoint import list_model_names
+
+            names = list_model_names()
+            there = f" (it has: {', '.join(names)})" if names else ""
+            raise ModelNotFoundError(f"{model}: not in the store yet{there}; {pull_hint(model, repo)}")
         if not typer.confirm(f"{model} is not in the store. Pull {repo} from the Hugging Face Hub?", err=True):
             raise ModelNotFoundError(f"{model}: not pulled; {pull_hint(model, repo)}")
     from llamactl.cli.store import pull_and_report
