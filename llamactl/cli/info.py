@@ -41,7 +41,7 @@ def info(
             f"{report.attention}: {report.n_heads} heads, {report.n_kv_heads} KV heads, head dim {report.head_dim}",
         ),
         ("shape", f"dim {report.dim}, {report.n_layers} layers, FFN {report.hidden_dim}, vocab {report.vocab_size}"),
-        ("context", f"{report.max_seq_len} (rope theta {report.rope_theta:g})"),
+        ("context", f"{report.max_seq_len} ({context_note(report.trained_context)}, rope theta {report.rope_theta:g})"),
         ("dtype", report.dtype),
         ("parameters", f"{report.parameters:,} ({report.parameters / 1e9:.2f} B)"),
         ("on disk", f"{human_bytes(report.bytes_on_disk)} in {report.files} file(s)"),
@@ -62,6 +62,11 @@ def info(
     for key, value in rows:
         table.add_row(key, value)
     stdout().print(table)
+
+
+def context_note(trained: int | None) -> str:
+    """Whether the context is the trained one or only assumed (a Meta params.json has none)."""
+    return "trained" if trained is not None else "assumed: the checkpoint does not say; import --ctx N records it"
 
 
 @hookimpl

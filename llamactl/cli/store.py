@@ -18,6 +18,7 @@ from rich.progress import (
 
 from llamactl.cli import _complete
 from llamactl.cli._common import cli_command, fail, human_bytes, print_json, stderr
+from llamactl.cli.info import context_note
 from llamactl.errors import UsageError
 from llamactl.home import models_home
 from llamactl.info import describe_storage
@@ -125,7 +126,10 @@ def _print_show(data: dict[str, Any]) -> None:
             "shape",
             f"dim {info['dim']}, {info['n_layers']} layers, FFN {info['hidden_dim']}, vocab {info['vocab_size']}",
         ),
-        ("context", f"{info['max_seq_len']} (rope theta {info['rope_theta']:g})"),
+        (
+            "context",
+            f"{info['max_seq_len']} ({context_note(info['trained_context'])}, rope theta {info['rope_theta']:g})",
+        ),
         ("parameters", f"{info['parameters']:,} ({human_count(info['parameters'])})"),
         ("dtype", info["dtype"]),
         ("quantization", data["quantization"] or "none"),

@@ -161,7 +161,10 @@ def test_import_copies_by_default_moves_or_links_on_request(meta_dir: Path, tmp_
 def test_import_ctx_records_the_context_and_generation_past_it_warns_once(meta_dir: Path) -> None:
     out = run_cli("import", str(meta_dir), "tiny", "--ctx", "16", "--json")
     assert out.exit_code == 0 and json.loads(out.stdout)["trained_context"] == 16
-    assert json.loads(run_cli("info", "tiny", "--json").stdout)["max_seq_len"] == 16
+    info = json.loads(run_cli("info", "tiny", "--json").stdout)
+    assert info["max_seq_len"] == info["trained_context"] == 16 and "16 (trained" in run_cli("info", "tiny").stdout
+    assert json.loads(run_cli("info", str(meta_dir), "--json").stdout)["trained_context"] is None  # as Meta ships it
+    assert "assumed" in run_cli("info", str(meta_dir)).stdout
 
     within = run_cli("generate", "tiny", "", "-t", "0", "--json")  # default context: the trained one
     assert within.exit_code == 0 and within.stderr == ""
