@@ -9,7 +9,7 @@ from rich.table import Table
 
 from llamactl.checkpoint import open_checkpoint
 from llamactl.cli import _complete
-from llamactl.cli._common import cli_command, human_bytes, print_json, stdout
+from llamactl.cli._common import cli_command, context_note, human_bytes, print_json, stdout
 from llamactl.info import describe_storage, model_info
 from llamactl.plugins import hookimpl
 
@@ -25,6 +25,9 @@ def info(
     json_out: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
 ) -> None:
     """Describe a checkpoint: format, shapes, parameters, size and memory needs."""
+    from llamactl.cli.store import ensure_model
+
+    ensure_model(model, offer=False)
     report = model_info(open_checkpoint(model), ctx)
     if json_out:
         print_json(report.to_dict())
@@ -62,11 +65,6 @@ def info(
     for key, value in rows:
         table.add_row(key, value)
     stdout().print(table)
-
-
-def context_note(trained: int | None) -> str:
-    """Whether the context is the trained one or only assumed (a Meta params.json has none)."""
-    return "trained" if trained is not None else "assumed: the checkpoint does not say; import --ctx N records it"
 
 
 @hookimpl

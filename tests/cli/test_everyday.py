@@ -57,6 +57,8 @@ def test_known_name_on_an_empty_store_names_the_pull_to_run() -> None:
     assert "`" + PULL_7B_CHAT + "`" in line  # exactly the command, not a paraphrase
     _one_error_line(run_cli("generate", "13b", "x"), "llamactl pull meta-llama/Llama-2-13b-hf`", "token")
     _one_error_line(run_cli("quantize", "70b-chat", "--bits", "4"), "meta-llama/Llama-2-70b-chat-hf")
+    for command in (["info", "7b-chat"], ["show", "7b-chat"], ["convert", "7b-chat", "out", "--to", "hf"]):
+        _one_error_line(run_cli(*command), PULL_7B_CHAT)  # never a prompt: these only read
     other = _one_error_line(run_cli("chat", "8b-chat", "-p", "hi"), "8b-chat", "no such model")
     assert "llamactl pull" not in other  # an unknown name gets no invented repository
 
