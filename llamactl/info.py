@@ -14,7 +14,7 @@ from typing import Any
 
 from llamactl import dtypes, estimate
 from llamactl.checkpoint import CheckpointReader
-from llamactl.checkpoint.base import main_dtype
+from llamactl.checkpoint.base import main_dtype, trained_context
 from llamactl.home import disk_bytes, model_files
 from llamactl.layout import TensorInfo
 from llamactl.quantize import QuantSpec, storage
@@ -54,6 +54,7 @@ class ModelInfo:
     storage: dict[str, Any] | None = None  # GGUF: container, tensor_types, bits_per_weight...
     chat_template: str = "llama-2-chat"  # the template chat uses without --template
     chat_template_source: str = ""  # which one that is, in words
+    trained_context: int | None = None  # None: the files do not say (max_seq_len is then a default)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -138,6 +139,7 @@ def model_info(reader: CheckpointReader, ctx: int | None = None) -> ModelInfo:
         hidden_dim=args.hidden_dim,
         vocab_size=args.vocab_size,
         max_seq_len=args.max_seq_len,
+        trained_context=trained_context(reader),
         rope_theta=args.rope_theta,
         norm_eps=args.norm_eps,
         dtype=_dtype(reader, infos, storage),

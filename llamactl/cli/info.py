@@ -8,7 +8,7 @@ import typer
 
 from llamactl.checkpoint import open_checkpoint
 from llamactl.cli import _complete
-from llamactl.cli._common import cli_command, human_bytes, human_count, print_json, print_pairs
+from llamactl.cli._common import cli_command, context_note, human_bytes, human_count, print_json, print_pairs
 from llamactl.info import describe_storage, model_info
 from llamactl.plugins import hookimpl
 
@@ -24,6 +24,9 @@ def info(
     json_out: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
 ) -> None:
     """Describe a checkpoint: format, shapes, parameters, size and memory needs."""
+    from llamactl.cli.store import ensure_model
+
+    ensure_model(model, offer=False)
     report = model_info(open_checkpoint(model), ctx)
     if json_out:
         print_json(report.to_dict())
@@ -39,7 +42,7 @@ def info(
             f"{report.attention}: {report.n_heads} heads, {report.n_kv_heads} KV heads, head dim {report.head_dim}",
         ),
         ("shape", f"dim {report.dim}, {report.n_layers} layers, FFN {report.hidden_dim}, vocab {report.vocab_size}"),
-        ("context", f"{report.max_seq_len} (rope theta {report.rope_theta:g})"),
+        ("context", f"{report.max_seq_len} ({context_note(report.trained_context)}, rope theta {report.rope_theta:g})"),
         ("dtype", report.dtype),
         ("parameters", f"{report.parameters:,} ({human_count(report.parameters)})"),
         (
