@@ -48,6 +48,9 @@ def run_bench(
             from `plan_bench` runs as it is.
         progress: called with one short line before each build and test (the CLI's status line).
         device: with BenchOptions, run here instead of resolving `options.device`.
+
+    Ctrl-C or SIGTERM mid-run propagates with `partial_report` set on the exception: the
+    rows finished so far, so the caller can still print them.
     """
     if isinstance(options, BenchPlan):
         if device is not None:
@@ -60,23 +63,29 @@ def run_bench(
     progress("measuring peak memory bandwidth")
     env = describe_environment(plan.device, plan.cpu_fallback)
     rows: list[BenchRow] = []
-    for key in plan.models:
-        rows.extend(_bench_model(plan, key, env, progress))
+    try:
+        for key in plan.models:
+            _bench_model(plan, key, env, progress, rows)
+    except KeyboardInterrupt as exc:
+        exc.partial_report = BenchReport(env, rows, plan.options, test_time)  # type: ignore[attr-defined]
+        raise
     return BenchReport(env, rows, plan.options, test_time)
 
 
-def _bench_model(plan: BenchPlan, key: ModelKey, env: Environment, progress: ProgressFn) -> list[BenchRow]:
-    """Every configuration and test of one model; OOM rows when it does not even fit."""
+def _bench_model(plan: BenchPlan, key: ModelKey, env: Environment, progress: ProgressFn, rows: list[BenchRow]) -> None:
+    """Every configuration and test of one model, appended to rows as each finishes; OOM rows
+    when it does not even fit."""
     progress(f"building {plan.options.model or key.preset} ({key.attn}) on {plan.device.type}")
     built: BuiltModel | None = None
     try:
         built = build_model(plan, key)
         runner = _ModelRunner(built, plan, env, progress)
-        return [row for cfg in plan.configs for row in runner.run(cfg)]
+        for cfg in plan.configs:
+            rows.extend(runner.run(cfg))
     except Exception as exc:  # a model too big for the device: OOM rows
         if not is_oom(exc):
             raise
-        return _oom_rows(plan, key, exc)
+        rows.extend(_oom_rows(plan, key, exc))
     finally:
         del built
         free_memory(plan.device)

@@ -11,12 +11,11 @@ SentencePiece `tokenizer.model` as llama.cpp's converter types it, plus a chat t
 
 from __future__ import annotations
 
-import json
 from collections import Counter
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from llamactl import dtypes, layout
+from llamactl import dtypes, jsonio, layout
 from llamactl.checkpoint.base import CheckpointReader, order_like, tensor_bytes
 from llamactl.checkpoint.formats import WriteOptions, WritePlan
 from llamactl.checkpoint.gguf_file import GGUFArray, GGUFFile
@@ -93,7 +92,7 @@ def chat_template_of(reader: CheckpointReader) -> str | None:
     config = reader.path / "tokenizer_config.json"
     if reader.path.is_dir() and config.is_file():
         try:
-            template = json.loads(config.read_text(encoding="utf-8")).get("chat_template")
+            template = jsonio.loads(config.read_text(encoding="utf-8")).get("chat_template")
         except (OSError, ValueError, AttributeError):
             template = None
         if isinstance(template, str) and template:

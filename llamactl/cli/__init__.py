@@ -11,7 +11,7 @@ import typer
 
 from llamactl import __version__
 from llamactl.cli._common import INTERRUPTED, TERMINATED
-from llamactl.errors import Terminated
+from llamactl.errors import Terminated, printable
 
 
 def _version(value: bool) -> None:
@@ -48,11 +48,34 @@ def _terminate(signum: int, frame: FrameType | None) -> None:
     raise Terminated()
 
 
+def _run_plain(app: typer.Typer) -> int:
+    """Run the app for a script reading stderr: a usage error is one line, like every other error."""
+    try:
+        code = app(prog_name="llamactl", standalone_mode=False)
+    except typer.TyperException as exc:  # click's UsageError / BadParameter, as Typer re-exports them
+        show = getattr(exc, "show", None)
+        if type(exc).__name__ == "NoArgsIsHelpError" and show is not None:
+            show()  # `llamactl` alone: the help text, as on a terminal
+        else:
+            message = exc.format_message() if hasattr(exc, "format_message") else str(exc)
+            ctx = getattr(exc, "ctx", None)
+            hint = f" (see '{ctx.command_path} --help')" if ctx is not None else ""
+            print(f"llamactl: error: {printable(' '.join(message.split()))}{hint}", file=sys.stderr)
+        return int(getattr(exc, "exit_code", 2))
+    except typer.Abort:
+        print("llamactl: aborted", file=sys.stderr)
+        return 1
+    return code if isinstance(code, int) else 0
+
+
 def main() -> None:
     """Console-script entry point."""
     signal.signal(signal.SIGTERM, _terminate)  # unwind like Ctrl-C: temporary outputs are removed
     try:
-        build_app()(prog_name="llamactl")
+        if sys.stderr.isatty():
+            build_app()(prog_name="llamactl")  # usage errors as Typer's framed panel, for a person
+        else:
+            sys.exit(_run_plain(build_app()))
     except SystemExit as exc:
         if exc.code in (INTERRUPTED, TERMINATED):
             # A Ctrl-C that lands while CPython runs exec()'d code (dataclass and namedtuple

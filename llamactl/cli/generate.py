@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import json
 import sys
 import time
 from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
-from llamactl.cli._common import cli_command, write
+from llamactl.cli._common import cli_command, print_json_line, read_stdin, write
 from llamactl.cli._options import (
     Bits,
     Ctx,
@@ -72,7 +71,7 @@ def generate(
     if prompt is None:
         if sys.stdin.isatty():
             raise UsageError('give a PROMPT argument or pipe one on stdin ("" starts from BOS alone)')
-        prompt = sys.stdin.read().removesuffix("\n")  # `echo text |` adds one
+        prompt = read_stdin().removesuffix("\n")  # `echo text |` adds one
     sampling = sampling_from(temperature, top_p, top_k, seed, max_new_tokens)
     loaded, tok = load_from_options(model, tokenizer, device, dtype, ctx, quant_from_options(bits, scheme, quant_type))
     from llamactl.generate import Completion
@@ -96,7 +95,7 @@ def generate(
         "device": str(loaded.device),
         "dtype": str(loaded.dtype).removeprefix("torch."),
     }
-    write(json.dumps(record, ensure_ascii=False) + "\n")
+    print_json_line(record)
 
 
 @hookimpl

@@ -176,13 +176,23 @@ class Repl:
                 break
             if not text.strip():
                 continue
-            if text.startswith("/") and not text.startswith("//"):
-                if not self.command(text):
+            try:
+                if not self.dispatch(text):
                     break
-                continue
-            self.chat(text.removeprefix("/") if text.startswith("//") else text)
+            except Terminated:
+                raise
+            except KeyboardInterrupt:  # landed between the guarded parts of a turn: cancel it only
+                self.console.print()
+                self.note("[cancelled]", style="yellow")
         self.save_history()
         return 0
+
+    def dispatch(self, text: str) -> bool:
+        """Run one entry (a slash command or a message); False means leave the REPL."""
+        if text.startswith("/") and not text.startswith("//"):
+            return self.command(text)
+        self.chat(text.removeprefix("/") if text.startswith("//") else text)
+        return True
 
     def command(self, line: str) -> bool:
         """Run a slash command; False means leave the REPL."""
@@ -211,10 +221,11 @@ class Repl:
                 f"context full: dropped the {self.session.last_dropped} oldest exchange(s), system prompt kept",
                 style="yellow",
             )
-        status = self.console.status("", spinner="dots") if self.console.is_terminal else None
-        if status:
-            status.start()
+        status = None
         try:
+            if self.console.is_terminal:
+                status = self.console.status("", spinner="dots")
+                status.start()
             for piece in stream:
                 if status:
                     status.stop()

@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
-from llamactl.errors import TokenizerError
+from llamactl.errors import TokenizerError, utf8_text
 
 _REPLACEMENT = "\ufffd"
 
@@ -37,7 +37,7 @@ class SentencePieceTokenizer:
         return f"SentencePieceTokenizer({str(self.path)!r}, vocab_size={self.vocab_size})"
 
     def encode(self, text: str, bos: bool = False, eos: bool = False) -> list[int]:
-        ids: list[int] = self.sp.encode(text)
+        ids: list[int] = self.sp.encode(utf8_text(text, "text"))
         return ([self.bos_id] if bos else []) + ids + ([self.eos_id] if eos else [])
 
     def decode(self, ids: Iterable[int]) -> str:
