@@ -10,7 +10,7 @@ from types import FrameType
 import typer
 
 from llamactl import __version__
-from llamactl.cli._common import INTERRUPTED, TERMINATED
+from llamactl.cli._common import INTERRUPTED, TERMINATED, print_json_error
 from llamactl.errors import Terminated, printable
 
 
@@ -60,7 +60,10 @@ def _run_plain(app: typer.Typer) -> int:
             message = exc.format_message() if hasattr(exc, "format_message") else str(exc)
             ctx = getattr(exc, "ctx", None)
             hint = f" (see '{ctx.command_path} --help')" if ctx is not None else ""
-            print(f"llamactl: error: {printable(' '.join(message.split()))}{hint}", file=sys.stderr)
+            line = f"{printable(' '.join(message.split()))}{hint}"
+            if "--json" in sys.argv[1:]:  # the command never ran, but its caller parses stdout
+                print_json_error(line, int(getattr(exc, "exit_code", 2)))
+            print(f"llamactl: error: {line}", file=sys.stderr)
         return int(getattr(exc, "exit_code", 2))
     except typer.Abort:
         print("llamactl: aborted", file=sys.stderr)

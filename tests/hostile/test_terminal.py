@@ -92,3 +92,12 @@ def test_usage_error_is_one_line_when_stderr_is_not_a_terminal(args: tuple[str, 
     )
     assert done.returncode == 2 and done.stdout == ""
     assert done.stderr.splitlines() == [message]
+
+
+def test_usage_error_with_json_is_also_an_object_on_stdout() -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "llamactl", "info", "--json", "--bogus"], capture_output=True, text=True, timeout=60
+    )
+    message = "No such option: --bogus (see 'llamactl info --help')"
+    assert done.returncode == 2 and done.stderr.splitlines() == [f"llamactl: error: {message}"]
+    assert json.loads(done.stdout) == {"schema": 1, "error": {"message": message, "code": 2}}
