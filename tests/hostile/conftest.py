@@ -33,3 +33,14 @@ def tmpfs(path: Path, *options: str) -> Iterator[Path]:
         yield path
     finally:
         subprocess.run(["umount", "-l", str(path)], check=False)
+
+
+@pytest.fixture(autouse=True)
+def _nothing_written_outside(tmp_path: Path) -> Iterator[None]:
+    """A hostile test may write only under its own tmp_path: not beside it, not in the cwd."""
+    watched = [Path.cwd(), tmp_path.parent]
+    before = {d: set(os.listdir(d)) for d in watched}
+    yield
+    for d in watched:
+        new = set(os.listdir(d)) - before[d] - {tmp_path.name}
+        assert not new, f"written outside the test's temp root, in {d}: {sorted(new)}"
