@@ -9,7 +9,9 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import select
+import signal
 import sys
+import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -162,6 +164,29 @@ class Repl:
     def run(self) -> int:
         self.setup_history()
         self.banner()
+        try:
+            at_eof = self._loop()
+        except KeyboardInterrupt as exc:
+            # Ctrl-C then Ctrl-D typed at once: the terminal can hand readline the EOF before
+            # Python runs the SIGINT handler, so the interrupt lands while we leave. Leaving wins.
+            if isinstance(exc, Terminated) or not isinstance(exc.__context__, EOFError):
+                raise
+            self._ignore_late_interrupt()
+            at_eof = True
+        if at_eof:
+            self.console.print()
+        self.save_history()
+        return 0
+
+    def _ignore_late_interrupt(self) -> None:
+        """Leaving on Ctrl-D at a real terminal: a SIGINT already on its way (Ctrl-C typed just
+        before) is dropped, also one whose handler has not run yet, instead of turning exit 0
+        into 130. Only for the real prompt: the process ends right after."""
+        if self.read is input and threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+    def _loop(self) -> bool:
+        """Read and run entries until /exit (False) or Ctrl-D (True)."""
         while True:
             try:
                 text = self.read_message()
@@ -172,20 +197,18 @@ class Repl:
                 self.note("(use /exit or Ctrl-D to quit)")
                 continue
             except EOFError:
-                self.console.print()
-                break
+                self._ignore_late_interrupt()
+                return True
             if not text.strip():
                 continue
             try:
                 if not self.dispatch(text):
-                    break
+                    return False
             except Terminated:
                 raise
             except KeyboardInterrupt:  # landed between the guarded parts of a turn: cancel it only
                 self.console.print()
                 self.note("[cancelled]", style="yellow")
-        self.save_history()
-        return 0
 
     def dispatch(self, text: str) -> bool:
         """Run one entry (a slash command or a message); False means leave the REPL."""

@@ -48,8 +48,11 @@ def test_repl_message_ctrl_c_ctrl_d_in_quick_succession_exits_0(model: Path, tmp
     child.sendintr()
     time.sleep(gap_s)
     child.sendeof()
-    if child.expect([pexpect.EOF, pexpect.TIMEOUT], timeout=10) == 1:
-        child.sendeof()  # the terminal dropped the first Ctrl-D with the line Ctrl-C flushed: a second one
+    if child.expect([pexpect.EOF, pexpect.TIMEOUT], timeout=15) == 1:
+        # The tty itself can eat that Ctrl-D: typed while it is in canonical mode (mid-answer) it
+        # becomes an EOF mark that readline, once it switches to raw mode, reads as a NUL. What
+        # matters is that the REPL is alive at its prompt, not dead with 130: leave it by /exit.
+        child.sendline("/exit")
         child.expect(pexpect.EOF)
     child.close()
     assert (child.exitstatus, child.signalstatus) == (0, None), child.before
