@@ -8,12 +8,12 @@ keys so that file maps onto it 1:1; Hugging Face's `config.json` is a translatio
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from llamactl import jsonio
 from llamactl.errors import ConfigError, UsageError, printable
 
 # Sizes Meta uses for multiple_of / ffn_dim_multiplier, tried in this order when the FFN
@@ -156,17 +156,13 @@ def get_preset(name: str) -> ModelArgs:
 def read_json(path: Path) -> dict[str, Any]:
     """Read a JSON object, raising ConfigError that names the file on any problem."""
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        data = jsonio.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise ConfigError(f"{path}: file not found") from None
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError(f"{path}: cannot read: {exc}") from None
-    except json.JSONDecodeError as exc:
-        raise ConfigError(f"{path}: malformed JSON: {exc.msg} at line {exc.lineno} column {exc.colno}") from None
-    except ValueError as exc:  # e.g. an integer of more digits than Python converts
-        raise ConfigError(f"{path}: malformed JSON: {printable(str(exc))[:120]}") from None
-    except RecursionError:
-        raise ConfigError(f"{path}: malformed JSON: nested too deeply") from None
+    except ValueError as exc:
+        raise ConfigError(f"{path}: {exc}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a JSON object, found {type(data).__name__}")
     return data

@@ -14,7 +14,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from llamactl.atomic import atomic_directory, atomic_file, check_destination
+from llamactl.atomic import FileId, atomic_directory, atomic_file, check_destination
 from llamactl.checkpoint import (
     CheckpointFormat,
     CheckpointReader,
@@ -40,6 +40,7 @@ class ConvertPlan:
     dst: Path
     files: WritePlan
     options: WriteOptions = field(default_factory=WriteOptions)
+    replaces: FileId | None = None  # the existing DST --force may replace, as checked here
 
     @property
     def total_bytes(self) -> int:
@@ -114,14 +115,14 @@ def plan_convert(
         plain = main_dtype(reader.tensor_infos())
         reader = DequantizedView(reader, parse_float_dtype(dtype) or (plain if plain in FLOAT_NAMES else "fp32"))
     _check_tokenizer(reader)
-    check_destination(reader.path, dst_path, force, file=target.file_suffix is not None)
+    replaces = check_destination(reader.path, dst_path, force, file=target.file_suffix is not None)
     options = WriteOptions(dtype=parse_float_dtype(dtype), shards=shards, gguf_type=gguf_type)
     if max_shard_bytes is not None:
         options.max_shard_bytes = max_shard_bytes
     files = target.plan(reader, options)
     if target.file_suffix is not None:  # the one file is DST itself
         files = [(dst_path.name, infos) for _, infos in files]
-    return ConvertPlan(reader, target, dst_path, files, options)
+    return ConvertPlan(reader, target, dst_path, files, options, replaces)
 
 
 def _check_tokenizer(reader: CheckpointReader) -> None:
@@ -146,7 +147,9 @@ def run_convert(
 ) -> Path:
     """Write the plan into a temporary directory (or file) beside DST, then move it into place.
 
-    `on_warning` hears about tensors holding NaN or Inf (written anyway: they may be intended).
+    `on_warning` hears about tensors holding NaN or Inf (written anyway: they may be intended)
+    and about staging entries of dead runs removed beside DST. DST is replaced only when it is
+    the one the plan checked (--force); one that appeared meanwhile fails the run.
     """
     assert plan.target.write is not None
     plan.options.on_tensor = on_tensor
@@ -158,7 +161,7 @@ def run_convert(
 
     reader = FiniteCheck(plan.reader, on_warning) if on_warning is not None else plan.reader
     atomic = atomic_file if plan.target.file_suffix is not None else atomic_directory
-    with atomic(plan.dst) as tmp:
+    with atomic(plan.dst, plan.replaces, on_warning) as tmp:
         plan.target.write(tmp, reader, plan.files, plan.options)
     return plan.dst
 

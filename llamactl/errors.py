@@ -60,3 +60,19 @@ def printable(text: str) -> str:
     user's terminal raw.
     """
     return text.translate(_CONTROL)
+
+
+def utf8_text(text: str, where: str) -> str:
+    """`text` unchanged if it is valid Unicode; else TokenizerError naming `where` and the bad spot.
+
+    Text from a byte stream decoded with surrogateescape (stdin, argv) keeps each invalid byte
+    as a lone surrogate U+DC80..U+DCFF; a JSON "\\ud800" escape gives one too. Tokenizers
+    (SentencePiece's C++) cannot take either.
+    """
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        code = ord(text[exc.start])
+        bad = f"byte 0x{code - 0xDC00:02x}" if 0xDC80 <= code <= 0xDCFF else f"lone surrogate U+{code:04X}"
+        raise TokenizerError(f"{where}: not valid UTF-8 text ({bad} at character {exc.start})") from None
+    return text

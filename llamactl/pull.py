@@ -26,6 +26,7 @@ from datetime import datetime, timezone
 from pathlib import Path, PurePosixPath
 from typing import Any, Protocol
 
+from llamactl import jsonio
 from llamactl.errors import (
     CheckpointError,
     DestinationError,
@@ -393,7 +394,7 @@ def _fetch_verified(
 
 def _state(staging: Path) -> dict[str, Any]:
     try:
-        data = json.loads((staging / STATE_FILE).read_text(encoding="utf-8"))
+        data = jsonio.loads((staging / STATE_FILE).read_text(encoding="utf-8"))
         return data if isinstance(data, dict) else {}
     except (OSError, ValueError):
         return {}

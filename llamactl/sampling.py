@@ -45,6 +45,8 @@ class SamplingParams:
             (self.temperature >= 0, f"temperature must be >= 0, got {self.temperature}"),
             (0 < self.top_p <= 1, f"top_p must be in (0, 1], got {self.top_p}"),
             (self.top_k >= 0, f"top_k must be >= 0, got {self.top_k}"),
+            # torch.Generator.manual_seed takes [-2**63, 2**64); beyond it torch raises OverflowError.
+            (self.seed is None or -(2**63) <= self.seed < 2**64, f"seed must fit in 64 bits, got {_short(self.seed)}"),
             (
                 self.max_new_tokens is None or self.max_new_tokens > 0,
                 f"max_new_tokens must be positive, got {self.max_new_tokens}",
@@ -59,6 +61,11 @@ class SamplingParams:
             if not ok:
                 raise LlamactlError(why)
         return self
+
+
+def _short(value: object) -> str:
+    text = str(value)
+    return text if len(text) <= 24 else f"{text[:10]}...({len(text)} digits)"
 
 
 def greedy(logits: torch.Tensor) -> int:

@@ -25,6 +25,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from llamactl import jsonio
 from llamactl.checkpoint import list_model_names, open_checkpoint, resolve_model
 from llamactl.errors import DestinationError, LlamactlError, ModelNotFoundError, UsageError
 from llamactl.home import disk_bytes, hash_cache_file, model_files, models_home
@@ -119,7 +120,7 @@ def list_models() -> list[ModelEntry]:
 
 def _read_hash_cache() -> dict[str, Any]:
     try:
-        data = json.loads(hash_cache_file().read_text(encoding="utf-8"))
+        data = jsonio.loads(hash_cache_file().read_text(encoding="utf-8"))
         return data if isinstance(data, dict) else {}
     except (OSError, ValueError):
         return {}  # a lost or damaged cache only costs a re-hash
@@ -187,7 +188,7 @@ def show_model(model: str, progress: HashProgress | None = None) -> dict[str, An
     root = path.resolve()
     source = None
     with contextlib.suppress(OSError, ValueError):
-        source = json.loads((path / SOURCE_FILE).read_text(encoding="utf-8"))
+        source = jsonio.loads((path / SOURCE_FILE).read_text(encoding="utf-8"))
     return {
         "name": path.name if Path(model).expanduser().exists() else model,  # a source's name, not its file's
         "path": str(path),

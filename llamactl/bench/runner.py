@@ -49,6 +49,9 @@ def run_bench(
             from `plan_bench` runs as it is.
         progress: called with one short line before each build and test (the CLI's status line).
         device: with BenchOptions, run here instead of resolving `options.device`.
+
+    Ctrl-C or SIGTERM mid-run propagates with `partial_report` set on the exception: the
+    rows finished so far, so the caller can still print them.
     """
     if isinstance(options, BenchPlan):
         if device is not None:
@@ -62,10 +65,13 @@ def run_bench(
     env = describe_environment(plan.device, plan.cpu_fallback)
     rows: list[BenchRow] = []
     estimates: list[BenchRow] = []
-    for key in plan.models:
-        measured, scaled = _bench_model(plan, key, env, progress)
-        rows += measured
-        estimates += scaled
+    try:
+        for key in plan.models:
+            estimates += _bench_model(plan, key, env, progress, rows)
+    except KeyboardInterrupt as exc:
+        cap_peak_bandwidth(env, rows)
+        exc.partial_report = BenchReport(env, rows, plan.options, test_time)  # type: ignore[attr-defined]
+        raise
     cap_peak_bandwidth(env, rows)
     return BenchReport(env, rows, plan.options, test_time, estimates)
 
@@ -75,31 +81,33 @@ def cap_peak_bandwidth(env: Environment, rows: list[BenchRow]) -> None:
     device's peak is at least that fast, so the peak is raised to it (and says so)."""
     fastest = max((r.bandwidth_gbs for r in rows if r.bandwidth_gbs is not None), default=0.0)
     if fastest > env.peak_bandwidth_gbs:
-        env.peak_bandwidth_gbs, env.peak_bandwidth_source = (
-            fastest,
-            "decode",
-        )  # unrounded: a tiny model decodes at < 0.05 GB/s
+        # Unrounded: a tiny model decodes at < 0.05 GB/s.
+        env.peak_bandwidth_gbs, env.peak_bandwidth_source = fastest, "decode"
     for row in rows:
         if row.bandwidth_gbs is not None and env.peak_bandwidth_gbs:
             row.bandwidth_frac = min(1.0, row.bandwidth_gbs / env.peak_bandwidth_gbs)
 
 
 def _bench_model(
-    plan: BenchPlan, key: ModelKey, env: Environment, progress: ProgressFn
-) -> tuple[list[BenchRow], list[BenchRow]]:
-    """Every configuration and test of one model (OOM rows when it does not even fit), and
-    the full-model estimates when --layers cut it."""
+    plan: BenchPlan, key: ModelKey, env: Environment, progress: ProgressFn, rows: list[BenchRow]
+) -> list[BenchRow]:
+    """Every configuration and test of one model, appended to rows as each finishes (OOM rows
+    when it does not even fit); returns the full-model estimates when --layers cut it."""
     progress(f"building {plan.options.model or key.preset} ({key.attn}) on {plan.device.type}")
     built: BuiltModel | None = None
+    start = len(rows)
     try:
         built = build_model(plan, key)
         runner = _ModelRunner(built, plan, env, progress)
-        rows = [row for cfg in plan.configs for row in runner.run(cfg)]
-        return rows, full_model_estimates(rows, built)
+        for cfg in plan.configs:
+            rows.extend(runner.run(cfg))
+        return full_model_estimates(rows[start:], built)
     except Exception as exc:  # a model too big for the device: OOM rows
         if not is_oom(exc):
             raise
-        return _oom_rows(plan, key, exc), []
+        del rows[start:]  # a model that fits only partly is reported as not fitting, as a whole
+        rows.extend(_oom_rows(plan, key, exc))
+        return []
     finally:
         del built
         free_memory(plan.device)

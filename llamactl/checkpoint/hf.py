@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from llamactl import dtypes, layout
+from llamactl import dtypes, jsonio, layout
 from llamactl.checkpoint.base import (
     TOKENIZER_FILE,
     TOKENIZER_JSON,
@@ -56,7 +56,7 @@ BIN_INDEX_FILE = "pytorch_model.bin.index.json"
 def quantization_method(path: Path) -> str | None:
     """config.json's quantization_config.quant_method (None when absent or unreadable)."""
     try:
-        config = json.loads((path / CONFIG_FILE).read_text(encoding="utf-8"))
+        config = jsonio.loads((path / CONFIG_FILE).read_text(encoding="utf-8"))
         quant = config.get("quantization_config") if isinstance(config, dict) else None
         return str(quant.get("quant_method")) if isinstance(quant, dict) else None
     except (OSError, ValueError):

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
-from llamactl import dtypes
+from llamactl import dtypes, jsonio
 from llamactl.errors import CheckpointError, printable
 from llamactl.layout import TensorInfo
 
@@ -73,7 +73,7 @@ def read_header(path: Path) -> tuple[dict[str, Entry], dict[str, str]]:
         text = raw.decode("utf-8")
         if not text.startswith("{"):
             raise ValueError("the header is not a JSON object")
-        header = json.loads(text, object_pairs_hook=_no_duplicates)
+        header = jsonio.loads(text, object_pairs_hook=_no_duplicates)
     except CheckpointError as exc:
         raise CheckpointError(f"{path}: invalid safetensors file ({exc})") from None
     except (UnicodeDecodeError, ValueError) as exc:

@@ -7,7 +7,7 @@ import signal
 import sys
 from types import FrameType
 
-from llamactl.errors import INTERRUPTED, TERMINATED, Terminated
+from llamactl.errors import INTERRUPTED, TERMINATED, Terminated, printable
 
 
 def _interrupted_at_startup() -> None:
@@ -24,7 +24,7 @@ try:  # the imports below are most of start-up time: a Ctrl-C lands here more of
     from typer.models import DefaultPlaceholder
 
     from llamactl import __version__
-    from llamactl.cli._common import said
+    from llamactl.cli._common import print_json_error, said
     from llamactl.cli._help import PANELS, TOOLS, TidyCommand, TidyGroup, epilog
 except KeyboardInterrupt:
     _interrupted_at_startup()
@@ -75,6 +75,31 @@ def _terminate(signum: int, frame: FrameType | None) -> None:
     raise Terminated()
 
 
+def _run_plain(app: typer.Typer) -> int:
+    """Run the app for a script reading stderr: a usage error is one line, like every other error."""
+    try:
+        code = app(prog_name="llamactl", standalone_mode=False)
+    except typer.TyperException as exc:  # click's UsageError / BadParameter, as Typer re-exports them
+        show = getattr(exc, "show", None)
+        if type(exc).__name__ == "NoArgsIsHelpError" and show is not None:
+            show()  # `llamactl` alone: the help text, as on a terminal
+        else:
+            message = exc.format_message() if hasattr(exc, "format_message") else str(exc)
+            ctx = getattr(exc, "ctx", None)
+            hint = f" (see '{ctx.command_path} --help')" if ctx is not None else ""
+            line = f"{printable(' '.join(message.split()))}{hint}"
+            if "--json" in sys.argv[1:]:  # the command never ran, but its caller parses stdout
+                print_json_error(line, int(getattr(exc, "exit_code", 2)))
+            print(f"llamactl: error: {line}", file=sys.stderr)
+        return int(getattr(exc, "exit_code", 2))
+    except typer.Abort as exc:
+        if isinstance(exc.__cause__, KeyboardInterrupt):  # click turns a Ctrl-C into Abort
+            _interrupted_at_startup()
+        print("llamactl: aborted", file=sys.stderr)
+        return 1
+    return code if isinstance(code, int) else 0
+
+
 def main() -> None:
     """Console-script entry point."""
     signal.signal(signal.SIGTERM, _terminate)  # unwind like Ctrl-C: temporary outputs are removed
@@ -83,7 +108,10 @@ def main() -> None:
     except KeyboardInterrupt:
         _interrupted_at_startup()
     try:
-        app(prog_name="llamactl")
+        if sys.stderr.isatty():
+            app(prog_name="llamactl")  # usage errors as Typer's framed panel, for a person
+        else:
+            sys.exit(_run_plain(app))
     except KeyboardInterrupt:  # while Typer builds the click command: no command has started yet
         _interrupted_at_startup()
     except SystemExit as exc:

@@ -20,7 +20,11 @@ from rich.progress import (
     TransferSpeedColumn,
 )
 
-from llamactl.errors import INTERRUPTED, TERMINATED, LlamactlError, Terminated
+from llamactl.errors import INTERRUPTED, TERMINATED, LlamactlError, Terminated, utf8_text
+
+# Version of every --json document's shape; bump it when a field changes meaning or goes away
+# (adding a field does not). Each JSON object llamactl prints carries it as "schema".
+SCHEMA_VERSION = 1
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -77,6 +81,8 @@ def cli_command(func: F) -> F:
         try:
             return func(*args, **kwargs)
         except LlamactlError as exc:
+            if kwargs.get("json_out"):  # a script parsing stdout learns of the failure there too
+                print_json_error(str(exc), exc.exit_code)
             raise fail(str(exc), exc.exit_code) from None
         except Terminated:
             print("llamactl: terminated", file=sys.stderr)
@@ -92,6 +98,13 @@ def cli_command(func: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
+def read_stdin() -> str:
+    """All of stdin as text; invalid UTF-8 is one error naming stdin and the byte."""
+    buffer = getattr(sys.stdin, "buffer", None)
+    text = buffer.read().decode("utf-8", "surrogateescape") if buffer is not None else sys.stdin.read()
+    return utf8_text(text, "stdin")
+
+
 def write(text: str) -> None:
     """Text on stdout as it comes (a streamed answer): written and flushed, never restyled."""
     sys.stdout.write(text)
@@ -105,9 +118,24 @@ def loading_status(what: str) -> contextlib.AbstractContextManager[object]:
     return contextlib.nullcontext()
 
 
+def json_document(data: Any) -> Any:
+    """`data` as printed: an object gains `"schema": SCHEMA_VERSION` first (a list is left as it is)."""
+    return {"schema": SCHEMA_VERSION, **data} if isinstance(data, dict) else data
+
+
 def print_json(data: Any) -> None:
     """One JSON document on stdout (no colour, stable key order)."""
-    sys.stdout.write(json.dumps(data, indent=2, default=str) + "\n")
+    sys.stdout.write(json.dumps(json_document(data), indent=2, default=str) + "\n")
+
+
+def print_json_line(record: dict[str, Any]) -> None:
+    """One JSON Lines record on stdout, flushed (a stream of answers or rows)."""
+    write(json.dumps(json_document(record), ensure_ascii=False, default=str) + "\n")
+
+
+def print_json_error(message: str, code: int) -> None:
+    """The --json form of an error (the stderr line is printed as well)."""
+    print_json({"error": {"message": message, "code": code}})
 
 
 def human_count(n: int | None) -> str:

@@ -145,7 +145,13 @@ def bench(
     plan = plan_bench(opts)  # device defaults and every check, before the (long) run
     if plan.cpu_fallback:
         print(f"llamactl: no CUDA GPU found; benchmarking on the CPU{_cpu_note(opts)}", file=sys.stderr)
-    report = _run(plan)
+    try:
+        report = _run(plan)
+    except KeyboardInterrupt as exc:  # Ctrl-C / SIGTERM: the rows measured so far are still results
+        partial = getattr(exc, "partial_report", None)
+        if partial is not None and partial.rows:
+            _print(partial, fmt)
+        raise
     _print(report, fmt)
     if plot is not None:
         from llamactl.cli.plot import plot_report
@@ -180,6 +186,7 @@ def _run(plan: BenchPlan) -> BenchReport:
 
 def _print(report: BenchReport, fmt: str) -> None:
     if fmt == "json":
+        # Rows keep llama-bench's field set exactly (its parsers read them): no "schema" key.
         sys.stdout.write(json.dumps(report.records(), indent=2) + "\n")
     elif fmt == "jsonl":
         for record in report.records():

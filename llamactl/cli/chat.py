@@ -6,7 +6,6 @@ only the answers (plain text, or one JSON object per answer with --json).
 
 from __future__ import annotations
 
-import json
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -15,7 +14,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
-from llamactl.cli._common import cli_command, warn, write
+from llamactl.cli._common import cli_command, print_json_line, read_stdin, warn, write
 from llamactl.cli._options import (
     Bits,
     Ctx,
@@ -153,7 +152,7 @@ def _script_inputs(prompt: str | None, each_line: bool) -> list[str]:
         if each_line:
             raise UsageError("--each-line reads stdin; it cannot be combined with --prompt")
         return [prompt] if prompt.strip() else []
-    text = sys.stdin.read()
+    text = read_stdin()
     if each_line:
         return [line for line in text.splitlines() if line.strip()]
     return [text.strip()] if text.strip() else []
@@ -201,7 +200,7 @@ def _write_record(session: ChatSession, meta: dict[str, Any], t0: float, interru
     }
     if session.sampling.logprobs:
         record["logprobs"] = logprobs_json(session.tokenizer, last.ids, last.logprobs)
-    write(json.dumps(record, ensure_ascii=False) + "\n")
+    print_json_line(record)
 
 
 def _repl(session: ChatSession, loaded: LoadedModel, name: str) -> None:

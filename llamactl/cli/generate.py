@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import json
 import sys
 import time
 from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
-from llamactl.cli._common import cli_command, write
+from llamactl.cli._common import cli_command, print_json_line, read_stdin, write
 from llamactl.cli._options import (
     Bits,
     Ctx,
@@ -98,7 +97,7 @@ def generate(
     if prompt is None:
         if sys.stdin.isatty():
             raise UsageError('give a PROMPT argument or pipe one on stdin ("" starts from BOS alone)')
-        prompt = sys.stdin.read().removesuffix("\n")  # `echo text |` adds one
+        prompt = read_stdin().removesuffix("\n")  # `echo text |` adds one
     sampling = sampling_from(
         temperature,
         top_p,
@@ -168,7 +167,7 @@ def _write_record(
     }
     if sampling.logprobs:
         record["logprobs"] = logprobs_json(tok, run.produced, run.logprobs)
-    write(json.dumps(record, ensure_ascii=False) + "\n")
+    print_json_line(record)
 
 
 @hookimpl

@@ -10,7 +10,9 @@ import contextlib
 import dataclasses
 import difflib
 import select
+import signal
 import sys
+import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -182,6 +184,29 @@ class Repl:
     def run(self) -> int:
         self.setup_history()
         self.banner()
+        try:
+            at_eof = self._loop()
+        except KeyboardInterrupt as exc:
+            # Ctrl-C then Ctrl-D typed at once: the terminal can hand readline the EOF before
+            # Python runs the SIGINT handler, so the interrupt lands while we leave. Leaving wins.
+            if isinstance(exc, Terminated) or not isinstance(exc.__context__, EOFError):
+                raise
+            self._ignore_late_interrupt()
+            at_eof = True
+        if at_eof:
+            self.console.print()
+        self.save_history()
+        return 0
+
+    def _ignore_late_interrupt(self) -> None:
+        """Leaving on Ctrl-D at a real terminal: a SIGINT already on its way (Ctrl-C typed just
+        before) is dropped, also one whose handler has not run yet, instead of turning exit 0
+        into 130. Only for the real prompt: the process ends right after."""
+        if self.read is input and threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+    def _loop(self) -> bool:
+        """Read and run entries until /exit (False) or Ctrl-D (True)."""
         while True:
             try:
                 text = self.read_message()
@@ -192,17 +217,25 @@ class Repl:
                 self.note("(use /exit or Ctrl-D to quit)")
                 continue
             except EOFError:
-                self.console.print()
-                break
+                self._ignore_late_interrupt()
+                return True
             if not text.strip():
                 continue
-            if text.startswith("/") and not text.startswith("//"):
-                if not self.command(text):
-                    break
-                continue
-            self.chat(text.removeprefix("/") if text.startswith("//") else text)
-        self.save_history()
-        return 0
+            try:
+                if not self.dispatch(text):
+                    return False
+            except Terminated:
+                raise
+            except KeyboardInterrupt:  # landed between the guarded parts of a turn: cancel it only
+                self.console.print()
+                self.note("[cancelled]", style="yellow")
+
+    def dispatch(self, text: str) -> bool:
+        """Run one entry (a slash command or a message); False means leave the REPL."""
+        if text.startswith("/") and not text.startswith("//"):
+            return self.command(text)
+        self.chat(text.removeprefix("/") if text.startswith("//") else text)
+        return True
 
     def command(self, line: str) -> bool:
         """Run a slash command; False means leave the REPL."""
@@ -233,10 +266,11 @@ class Repl:
                 f"context full: dropped the {self.session.last_dropped} oldest exchange(s), system prompt kept",
                 style="yellow",
             )
-        status = self.console.status("", spinner="dots") if self.console.is_terminal else None
-        if status:
-            status.start()
+        status = None
         try:
+            if self.console.is_terminal:
+                status = self.console.status("", spinner="dots")
+                status.start()
             for piece in stream:
                 if status:
                     status.stop()

@@ -9,7 +9,7 @@ from typing import Annotated, Any
 
 import typer
 
-from llamactl.cli._common import cli_command
+from llamactl.cli._common import cli_command, read_stdin
 from llamactl.cli._options import TemplateOpt, check_template_name, model_template
 from llamactl.errors import UsageError
 from llamactl.plugins import hookimpl
@@ -61,7 +61,7 @@ def tokenize(
         if text is None:
             if sys.stdin.isatty():
                 raise UsageError("give TEXT, --chat DIALOG.json, or pipe text on stdin")
-            text = sys.stdin.read().removesuffix("\n")
+            text = read_stdin().removesuffix("\n")
         ids = tok.encode(text, bos=getattr(tok, "add_bos", True) if bos is None else bos)
     if json_out:
         data = [{"id": i, "piece": tok.piece(i)} for i in ids] if pieces else ids

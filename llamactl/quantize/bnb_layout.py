@@ -6,10 +6,9 @@ kernels that produce these parts are in `quantize.bnb`.
 
 from __future__ import annotations
 
-import json
 import math
 
-from llamactl import dtypes
+from llamactl import dtypes, jsonio
 from llamactl.errors import CheckpointError, printable
 from llamactl.layout import Shape, TensorInfo
 from llamactl.quantize.spec import BLOCKSIZES, QuantSpec
@@ -61,7 +60,7 @@ def state_shape(blob: bytes, where: str) -> Shape:
     getattr(torch, ...), so a state naming "load" would reach torch.load.
     """
     try:
-        state = json.loads(blob.decode("utf-8"))
+        state = jsonio.loads(blob.decode("utf-8"))
         shape = state["shape"]
         if not (isinstance(shape, list) and len(shape) == 2 and all(isinstance(s, int) and s > 0 for s in shape)):
             raise ValueError(f"shape {shape!r}")

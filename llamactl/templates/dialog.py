@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+from llamactl import jsonio
 from llamactl.errors import LlamactlError
 
 Role = Literal["system", "user", "assistant"]
@@ -111,9 +112,9 @@ def load_dialog(path: str | Path) -> Dialog:
     except (OSError, UnicodeDecodeError) as exc:
         raise DialogError(f"{path}: cannot read: {exc}") from None
     try:
-        data = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise DialogError(f"{path}: malformed JSON: {exc.msg} at line {exc.lineno} column {exc.colno}") from None
+        data = jsonio.loads(text)
+    except ValueError as exc:  # malformed, nested too deeply, an integer of 5000 digits
+        raise DialogError(f"{path}: {exc}") from None
     return parse_dialog(data, str(path))
 
 

@@ -11,7 +11,7 @@ import re
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
-from llamactl.errors import TokenizerError
+from llamactl.errors import TokenizerError, utf8_text
 
 _REPLACEMENT = "\ufffd"
 
@@ -46,7 +46,7 @@ class SentencePieceTokenizer:
         return f"SentencePieceTokenizer({str(self.path)!r}, vocab_size={self.vocab_size})"
 
     def encode(self, text: str, bos: bool = False, eos: bool = False) -> list[int]:
-        ids: list[int] = self.sp.encode(text)
+        ids: list[int] = self.sp.encode(utf8_text(text, "text"))
         return ([self.bos_id] if bos else []) + ids + ([self.eos_id] if eos else [])
 
     def encode_chat(self, text: str) -> list[int]:

@@ -16,7 +16,7 @@ class Outcome:
     stderr: str
 
 
-def run_cli(*args: str, input: str | None = None) -> Outcome:
+def run_cli(*args: str, input: str | bytes | None = None) -> Outcome:
     from llamactl.cli import build_app
 
     result = CliRunner().invoke(build_app(), list(args), input=input, catch_exceptions=False)
