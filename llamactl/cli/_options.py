@@ -46,6 +46,14 @@ TokenizerOpt = Annotated[
 ]
 Ctx = Annotated[int | None, typer.Option("--ctx", min=2, help="Context length in tokens (default: the model's).")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object per answer instead of text.")]
+TensorParallel = Annotated[
+    int,
+    typer.Option(
+        "--tp",
+        min=1,
+        help="Tensor parallel over N ranks (N GPUs, or N CPU processes); starts its own ranks, or joins torchrun's.",
+    ),
+]
 
 
 def sampling_from(
@@ -85,15 +93,20 @@ def load_from_options(
     dtype: str | None,
     ctx: int | None,
     quant: QuantSpec | None = None,
+    tp: int = 1,
 ) -> tuple[LoadedModel, Tokenizer]:
-    """The model and tokenizer the options name, with a spinner on a terminal."""
+    """The model and tokenizer the options name, with a spinner on a terminal.
+
+    With `tp` > 1 the result holds the other ranks: use it as a context manager (`with
+    loaded:`), which ends them with the command's exit code.
+    """
     from llamactl.dtypes import parse_float_dtype
     from llamactl.loading import load_for_generation
     from llamactl.tokenizer import MissingTokenizerError
 
     try:
         with loading_status(model):
-            return load_for_generation(model, tokenizer, device, parse_float_dtype(dtype), ctx, quant)
+            return load_for_generation(model, tokenizer, device, parse_float_dtype(dtype), ctx, quant, tp)
     except MissingTokenizerError as exc:
         raise TokenizerError(
             f"{exc.model_path}: no tokenizer.model next to the weights; pass --tokenizer FILE"

@@ -28,6 +28,7 @@ from llamactl.cli._options import (
     Scheme,
     Seed,
     Temperature,
+    TensorParallel,
     TokenizerOpt,
     TopK,
     TopP,
@@ -43,7 +44,10 @@ from llamactl.templates import DEFAULT_TEMPLATE, load_dialog
 
 if TYPE_CHECKING:
     from llamactl.loading import LoadedModel
+    from llamactl.sampling import SamplingParams
     from llamactl.session import ChatSession
+    from llamactl.templates import ChatTemplate, Message
+    from llamactl.tokenizer import Tokenizer
 
 
 def chat(
@@ -74,6 +78,7 @@ def chat(
     ] = DEFAULT_TEMPLATE,
     tokenizer: TokenizerOpt = None,
     ctx: Ctx = None,
+    tp: TensorParallel = 1,
     json_out: JsonOpt = False,
 ) -> None:
     """Chat with a Llama 2 chat model: a REPL on a terminal, plain answers in pipes."""
@@ -86,7 +91,27 @@ def chat(
     inputs: list[str] = []
     if not interactive:
         inputs = _script_inputs(prompt, each_line)
-    loaded, tok = load_from_options(model, tokenizer, device, dtype, ctx, quant_from_options(bits, scheme, quant_type))
+    quant = quant_from_options(bits, scheme, quant_type)
+    loaded, tok = load_from_options(model, tokenizer, device, dtype, ctx, quant, tp)
+    with loaded:  # ends the other tensor-parallel ranks, whatever happens
+        _converse(
+            loaded, tok, model, sampling, chat_template, messages, overflow, system, interactive, inputs, json_out
+        )
+
+
+def _converse(
+    loaded: LoadedModel,
+    tok: Tokenizer,
+    model: str,
+    sampling: SamplingParams,
+    chat_template: ChatTemplate,
+    messages: list[Message],
+    overflow: str,
+    system: str | None,
+    interactive: bool,
+    inputs: list[str],
+    json_out: bool,
+) -> None:
     from llamactl.session import ChatSession
 
     session = ChatSession(

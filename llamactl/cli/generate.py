@@ -22,6 +22,7 @@ from llamactl.cli._options import (
     Scheme,
     Seed,
     Temperature,
+    TensorParallel,
     TokenizerOpt,
     TopK,
     TopP,
@@ -35,6 +36,9 @@ from llamactl.plugins import hookimpl
 
 if TYPE_CHECKING:
     from llamactl.generate import Generation
+    from llamactl.loading import LoadedModel
+    from llamactl.sampling import SamplingParams
+    from llamactl.tokenizer import Tokenizer
 
 
 def run_stats(run: Generation, prompt_tokens: int, seconds: float) -> dict[str, Any]:
@@ -66,6 +70,7 @@ def generate(
     quant_type: QuantType = None,
     tokenizer: TokenizerOpt = None,
     ctx: Ctx = None,
+    tp: TensorParallel = 1,
     json_out: JsonOpt = False,
 ) -> None:
     """Continue PROMPT with the model (no chat template), streaming the new text to stdout."""
@@ -74,7 +79,13 @@ def generate(
             raise UsageError('give a PROMPT argument or pipe one on stdin ("" starts from BOS alone)')
         prompt = sys.stdin.read().removesuffix("\n")  # `echo text |` adds one
     sampling = sampling_from(temperature, top_p, top_k, seed, max_new_tokens)
-    loaded, tok = load_from_options(model, tokenizer, device, dtype, ctx, quant_from_options(bits, scheme, quant_type))
+    quant = quant_from_options(bits, scheme, quant_type)
+    loaded, tok = load_from_options(model, tokenizer, device, dtype, ctx, quant, tp)
+    with loaded:  # ends the other tensor-parallel ranks, whatever happens
+        _complete(loaded, tok, prompt, sampling, json_out)
+
+
+def _complete(loaded: LoadedModel, tok: Tokenizer, prompt: str, sampling: SamplingParams, json_out: bool) -> None:
     from llamactl.generate import Completion
 
     completion = Completion(loaded.model, tok, prompt, sampling, step=loaded.step)
