@@ -46,6 +46,7 @@ from torch import nn
 
 from llamactl.config import ModelArgs
 from llamactl.errors import LlamactlError, Terminated, UsageError
+from llamactl.estimate import check_tp as check_divisible
 from llamactl.layout import split_dim
 from llamactl.model import Transformer
 
@@ -57,22 +58,6 @@ _DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 class ParallelError(LlamactlError):
     """A tensor-parallel run failed: a rank died, or the ranks could not talk to each other."""
-
-
-def check_divisible(args: ModelArgs, tp: int) -> None:
-    """`--tp` must divide the heads, the KV heads and every split dim (FFN, vocab, dim)."""
-    if tp < 1:
-        raise UsageError(f"--tp {tp}: must be at least 1")
-    sizes = (
-        ("n_heads", args.n_heads),
-        ("n_kv_heads", args.kv_heads),
-        ("dim", args.dim),
-        ("hidden_dim", args.hidden_dim),
-        ("vocab_size", args.vocab_size),
-    )
-    for what, value in sizes:
-        if value % tp:
-            raise UsageError(f"--tp {tp}: {what} {value} is not divisible by {tp}; choose a --tp that divides it")
 
 
 # ------------------------------------------------------------------ the process group
