@@ -52,7 +52,7 @@ from llamactl.model import Transformer
 
 FAULT_ENV = "LLAMACTL_TP_FAULT"  # "RANK:POS": that follower raises at position POS (failure tests)
 _TIMEOUT = timedelta(minutes=30)  # a collective waiting this long means a rank hung
-_FORWARD, _SETUP, _CLEAR, _EXIT = 1, 2, 3, 4
+_FORWARD, _SETUP, _CLEAR, _EXIT, _STATS = 1, 2, 3, 4, 5
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 
@@ -435,6 +435,27 @@ class ShardedTransformer(Transformer):
                 self.group.send(_CLEAR)
         super().clear_cache()
 
+    def rank_stats(self) -> list[RankStats]:
+        """What every rank holds and has spent in collectives, rank order (a collective: call on all)."""
+        if self.group.leads:
+            with held_signals():
+                self.group.send(_STATS)
+        cache = sum(layer.attention.cache.nbytes for layer in self.layers if layer.attention.cache is not None)
+        mine = [weight_bytes(self), cache, int(self.group.comm.seconds * 1e9), self.group.comm.calls]
+        with held_signals() if self.group.leads else contextlib.nullcontext():
+            rows = self.group.gather_ints(mine)
+        return [RankStats(*row) for row in rows]
+
+
+@dataclasses.dataclass(frozen=True)
+class RankStats:
+    """One rank's resident weights and KV cache (bytes) and its time in collectives so far."""
+
+    weight_bytes: int
+    kv_bytes: int
+    comm_ns: int
+    comm_calls: int
+
 
 def _fault() -> tuple[int, int] | None:
     spec = os.environ.get(FAULT_ENV, "")
@@ -463,6 +484,8 @@ def follow(model: ShardedTransformer) -> int:
             model.setup_cache(a, None if b < 0 else b, _DTYPES[c] if c >= 0 else None)
         elif cmd == _CLEAR:
             model.clear_cache()
+        elif cmd == _STATS:
+            model.rank_stats()
         else:
             raise ParallelError(f"tensor-parallel rank {group.rank}: unknown command {cmd} from rank 0")
 
@@ -489,6 +512,7 @@ __all__ = [
     "CommStats",
     "Group",
     "ParallelError",
+    "RankStats",
     "ShardedTransformer",
     "check_divisible",
     "distributed_env",

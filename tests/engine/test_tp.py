@@ -285,3 +285,18 @@ def test_nccl_greedy_equals_one_gpu(models: dict[str, Path]) -> None:
     two = run("generate", str(models["gqa-meta"]), *flags, "--tp", "2")
     assert one.returncode == two.returncode == 0, two.stderr
     assert two.stdout == one.stdout
+
+
+@pytest.mark.slow
+def test_bench_tp_reports_memory_per_rank_against_the_formulas(models: dict[str, Path]) -> None:
+    flags = ("--device", "cpu", "--ctx", "128", "--prompt-tokens", "16", "--gen-tokens", "8", "--repeat", "1", "--json")
+    done = run("bench", str(models["gqa-meta"]), "--tp", "2", *flags)
+    assert done.returncode == 0, done.stderr
+    report = json.loads(done.stdout)
+    assert report["tp"] == 2 and report["backend"] == "gloo"
+    assert report["weight_bytes"] == [report["weight_bytes_formula"]] * 2
+    assert report["kv_bytes"] == [report["kv_bytes_formula"]] * 2 == [report["kv_bytes_tp1_formula"] // 2] * 2
+    norms = (2 * 2 + 1) * 64 * 4  # replicated fp32 norms; everything else is halved
+    assert report["weight_bytes_formula"] == (report["weight_bytes_tp1_formula"] - norms) // 2 + norms
+    assert report["tg_ts"] > 0 and 0 < report["comm_share_decode"] < 1
+    assert report["comm_calls_per_token"] == 2 + 2 * 2  # embedding + head gathers, 2 all-reduces per layer
