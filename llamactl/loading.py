@@ -181,6 +181,7 @@ def _load_parallel(
         assert isinstance(net, parallel.ShardedTransformer)
         net.connect()
         held = [row[0] for row in group.gather_ints([parallel.weight_bytes(net)])]  # also: every rank loaded
+        chosen = choose_step(net, step) if group.leads else None
     except BaseException:
         if group.leads:
             group.abort()
@@ -191,8 +192,7 @@ def _load_parallel(
         with contextlib.suppress(Exception):
             torch.distributed.destroy_process_group()
         raise SystemExit(code)
-    loaded = LoadedModel(net, net.args, reader, group.device, dtype, choose_step(net, step), group, held)
-    return loaded
+    return LoadedModel(net, net.args, reader, group.device, dtype, chosen, group, held)
 
 
 def serve_rank() -> None:

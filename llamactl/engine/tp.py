@@ -77,6 +77,7 @@ class Launch:
 
     workers: list[subprocess.Popen[bytes]]
     logs: Path  # a temporary directory: rank-R.log per worker
+    threads: int  # the leader's torch threads before the ranks shared the cores (restored at the end)
     closing: bool = False
     lock: threading.Lock = dataclasses.field(default_factory=threading.Lock)
 
@@ -237,6 +238,7 @@ class Group:
                     with contextlib.suppress(subprocess.TimeoutExpired):
                         worker.wait(timeout=10)
                 self.launch.kill()
+                torch.set_num_threads(self.launch.threads)
 
     def abort(self) -> None:
         """Leader, on an error before the ranks are in step: kill what it started."""
@@ -301,10 +303,10 @@ def start(tp: int, device: torch.device, command: list[str], env: dict[str, str]
     port = str(_free_port())
     logs = Path(tempfile.mkdtemp(prefix="llamactl-tp-"))
     base = os.environ | env | {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port, "WORLD_SIZE": str(tp)}
-    if device.type == "cpu":
+    threads = torch.get_num_threads()
+    if device.type == "cpu":  # N ranks share the cores: each gets its part
         base.setdefault("GLOO_SOCKET_IFNAME", "lo")
-        threads = str(max(1, (os.cpu_count() or 1) // tp))
-        base.setdefault("OMP_NUM_THREADS", threads)
+        base.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // tp)))
         torch.set_num_threads(int(base["OMP_NUM_THREADS"]))
     workers = []
     for rank in range(1, tp):
@@ -320,7 +322,7 @@ def start(tp: int, device: torch.device, command: list[str], env: dict[str, str]
                     preexec_fn=_die_with_parent,
                 )
             )
-    launch = Launch(workers, logs)
+    launch = Launch(workers, logs, threads)
     threading.Thread(target=launch.watch, name="llamactl-tp-watch", daemon=True).start()
     for key in ("MASTER_ADDR", "MASTER_PORT", "GLOO_SOCKET_IFNAME"):
         if key in base:
