@@ -300,3 +300,26 @@ def test_bench_tp_reports_memory_per_rank_against_the_formulas(models: dict[str,
     assert report["weight_bytes_formula"] == (report["weight_bytes_tp1_formula"] - norms) // 2 + norms
     assert report["tg_ts"] > 0 and 0 < report["comm_share_decode"] < 1
     assert report["comm_calls_per_token"] == 2 + 2 * 2  # embedding + head gathers, 2 all-reduces per layer
+
+
+@pytest.mark.slow
+def test_under_torchrun_only_rank_0_prints_what_one_process_prints(models: dict[str, Path]) -> None:
+    one = run_cli("generate", str(models["gqa-hf"]), "Once upon a time", *GREEDY)
+    env = os.environ | {"PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "-m", "llamactl", "generate",
+         str(models["gqa-hf"]), "Once upon a time", *GREEDY, "--tp", "2"],
+        env=env, capture_output=True, text=True, timeout=150,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == one.stdout
+
+
+def test_a_checkpoint_stored_quantized_is_refused_before_any_rank_starts(
+    models: dict[str, Path], tmp_path: Path
+) -> None:
+    dst = tmp_path / "q8"
+    made = run_cli("quantize", str(models["gqa-hf"]), str(dst), "--bits", "8", "--no-eval")
+    assert made.exit_code == 0, made.stderr
+    out = run_cli("generate", str(dst), "hi", "--tp", "2", "--device", "cpu")
+    assert_one_line_error(out, str(dst), "stored quantized (q8)", "quantize on load")
