@@ -323,3 +323,16 @@ def test_a_checkpoint_stored_quantized_is_refused_before_any_rank_starts(
     assert made.exit_code == 0, made.stderr
     out = run_cli("generate", str(dst), "hi", "--tp", "2", "--device", "cpu")
     assert_one_line_error(out, str(dst), "stored quantized (q8)", "quantize on load")
+
+
+def test_split_on_the_fly_keeps_only_the_share_of_each_tensor(models: dict[str, Path]) -> None:
+    """From an HF checkpoint each rank's tensor owns just its slice: the full tensor is dropped at once."""
+    reader = open_checkpoint(models["gqa-hf"])
+    full = {i.name: i for i in reader.tensor_infos()}
+    for rank in (0, 1):
+        view = RankView(reader, rank, 2)
+        assert not view.own_shard
+        for name, tensor in view.iter_tensors():
+            assert tensor.untyped_storage().nbytes() == tensor.nbytes  # not a view into the whole tensor
+            replicated = name.endswith("norm.weight")
+            assert tensor.numel() * (1 if replicated else 2) == full[name].numel, name
