@@ -336,3 +336,18 @@ def test_split_on_the_fly_keeps_only_the_share_of_each_tensor(models: dict[str, 
             assert tensor.untyped_storage().nbytes() == tensor.nbytes  # not a view into the whole tensor
             replicated = name.endswith("norm.weight")
             assert tensor.numel() * (1 if replicated else 2) == full[name].numel, name
+
+
+@pytest.mark.slow
+def test_a_rank_killed_mid_decode_ends_the_run(models: dict[str, Path]) -> None:
+    child = llamactl(
+        "generate", str(models["gqa-meta"]), "Once", "-t", "0", "-n", "400", "--device", "cpu", "--tp", "2",
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    )  # fmt: skip
+    (rank,) = wait_for_children(child)
+    assert child.stdout is not None
+    child.stdout.read(1)  # decoding has started
+    os.kill(rank, signal.SIGKILL)
+    _, err = child.communicate(timeout=60)
+    assert child.returncode == 1
+    assert err.strip().splitlines() == ["llamactl: error: tensor-parallel rank 1 was killed by SIGKILL"]
