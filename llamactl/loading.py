@@ -13,18 +13,20 @@ import dataclasses
 import json
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from types import TracebackType
+from typing import Any
 
 import torch
 
 from llamactl import dtypes
 from llamactl.checkpoint import CheckpointReader, open_checkpoint
+from llamactl.checkpoint.base import trained_context
 from llamactl.checkpoint.quantized import QuantizedView
 from llamactl.config import ModelArgs
 from llamactl.devices import resolve
-from llamactl.engine import DecodeStep, choose_step
+from llamactl.engine import DecodeStep, EagerStep, choose_step
 from llamactl.engine import tp as parallel
 from llamactl.errors import CheckpointError, LlamactlError
 from llamactl.layout import is_quantizable, module_path, rotary_heads
@@ -50,6 +52,7 @@ class LoadedModel:
     step: DecodeStep | None = None
     group: parallel.Group | None = None
     rank_weight_bytes: list[int] = field(default_factory=list)
+    trained_context: int | None = None  # what the checkpoint says it was trained at (None: unknown)
 
     @property
     def tp(self) -> int:
@@ -75,6 +78,44 @@ class LoadedModel:
         else:  # typer.Exit and LlamactlError carry their own; anything else is a failure
             code = getattr(exc, "exit_code", 1) if isinstance(getattr(exc, "exit_code", 1), int) else 1
         self.close(code)
+
+    def watch_context(self, on_pass: Callable[[int, int], None]) -> None:
+        """Call `on_pass(position, trained_context)` once, when a position at or past the trained
+        context is first run (a prompt in prefill or a decoded token); nothing when it is unknown
+        or the context in use does not exceed it.
+
+        Positions past it run on rotations the model never saw: output degrades, silently.
+        """
+        limit = self.trained_context
+        if limit is None or self.args.max_seq_len <= limit:
+            return
+        fired = False
+
+        def check(end: int) -> None:
+            nonlocal fired
+            if not fired and end > limit:
+                fired = True
+                on_pass(end - 1, limit)
+
+        def pre_hook(_module: torch.nn.Module, args: tuple[Any, ...]) -> None:
+            tokens, start = args[0], args[1] if len(args) > 1 else 0
+            if isinstance(start, int):  # a graphed step passes a device tensor: checked below instead
+                check(start + tokens.shape[1])
+
+        self.model.register_forward_pre_hook(pre_hook)
+        if self.step is not None and not isinstance(self.step, EagerStep):
+            self.step = _WatchedStep(self.step, check)
+
+
+class _WatchedStep:
+    """A decode step that reports each position it runs (a replayed CUDA graph runs no hooks)."""
+
+    def __init__(self, inner: DecodeStep, check: Callable[[int], None]) -> None:
+        self.inner, self.model, self.check = inner, inner.model, check
+
+    def __call__(self, tokens: torch.Tensor, pos: int) -> torch.Tensor:
+        self.check(pos + tokens.shape[1])
+        return self.inner(tokens, pos)
 
 
 def build_model(
@@ -143,7 +184,9 @@ def load_model(
         return _load_parallel(reader, placement.device, placement.dtype, max_seq_len, quant, step, tp)
     source = QuantizedView(reader, quant, device=placement.device) if quant is not None else reader
     net = build_model(source, placement.device, placement.dtype, max_seq_len).fuse_projections()
-    return LoadedModel(net, net.args, reader, placement.device, placement.dtype, choose_step(net, step))
+    loaded = LoadedModel(net, net.args, reader, placement.device, placement.dtype, choose_step(net, step))
+    loaded.trained_context = trained_context(reader)
+    return loaded
 
 
 _SPEC_ENV = "LLAMACTL_TP_SPEC"  # how a leader tells the ranks it starts what to load
@@ -192,7 +235,9 @@ def _load_parallel(
         with contextlib.suppress(Exception):
             torch.distributed.destroy_process_group()
         raise SystemExit(code)
-    return LoadedModel(net, net.args, reader, group.device, dtype, chosen, group, held)
+    loaded = LoadedModel(net, net.args, reader, group.device, dtype, chosen, group, held)
+    loaded.trained_context = trained_context(reader)
+    return loaded
 
 
 def serve_rank() -> None:

@@ -128,8 +128,8 @@ def plan_bench(options: BenchOptions, device: torch.device | None = None) -> Ben
         device: run here instead of resolving `options.device`.
 
     Raises:
-        UsageError: an option is out of range or options contradict each other.
-        ConfigError: an unknown preset, or a custom shape that cannot be a Llama.
+        UsageError: an option is out of range, options contradict each other, or an unknown preset.
+        ConfigError: a custom shape that cannot be a Llama.
     """
     cpu_fallback = False
     if device is None:

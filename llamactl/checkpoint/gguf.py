@@ -219,6 +219,7 @@ class GGUFReader(ReaderBase):
         embedding = tensors.get("tok_embeddings.weight")
         args = args_from_gguf(file, embedding.shape[0] if embedding is not None else None)
         reader = cls(path=path, args=args, files=[gguf], file=file, tensors=tensors)
+        reader.context_known = _number(file, "llama.context_length", int, None) is not None
         reader.tied = "output.weight" not in tensors and embedding is not None
         schemes = {s for name, t in tensors.items() if (s := native_scheme(name, t)) is not None}
         if len(schemes) > 1:

@@ -113,6 +113,7 @@ class HFReader(ReaderBase):
         config = read_json(config_path)
         args = args_from_hf_config(config, config_path)
         reader = cls(path=path, args=args, files=[], config=config)
+        reader.context_known = "max_position_embeddings" in config
         cls._refuse_quantized(config, config_path)
         reader._index_files()
         reader.infos = reader._canonical_infos()

@@ -63,6 +63,7 @@ class NativeReader(HFReader):
         config = read_json(config_path)
         args = args_from_hf_config(config, config_path)
         reader = cls(path=path, args=args, files=[], config=config)
+        reader.context_known = "max_position_embeddings" in config
         reader.quant = QuantSpec.from_hf_config(config.get("quantization_config"), str(config_path))
         reader._index_files()
         for file in reader.files:

@@ -20,12 +20,13 @@ from rich.progress import (
     TransferSpeedColumn,
 )
 
-from llamactl.errors import LlamactlError, Terminated
-
-INTERRUPTED = 130  # exit code after Ctrl-C (README: exit codes)
-TERMINATED = 143  # exit code after SIGTERM (128 + 15, as shells report it)
+from llamactl.errors import INTERRUPTED, TERMINATED, LlamactlError, Terminated
 
 F = TypeVar("F", bound=Callable[..., Any])
+
+# What cli_command has told the user: Typer turns a Ctrl-C outside any command (while parsing,
+# say) into a silent exit 130, and main() then says it instead.
+said: dict[str, bool] = {"interrupted": False}
 
 # Results go to stdout, everything else (progress, warnings) to stderr.
 stderr = Console(stderr=True, highlight=False)
@@ -64,6 +65,7 @@ def cli_command(func: F) -> F:
             raise typer.Exit(TERMINATED) from None
         except KeyboardInterrupt:
             print("llamactl: interrupted", file=sys.stderr)
+            said["interrupted"] = True
             raise typer.Exit(INTERRUPTED) from None
         finally:
             for line in failures[reported:]:  # a plugin that broke during the command (e.g. in detect())

@@ -9,13 +9,15 @@ import torch.
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
-from llamactl.cli._common import loading_status
-from llamactl.errors import TokenizerError, UsageError
+from llamactl.cli import _complete
+from llamactl.cli._common import loading_status, warn
+from llamactl.errors import ModelNotFoundError, TokenizerError, UsageError
 
 if TYPE_CHECKING:
     from llamactl.loading import LoadedModel
@@ -25,9 +27,15 @@ if TYPE_CHECKING:
     from llamactl.tokenizer import Tokenizer
 
 ModelArg = Annotated[
-    str, typer.Argument(help="A model directory (Meta or Hugging Face) or a name under the models home.")
+    str,
+    typer.Argument(
+        help="A model directory (Meta or Hugging Face) or a name under the models home.",
+        autocompletion=_complete.model_names,
+    ),
 ]
-Temperature = Annotated[float, typer.Option("--temperature", "-t", min=0.0, help="Sampling temperature; 0 is greedy.")]
+Temperature = Annotated[
+    float, typer.Option("--temperature", "--temp", "-t", min=0.0, help="Sampling temperature; 0 is greedy.")
+]
 TopP = Annotated[
     float, typer.Option("--top-p", min=0.0, max=1.0, help="Nucleus sampling: keep tokens up to this mass.")
 ]
@@ -40,7 +48,14 @@ MaxNew = Annotated[
     ),
 ]
 Device = Annotated[str | None, typer.Option("--device", help="cpu or cuda (default: cuda when available).")]
-DType = Annotated[str | None, typer.Option("--dtype", help="fp32, bf16 or fp16 (default: bf16 on CUDA, fp32 on CPU).")]
+DType = Annotated[
+    str | None,
+    typer.Option(
+        "--dtype",
+        help="fp32, bf16 or fp16 (default: bf16 on CUDA, fp32 on CPU).",
+        autocompletion=_complete.float_dtypes,
+    ),
+]
 TokenizerOpt = Annotated[
     Path | None, typer.Option("--tokenizer", help="tokenizer.model to use instead of the model's.")
 ]
@@ -54,6 +69,37 @@ TensorParallel = Annotated[
         help="Tensor parallel over N ranks (N GPUs, or N CPU processes); starts its own ranks, or joins torchrun's.",
     ),
 ]
+PullYes = Annotated[
+    bool,
+    typer.Option(
+        "--yes",
+        "-y",
+        help="A known name (7b-chat ...) missing from the store is pulled without asking "
+        "(without --yes: asked on a terminal, an error elsewhere).",
+    ),
+]
+
+
+def ensure_model(model: str, yes: bool = False) -> None:
+    """A known name (7b, 7b-chat, ...) missing from the store: offer to pull it, as `ollama run` does.
+
+    On a terminal (stdin and stderr) the user is asked; `--yes` pulls without asking; anywhere
+    else the error says the exact `llamactl pull` to run. Other names and paths pass through
+    untouched (their own errors come from loading).
+    """
+    from llamactl.pull import missing_known_model, pull_hint
+
+    repo = missing_known_model(model)
+    if repo is None:
+        return
+    if not yes:
+        if not (sys.stdin.isatty() and sys.stderr.isatty()):
+            raise ModelNotFoundError(f"{model}: not in the store yet; {pull_hint(model, repo)}")
+        if not typer.confirm(f"{model} is not in the store. Pull {repo} from the Hugging Face Hub?", err=True):
+            raise ModelNotFoundError(f"{model}: not pulled; {pull_hint(model, repo)}")
+    from llamactl.cli.store import pull_and_report
+
+    pull_and_report(repo, model, on_stderr=True)
 
 
 def sampling_from(
@@ -93,9 +139,11 @@ def load_from_options(
     dtype: str | None,
     ctx: int | None,
     quant: QuantSpec | None = None,
+    yes: bool = False,
     tp: int = 1,
 ) -> tuple[LoadedModel, Tokenizer]:
-    """The model and tokenizer the options name, with a spinner on a terminal.
+    """The model and tokenizer the options name, with a spinner on a terminal; a known name not
+    in the store is offered for pulling first (`ensure_model`).
 
     With `tp` > 1 the result holds the other ranks: use it as a context manager (`with
     loaded:`), which ends them with the command's exit code.
@@ -104,13 +152,21 @@ def load_from_options(
     from llamactl.loading import load_for_generation
     from llamactl.tokenizer import MissingTokenizerError
 
+    ensure_model(model, yes)
     try:
         with loading_status(model):
-            return load_for_generation(model, tokenizer, device, parse_float_dtype(dtype), ctx, quant, tp)
+            loaded, tok = load_for_generation(model, tokenizer, device, parse_float_dtype(dtype), ctx, quant, tp)
     except MissingTokenizerError as exc:
         raise TokenizerError(
             f"{exc.model_path}: no tokenizer.model next to the weights; pass --tokenizer FILE"
         ) from None
+    loaded.watch_context(
+        lambda pos, trained: warn(
+            f"position {pos} is past the trained context of {trained} tokens ({loaded.reader.path}): "
+            "output from here on may degrade (a --ctx of at most that keeps within it)"
+        )
+    )
+    return loaded, tok
 
 
 # ---------------------------------------------------------------- quantization (quantize, chat, generate, bench)

@@ -29,6 +29,7 @@ from llamactl.bench import (
     plan_bench,
     run_bench,
 )
+from llamactl.cli import _complete
 from llamactl.cli._common import cli_command, stderr, stdout
 from llamactl.errors import UsageError
 from llamactl.plugins import hookimpl
@@ -62,9 +63,15 @@ def _words(flag: str, text: str) -> list[str]:
 def bench(
     model: Annotated[
         str | None,
-        typer.Argument(help="Checkpoint directory or installed model name; omit to benchmark --preset."),
+        typer.Argument(
+            help="Checkpoint directory or installed model name; omit to benchmark --preset.",
+            autocompletion=_complete.model_names,
+        ),
     ] = None,
-    preset: Annotated[str, typer.Option(help="Preset shape(s) built with random weights: 7b,13b,70b.")] = "7b",
+    preset: Annotated[
+        str,
+        typer.Option(help="Preset shape(s) built with random weights: 7b,13b,70b.", autocompletion=_complete.presets),
+    ] = "7b",
     ctx: Annotated[str, typer.Option(help="Context length(s) the KV cache holds; decode runs filled to it.")] = "4096",
     prompt_tokens: Annotated[str, typer.Option(help="Prompt length(s) for the prefill test (pp).")] = "512",
     gen_tokens: Annotated[
@@ -80,7 +87,10 @@ def bench(
     ] = None,
     kv_heads: Annotated[str, typer.Option(help="KV heads for --attn gqa (comma list).")] = "8",
     dtype: Annotated[
-        str | None, typer.Option(help="bf16, fp16 or fp32 (comma list; default CUDA bf16, CPU fp32).")
+        str | None,
+        typer.Option(
+            help="bf16, fp16 or fp32 (comma list; default CUDA bf16, CPU fp32).", autocompletion=_complete.float_dtypes
+        ),
     ] = None,
     bits: Annotated[str, typer.Option(help="Weight bits: 16, 8 (q8) or 4 (q4) (comma list).")] = "16",
     scheme: Annotated[

@@ -24,6 +24,7 @@ from llamactl.cli._options import (
     JsonOpt,
     MaxNew,
     ModelArg,
+    PullYes,
     QuantType,
     Scheme,
     Seed,
@@ -80,6 +81,7 @@ def chat(
     ctx: Ctx = None,
     tp: TensorParallel = 1,
     json_out: JsonOpt = False,
+    yes: PullYes = False,
 ) -> None:
     """Chat with a Llama 2 chat model: a REPL on a terminal, plain answers in pipes."""
     if overflow not in ("drop", "error"):
@@ -92,7 +94,7 @@ def chat(
     if not interactive:
         inputs = _script_inputs(prompt, each_line)
     quant = quant_from_options(bits, scheme, quant_type)
-    loaded, tok = load_from_options(model, tokenizer, device, dtype, ctx, quant, tp)
+    loaded, tok = load_from_options(model, tokenizer, device, dtype, ctx, quant, yes=yes, tp=tp)
     with loaded:  # ends the other tensor-parallel ranks, whatever happens
         _converse(
             loaded, tok, model, sampling, chat_template, messages, overflow, system, interactive, inputs, json_out

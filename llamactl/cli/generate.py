@@ -18,6 +18,7 @@ from llamactl.cli._options import (
     JsonOpt,
     MaxNew,
     ModelArg,
+    PullYes,
     QuantType,
     Scheme,
     Seed,
@@ -72,6 +73,7 @@ def generate(
     ctx: Ctx = None,
     tp: TensorParallel = 1,
     json_out: JsonOpt = False,
+    yes: PullYes = False,
 ) -> None:
     """Continue PROMPT with the model (no chat template), streaming the new text to stdout."""
     if prompt is None:
@@ -80,7 +82,7 @@ def generate(
         prompt = sys.stdin.read().removesuffix("\n")  # `echo text |` adds one
     sampling = sampling_from(temperature, top_p, top_k, seed, max_new_tokens)
     quant = quant_from_options(bits, scheme, quant_type)
-    loaded, tok = load_from_options(model, tokenizer, device, dtype, ctx, quant, tp)
+    loaded, tok = load_from_options(model, tokenizer, device, dtype, ctx, quant, yes=yes, tp=tp)
     with loaded:  # ends the other tensor-parallel ranks, whatever happens
         _complete(loaded, tok, prompt, sampling, json_out)
 

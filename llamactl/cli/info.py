@@ -8,13 +8,17 @@ import typer
 from rich.table import Table
 
 from llamactl.checkpoint import open_checkpoint
+from llamactl.cli import _complete
 from llamactl.cli._common import cli_command, human_bytes, print_json, stdout
 from llamactl.info import describe_storage, model_info
 from llamactl.plugins import hookimpl
 
 
 def info(
-    model: Annotated[str, typer.Argument(help="A model directory or a name under the models home.")],
+    model: Annotated[
+        str,
+        typer.Argument(help="A model directory or a name under the models home.", autocompletion=_complete.model_names),
+    ],
     ctx: Annotated[
         int | None, typer.Option(min=1, help="Context length for the KV-cache estimate (default: the model's).")
     ] = None,

@@ -212,7 +212,7 @@ def test_options_are_validated_once(monkeypatch: pytest.MonkeyPatch) -> None:
         (("--ctx", "256", "--prompt-tokens", "512"), ("prompt_tokens 512: longer than ctx 256",), 2),
         (("-o", "xml"), ("--output xml",), 2),
         (("--dtype", "fp8"), ("dtype fp8",), 2),
-        (("--preset", "8b"), ("unknown preset '8b'",), 1),
+        (("--preset", "8b"), ("unknown preset '8b'",), 2),
         (("--device", "cuda"), ("device cuda: no CUDA device is available",), 2),
         (("--device", "tpu"), ("device 'tpu'",), 2),
         (("some/model", "--attn", "gqa"), ("attn gqa: only for presets",), 2),
