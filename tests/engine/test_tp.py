@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -119,6 +120,16 @@ def test_greedy_generate_equals_one_process(models: dict[str, Path], which: str)
     assert two.returncode == 0, two.stderr
     assert two.stdout == one.stdout  # only rank 0 prints, exactly what one process prints
     assert two.stderr == ""
+
+
+@pytest.mark.slow
+def test_stories260k_over_two_ranks_reproduces_llama2c_golden_output(stories_dir: Path) -> None:
+    """An outside oracle: llama2.c's own greedy output for stories260K (8 heads, 4 KV heads)."""
+    readme = (stories_dir.parent / "README.md").read_text()
+    golden = re.search(r"prints exactly:\n\n```\n(.*?)\n```", readme, re.S).group(1)  # type: ignore[union-attr]
+    done = run("generate", str(stories_dir), "", "-t", "0", "-n", "200", "--device", "cpu", "--tp", "2")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == golden + "\n"
 
 
 @pytest.mark.slow
