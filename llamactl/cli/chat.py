@@ -199,7 +199,7 @@ def _repl(session: ChatSession, loaded: LoadedModel, name: str) -> None:
         format=loaded.reader.format,
         shape=f"{args.n_layers} layers, dim {args.dim}, {args.attention_kind} {args.n_heads}/{args.kv_heads} heads",
         context=session.context or args.max_seq_len,
-        device=str(loaded.device),
+        device=str(loaded.device) if loaded.tp == 1 else f"{loaded.device.type} × {loaded.tp} ranks (--tp)",
         dtype=str(loaded.dtype).removeprefix("torch."),
     )
     history = chat_history_file()

@@ -362,3 +362,16 @@ def test_a_rank_killed_mid_decode_ends_the_run(models: dict[str, Path]) -> None:
     _, err = child.communicate(timeout=60)
     assert child.returncode == 1
     assert err.strip().splitlines() == ["llamactl: error: tensor-parallel rank 1 was killed by SIGKILL"]
+
+
+@pytest.mark.slow
+def test_every_rank_exits_with_the_leaders_code(models: dict[str, Path]) -> None:
+    """Ctrl-C inside the run: rank 0 raises KeyboardInterrupt and rank 1 exits 130 too; a clean end exits 0."""
+    with pytest.raises(KeyboardInterrupt), load_model(models["gqa-meta"], device="cpu", tp=2) as loaded:
+        launch = loaded.group.launch  # type: ignore[union-attr]
+        loaded.model.setup_cache(1, 16)
+        raise KeyboardInterrupt
+    assert [w.returncode for w in launch.workers] == [130]  # type: ignore[union-attr]
+    with load_model(models["gqa-meta"], device="cpu", tp=2) as loaded:
+        launch = loaded.group.launch  # type: ignore[union-attr]
+    assert [w.returncode for w in launch.workers] == [0]  # type: ignore[union-attr]
