@@ -29,6 +29,7 @@ import contextlib
 import ctypes
 import dataclasses
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -118,8 +119,6 @@ class Launch:
         for worker in self.workers:
             with contextlib.suppress(subprocess.TimeoutExpired):
                 worker.wait(timeout=10)
-        import shutil
-
         shutil.rmtree(self.logs, ignore_errors=True)
 
     def dead(self, within: float) -> int | None:
