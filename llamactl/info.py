@@ -94,6 +94,13 @@ GPU_SIZES = {"24GB": 24 << 30, "40GB": 40 << 30, "80GB": 80 << 30}
 def gpus_needed(infos: list[TensorInfo], ctx: int, args: Any) -> dict[str, dict[str, int | None]]:
     """For each GPU size and weight storage: the fewest --tp whose weights + KV @ ctx fit one GPU."""
     choices = estimate.tp_choices(args)
+    per_tp: dict[int, dict[str, int]] = {}  # each --tp's estimates, computed once
+
+    def memory(tp: int) -> dict[str, int]:
+        if tp not in per_tp:
+            per_tp[tp] = memory_estimates(infos, ctx, args, tp)
+        return per_tp[tp]
+
     out: dict[str, dict[str, int | None]] = {}
     for gpu, size in GPU_SIZES.items():
         out[gpu] = {}
@@ -101,8 +108,7 @@ def gpus_needed(infos: list[TensorInfo], ctx: int, args: Any) -> dict[str, dict[
             key = f"weights_{scheme}"
 
             def need(tp: int, key: str = key) -> int:
-                memory = memory_estimates(infos, ctx, args, tp)
-                return memory[key] + memory["kv_cache_at_ctx"]
+                return memory(tp)[key] + memory(tp)["kv_cache_at_ctx"]
 
             out[gpu][scheme] = estimate.smallest_tp(need, choices, size)
     return out

@@ -96,6 +96,7 @@ def test_info_unknown_name_lists_models(tmp_path: Path, monkeypatch: pytest.Monk
     assert_one_line_error(run_cli("info", "13b-chat"), "13b-chat", "7b-chat")
 
 
+@pytest.mark.slow
 def test_info_tp_shows_memory_per_gpu_and_the_gpus_70b_needs(tmp_path: Path) -> None:
     path = _sparse_meta(tmp_path / "70b", "70b", 8)
     outcome = run_cli("info", str(path), "--json", "--ctx", "4096", "--tp", "8")
