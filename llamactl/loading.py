@@ -180,7 +180,7 @@ def load_model(
     """
     reader = open_checkpoint(model) if isinstance(model, (str, os.PathLike)) else model  # opened once
     placement = resolve(device, dtype if dtype is not None else native_dtype(quant or reader.quant))
-    if tp != 1 or parallel.distributed_env() is not None:
+    if tp != 1:  # a plain load stays plain, under torchrun too (every rank its own whole model)
         return _load_parallel(reader, placement.device, placement.dtype, max_seq_len, quant, step, tp)
     source = QuantizedView(reader, quant, device=placement.device) if quant is not None else reader
     net = build_model(source, placement.device, placement.dtype, max_seq_len).fuse_projections()

@@ -375,3 +375,14 @@ def test_every_rank_exits_with_the_leaders_code(models: dict[str, Path]) -> None
     with load_model(models["gqa-meta"], device="cpu", tp=2) as loaded:
         launch = loaded.group.launch  # type: ignore[union-attr]
     assert [w.returncode for w in launch.workers] == [0]  # type: ignore[union-attr]
+
+
+def test_bench_tp_1_is_the_same_method_in_one_process(models: dict[str, Path]) -> None:
+    flags = ("--device", "cpu", "--ctx", "64", "--prompt-tokens", "8", "--gen-tokens", "4", "--repeat", "1", "--json")
+    out = run_cli("bench", str(models["gqa-meta"]), "--tp", "1", *flags)
+    assert out.exit_code == 0, out.stderr
+    report = json.loads(out.stdout)
+    assert report["backend"] == "none" and report["comm_share_decode"] == 0
+    assert report["weight_bytes"] == [report["weight_bytes_tp1_formula"]] == [report["weight_bytes_formula"]]
+    assert report["kv_bytes"] == [report["kv_bytes_tp1_formula"]]
+    assert_one_line_error(run_cli("bench", "--tp", "2"), "--tp needs a MODEL", code=2)
