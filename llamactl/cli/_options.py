@@ -83,6 +83,14 @@ Logprobs = Annotated[
         "--logprobs", min=0, max=20, help="With --json: log-probabilities of the N most likely tokens at each step."
     ),
 ]
+TensorParallel = Annotated[
+    int,
+    typer.Option(
+        "--tp",
+        min=1,
+        help="Tensor parallel over N ranks (N GPUs, or N CPU processes); starts its own ranks, or joins torchrun's.",
+    ),
+]
 PullYes = Annotated[
     bool,
     typer.Option(
@@ -212,9 +220,14 @@ def load_from_options(
     ctx: int | None,
     quant: QuantSpec | None = None,
     yes: bool = False,
+    tp: int = 1,
 ) -> tuple[LoadedModel, Tokenizer]:
     """The model and tokenizer the options name, with a spinner on a terminal; a known name not
-    in the store is offered for pulling first (`ensure_model`)."""
+    in the store is offered for pulling first (`ensure_model`).
+
+    With `tp` > 1 the result holds the other ranks: use it as a context manager (`with
+    loaded:`), which ends them with the command's exit code.
+    """
     from llamactl.cli.store import ensure_model
     from llamactl.dtypes import parse_float_dtype
     from llamactl.loading import load_for_generation
@@ -223,7 +236,7 @@ def load_from_options(
     ensure_model(model, yes)
     try:
         with loading_status(model):
-            loaded, tok = load_for_generation(model, tokenizer, device, parse_float_dtype(dtype), ctx, quant)
+            loaded, tok = load_for_generation(model, tokenizer, device, parse_float_dtype(dtype), ctx, quant, tp)
     except MissingTokenizerError as exc:
         raise TokenizerError(
             f"{exc.model_path}: no tokenizer.model or tokenizer.json next to the weights; pass --tokenizer FILE"
