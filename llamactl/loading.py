@@ -87,7 +87,7 @@ def load_model(
     `quant` quantizes the block projections on load, exactly as `llamactl quantize` would,
     without writing anything; weights are quantized from the checkpoint's own precision.
     `step` is the decode step chosen for the loaded model, once its weights are in place and
-    fused (llamactl.engine.choose_step: "auto", "eager", "cuda-graph").
+    fused (llamactl.engine.choose_step: "auto", "eager", "cuda-graph", "compiled").
     """
     reader = open_checkpoint(model) if isinstance(model, (str, os.PathLike)) else model  # opened once
     placement = resolve(device, dtype if dtype is not None else native_dtype(quant or reader.quant))
@@ -135,11 +135,12 @@ def load_for_generation(
     dtype: str | torch.dtype | None = None,
     ctx: int | None = None,
     quant: QuantSpec | None = None,
+    step: str = "auto",
 ) -> tuple[LoadedModel, Tokenizer]:
     """Model and matching tokenizer; the checkpoint is opened once and the tokenizer is
-    checked before any weight is read."""
+    checked before any weight is read. `step`: the decode step kind (see load_model)."""
     if ctx is not None and ctx < 2:
         raise LlamactlError(f"context of {ctx} tokens: it must hold at least 2 tokens")
     reader = open_checkpoint(model)
     tok = open_tokenizer(tokenizer, reader.tokenizer_path, reader.path, reader.args.vocab_size)
-    return load_model(reader, device=device, dtype=dtype, max_seq_len=ctx, quant=quant), tok
+    return load_model(reader, device=device, dtype=dtype, max_seq_len=ctx, quant=quant, step=step), tok

@@ -50,6 +50,9 @@ def _terminate(signum: int, frame: FrameType | None) -> None:
 
 def main() -> None:
     """Console-script entry point."""
+    from llamactl.threads import apply_openmp_defaults
+
+    apply_openmp_defaults()  # before anything imports torch: OpenMP reads it once, at load
     signal.signal(signal.SIGTERM, _terminate)  # unwind like Ctrl-C: temporary outputs are removed
     try:
         build_app()(prog_name="llamactl")

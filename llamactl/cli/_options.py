@@ -46,6 +46,20 @@ TokenizerOpt = Annotated[
 ]
 Ctx = Annotated[int | None, typer.Option("--ctx", min=2, help="Context length in tokens (default: the model's).")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object per answer instead of text.")]
+Threads = Annotated[
+    int | None, typer.Option("--threads", min=1, help="CPU threads the model runs on (default: the physical cores).")
+]
+NoCompile = Annotated[
+    bool,
+    typer.Option("--no-compile", help="Decode eagerly; skip torch.compile (on by default for bf16/fp16 on the CPU)."),
+]
+
+
+def threads_from(threads: int | None) -> int:
+    """Apply --threads (default: the physical cores) to torch; returns the count."""
+    from llamactl.threads import set_threads
+
+    return set_threads(threads)
 
 
 def sampling_from(
@@ -85,15 +99,19 @@ def load_from_options(
     dtype: str | None,
     ctx: int | None,
     quant: QuantSpec | None = None,
+    threads: int | None = None,
+    no_compile: bool = False,
 ) -> tuple[LoadedModel, Tokenizer]:
     """The model and tokenizer the options name, with a spinner on a terminal."""
     from llamactl.dtypes import parse_float_dtype
     from llamactl.loading import load_for_generation
     from llamactl.tokenizer import MissingTokenizerError
 
+    threads_from(threads)
+    step = "eager" if no_compile else "auto"
     try:
         with loading_status(model):
-            return load_for_generation(model, tokenizer, device, parse_float_dtype(dtype), ctx, quant)
+            return load_for_generation(model, tokenizer, device, parse_float_dtype(dtype), ctx, quant, step)
     except MissingTokenizerError as exc:
         raise TokenizerError(
             f"{exc.model_path}: no tokenizer.model next to the weights; pass --tokenizer FILE"

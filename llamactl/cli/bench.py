@@ -30,6 +30,7 @@ from llamactl.bench import (
     run_bench,
 )
 from llamactl.cli._common import cli_command, stderr, stdout
+from llamactl.cli._options import NoCompile, Threads, threads_from
 from llamactl.errors import UsageError
 from llamactl.plugins import hookimpl
 
@@ -105,6 +106,8 @@ def bench(
         str | None, typer.Option(help="Compare with 'transformers' (LlamaForCausalLM, same weights, interleaved).")
     ] = None,
     seed: Annotated[int, typer.Option(help="Seed for random weights and tokens.")] = 0,
+    threads: Threads = None,
+    no_compile: NoCompile = False,
 ) -> None:
     """Benchmark prefill and decode speed and memory (like llama-bench, plus KV cache and bandwidth)."""
     fmt = "json" if json_output else output.lower()
@@ -128,7 +131,10 @@ def bench(
         device=device,
         vs=vs.lower() if vs else None,
         seed=seed,
+        threads=threads,
+        compile=not no_compile,
     )
+    threads_from(threads)  # before the environment is described: n_threads reports it
     if plot is not None:
         from llamactl.cli.plot import check_plot_path
 

@@ -24,10 +24,12 @@ from llamactl.cli._options import (
     JsonOpt,
     MaxNew,
     ModelArg,
+    NoCompile,
     QuantType,
     Scheme,
     Seed,
     Temperature,
+    Threads,
     TokenizerOpt,
     TopK,
     TopP,
@@ -66,6 +68,8 @@ def chat(
     ] = "drop",
     device: Device = None,
     dtype: DType = None,
+    threads: Threads = None,
+    no_compile: NoCompile = False,
     bits: Bits = None,
     scheme: Scheme = None,
     quant_type: QuantType = None,
@@ -86,7 +90,9 @@ def chat(
     inputs: list[str] = []
     if not interactive:
         inputs = _script_inputs(prompt, each_line)
-    loaded, tok = load_from_options(model, tokenizer, device, dtype, ctx, quant_from_options(bits, scheme, quant_type))
+    loaded, tok = load_from_options(
+        model, tokenizer, device, dtype, ctx, quant_from_options(bits, scheme, quant_type), threads, no_compile
+    )
     from llamactl.session import ChatSession
 
     session = ChatSession(

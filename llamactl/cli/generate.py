@@ -18,10 +18,12 @@ from llamactl.cli._options import (
     JsonOpt,
     MaxNew,
     ModelArg,
+    NoCompile,
     QuantType,
     Scheme,
     Seed,
     Temperature,
+    Threads,
     TokenizerOpt,
     TopK,
     TopP,
@@ -61,6 +63,8 @@ def generate(
     max_new_tokens: MaxNew = None,
     device: Device = None,
     dtype: DType = None,
+    threads: Threads = None,
+    no_compile: NoCompile = False,
     bits: Bits = None,
     scheme: Scheme = None,
     quant_type: QuantType = None,
@@ -74,7 +78,9 @@ def generate(
             raise UsageError('give a PROMPT argument or pipe one on stdin ("" starts from BOS alone)')
         prompt = sys.stdin.read().removesuffix("\n")  # `echo text |` adds one
     sampling = sampling_from(temperature, top_p, top_k, seed, max_new_tokens)
-    loaded, tok = load_from_options(model, tokenizer, device, dtype, ctx, quant_from_options(bits, scheme, quant_type))
+    loaded, tok = load_from_options(
+        model, tokenizer, device, dtype, ctx, quant_from_options(bits, scheme, quant_type), threads, no_compile
+    )
     from llamactl.generate import Completion
 
     completion = Completion(loaded.model, tok, prompt, sampling, step=loaded.step)
