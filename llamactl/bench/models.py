@@ -83,8 +83,8 @@ def build_model(plan: BenchPlan, key: ModelKey) -> BuiltModel:
 
 
 def step_kind(opts: BenchOptions) -> str:
-    """The decode step kind the options ask for (--no-compile: eager)."""
-    return "auto" if opts.compile else "eager"
+    """The decode step kind the options ask for (--compile, --no-compile, else "auto")."""
+    return "auto" if opts.compile is None else "compiled" if opts.compile else "eager"
 
 
 def build_random_model(args: ModelArgs, device: torch.device, dtype: torch.dtype, seed: int = 0) -> Transformer:

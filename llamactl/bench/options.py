@@ -64,7 +64,7 @@ class BenchOptions:
     vs: str | None = None  # "transformers" or None
     seed: int = 0
     threads: int | None = None  # CPU threads (None: the physical cores)
-    compile: bool = True  # False: eager decode (--no-compile); True: the engine's "auto" choice
+    compile: bool | None = None  # --compile / --no-compile; None: the engine's "auto" choice
     args: ModelArgs | None = None  # a custom shape instead of the presets (library use, tests)
 
 

@@ -49,10 +49,18 @@ JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object per
 Threads = Annotated[
     int | None, typer.Option("--threads", min=1, help="CPU threads the model runs on (default: the physical cores).")
 ]
-NoCompile = Annotated[
-    bool,
-    typer.Option("--no-compile", help="Decode eagerly; skip torch.compile (on by default for bf16/fp16 on the CPU)."),
+Compile = Annotated[
+    bool | None,
+    typer.Option(
+        "--compile/--no-compile",
+        help="CPU decode through one torch.compile'd static-shape step, or eagerly (default: the engine's choice).",
+    ),
 ]
+
+
+def step_kind(compile_: bool | None) -> str:
+    """The decode step --compile / --no-compile asks for (neither: the engine's "auto")."""
+    return "auto" if compile_ is None else "compiled" if compile_ else "eager"
 
 
 def threads_from(threads: int | None) -> int:
@@ -100,7 +108,7 @@ def load_from_options(
     ctx: int | None,
     quant: QuantSpec | None = None,
     threads: int | None = None,
-    no_compile: bool = False,
+    compile_: bool | None = None,
 ) -> tuple[LoadedModel, Tokenizer]:
     """The model and tokenizer the options name, with a spinner on a terminal."""
     from llamactl.dtypes import parse_float_dtype
@@ -108,7 +116,7 @@ def load_from_options(
     from llamactl.tokenizer import MissingTokenizerError
 
     threads_from(threads)
-    step = "eager" if no_compile else "auto"
+    step = step_kind(compile_)
     try:
         with loading_status(model):
             return load_for_generation(model, tokenizer, device, parse_float_dtype(dtype), ctx, quant, step)

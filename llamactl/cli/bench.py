@@ -30,7 +30,7 @@ from llamactl.bench import (
     run_bench,
 )
 from llamactl.cli._common import cli_command, stderr, stdout
-from llamactl.cli._options import NoCompile, Threads, threads_from
+from llamactl.cli._options import Compile, Threads, threads_from
 from llamactl.errors import UsageError
 from llamactl.plugins import hookimpl
 
@@ -107,7 +107,7 @@ def bench(
     ] = None,
     seed: Annotated[int, typer.Option(help="Seed for random weights and tokens.")] = 0,
     threads: Threads = None,
-    no_compile: NoCompile = False,
+    compile_: Compile = None,
 ) -> None:
     """Benchmark prefill and decode speed and memory (like llama-bench, plus KV cache and bandwidth)."""
     fmt = "json" if json_output else output.lower()
@@ -132,7 +132,7 @@ def bench(
         vs=vs.lower() if vs else None,
         seed=seed,
         threads=threads,
-        compile=not no_compile,
+        compile=compile_,
     )
     threads_from(threads)  # before the environment is described: n_threads reports it
     if plot is not None:

@@ -18,13 +18,13 @@ import typer
 from llamactl.cli._common import cli_command, warn, write
 from llamactl.cli._options import (
     Bits,
+    Compile,
     Ctx,
     Device,
     DType,
     JsonOpt,
     MaxNew,
     ModelArg,
-    NoCompile,
     QuantType,
     Scheme,
     Seed,
@@ -69,7 +69,7 @@ def chat(
     device: Device = None,
     dtype: DType = None,
     threads: Threads = None,
-    no_compile: NoCompile = False,
+    compile_: Compile = None,
     bits: Bits = None,
     scheme: Scheme = None,
     quant_type: QuantType = None,
@@ -91,7 +91,7 @@ def chat(
     if not interactive:
         inputs = _script_inputs(prompt, each_line)
     loaded, tok = load_from_options(
-        model, tokenizer, device, dtype, ctx, quant_from_options(bits, scheme, quant_type), threads, no_compile
+        model, tokenizer, device, dtype, ctx, quant_from_options(bits, scheme, quant_type), threads, compile_
     )
     from llamactl.session import ChatSession
 

@@ -12,13 +12,13 @@ import typer
 from llamactl.cli._common import cli_command, write
 from llamactl.cli._options import (
     Bits,
+    Compile,
     Ctx,
     Device,
     DType,
     JsonOpt,
     MaxNew,
     ModelArg,
-    NoCompile,
     QuantType,
     Scheme,
     Seed,
@@ -64,7 +64,7 @@ def generate(
     device: Device = None,
     dtype: DType = None,
     threads: Threads = None,
-    no_compile: NoCompile = False,
+    compile_: Compile = None,
     bits: Bits = None,
     scheme: Scheme = None,
     quant_type: QuantType = None,
@@ -79,7 +79,7 @@ def generate(
         prompt = sys.stdin.read().removesuffix("\n")  # `echo text |` adds one
     sampling = sampling_from(temperature, top_p, top_k, seed, max_new_tokens)
     loaded, tok = load_from_options(
-        model, tokenizer, device, dtype, ctx, quant_from_options(bits, scheme, quant_type), threads, no_compile
+        model, tokenizer, device, dtype, ctx, quant_from_options(bits, scheme, quant_type), threads, compile_
     )
     from llamactl.generate import Completion
 

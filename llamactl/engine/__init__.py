@@ -14,9 +14,10 @@ loop takes a step as an argument and never looks at how it runs.
 `choose_step(model, kind)` picks one: "eager", "cuda-graph", "compiled", or "auto" (the
 default): a CUDA graph when `LLAMACTL_CUDA_GRAPHS=1` asks for one and the model can be
 graphed; on the CPU the compiled step for plain (fused, unquantized) models of the weight
-dtypes `COMPILE_PAYS` lists (where it was measured faster than eager,
-benchmarks/decode_variants.py), unless `LLAMACTL_COMPILE=0`; else eager. The variables are
-read there, once, never per token. `--no-compile` on the commands is kind "eager".
+dtypes `COMPILE_PAYS` lists (where compiling was measured to pay, start-up included:
+benchmarks/decode_variants.py; none so far), unless `LLAMACTL_COMPILE=0`; else eager. The
+variables are read there, once, never per token. On the commands `--compile` is kind
+"compiled" and `--no-compile` kind "eager".
 """
 
 from __future__ import annotations
@@ -35,8 +36,12 @@ from llamactl.model import Transformer
 GRAPHS_ENV = "LLAMACTL_CUDA_GRAPHS"
 COMPILE_ENV = "LLAMACTL_COMPILE"  # "0": "auto" never compiles (the test suite sets it; --no-compile per command)
 STEP_KINDS = ("auto", "eager", "cuda-graph", "compiled")
-# Weight dtypes whose CPU decode the compiled step makes faster than eager (measured; see above).
-COMPILE_PAYS = (torch.bfloat16, torch.float16)
+# Weight dtypes whose CPU decode "auto" compiles: where compiling was measured to pay, start-up
+# included. None so far: on the 2-core test host (110M shape, bf16, warm inductor cache) the
+# compiled step decoded at most ~1.3-1.5x faster (in noisy rounds, sometimes slower) but took
+# 24-30 s to start against ~1 s, which a command generating fewer than ~1500 tokens never earns
+# back. `--compile` asks for it (CHANGELOG, issue 10).
+COMPILE_PAYS: tuple[torch.dtype, ...] = ()
 
 
 class DecodeStep(Protocol):

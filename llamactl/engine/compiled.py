@@ -26,6 +26,9 @@ from llamactl.model import KVCache, Transformer
 
 logger = logging.getLogger(__name__)
 CACHE_ENV = "TORCHINDUCTOR_CACHE_DIR"
+# Whether the user chose inductor's cache: torch fills the variable in itself (loading a model
+# does), so it is looked at once, when llamactl imports this module.
+_USER_CACHE = CACHE_ENV in os.environ
 
 
 def compilable(model: Transformer) -> str | None:
@@ -37,7 +40,7 @@ def compilable(model: Transformer) -> str | None:
 
 def use_compile_cache() -> None:
     """Point inductor's on-disk cache under the llamactl home (unless the user chose a place)."""
-    if CACHE_ENV not in os.environ:
+    if not _USER_CACHE:
         path = cache_dir("inductor")
         path.mkdir(parents=True, exist_ok=True)
         os.environ[CACHE_ENV] = str(path)
