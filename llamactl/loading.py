@@ -170,7 +170,7 @@ def load_model(
     `quant` quantizes the block projections on load, exactly as `llamactl quantize` would,
     without writing anything; weights are quantized from the checkpoint's own precision.
     `step` is the decode step chosen for the loaded model, once its weights are in place and
-    fused (llamactl.engine.choose_step: "auto", "eager", "cuda-graph").
+    fused (llamactl.engine.choose_step: "auto", "eager", "cuda-graph", "compiled").
 
     `tp=N > 1`: tensor parallel over N ranks (llamactl.engine.tp). Started from a plain
     process, this one becomes rank 0 and starts ranks 1..N-1 on this machine; under torchrun
@@ -314,11 +314,12 @@ def load_for_generation(
     ctx: int | None = None,
     quant: QuantSpec | None = None,
     tp: int = 1,
+    step: str = "auto",
 ) -> tuple[LoadedModel, Tokenizer]:
     """Model and matching tokenizer; the checkpoint is opened once and the tokenizer is
-    checked before any weight is read."""
+    checked before any weight is read. `step`: the decode step kind (see load_model)."""
     if ctx is not None and ctx < 2:
         raise LlamactlError(f"context of {ctx} tokens: it must hold at least 2 tokens")
     reader = open_checkpoint(model)
     tok = open_tokenizer(tokenizer, reader.tokenizer_path, reader.path, reader.args.vocab_size)
-    return load_model(reader, device=device, dtype=dtype, max_seq_len=ctx, quant=quant, tp=tp), tok
+    return load_model(reader, device=device, dtype=dtype, max_seq_len=ctx, quant=quant, tp=tp, step=step), tok

@@ -17,7 +17,13 @@ if TYPE_CHECKING:
 def permute_for_hf(w: torch.Tensor, heads: int) -> torch.Tensor:
     """Meta interleaved-pair rows -> HF half-split rows, per head. w: [heads*D, in]."""
     rows, cols = w.shape
-    return w.view(heads, rows // heads // 2, 2, cols).transpose(1, 2).reshape(rows, cols)
+    return hf_rows_view(w, heads).reshape(rows, cols)
+
+
+def hf_rows_view(w: torch.Tensor, heads: int) -> torch.Tensor:
+    """permute_for_hf without the copy: a [heads, 2, D/2, in] view whose C-order rows are HF's."""
+    rows, cols = w.shape
+    return w.view(heads, rows // heads // 2, 2, cols).transpose(1, 2)
 
 
 def unpermute_from_hf(w: torch.Tensor, heads: int) -> torch.Tensor:

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from llamactl.bench.options import BenchPlan, ModelKey, model_args
+from llamactl.bench.options import BenchOptions, BenchPlan, ModelKey, model_args
 from llamactl.bench.probes import storage_bytes
 from llamactl.config import ModelArgs, get_preset
 from llamactl.dtypes import name_of, to_torch
@@ -66,7 +66,7 @@ def build_model(plan: BenchPlan, key: ModelKey) -> BuiltModel:
     if opts.model is not None:
         from llamactl.loading import load_model
 
-        loaded = load_model(opts.model, device=device, dtype=dtype, quant=quant)
+        loaded = load_model(opts.model, device=device, dtype=dtype, quant=quant, step=step_kind(opts))
         args = loaded.args
         shape = ModelShape(args, args.n_layers, Path(opts.model).name, str(opts.model), dtype, key.bits, key.scheme)
         assert loaded.step is not None
@@ -79,7 +79,12 @@ def build_model(plan: BenchPlan, key: ModelKey) -> BuiltModel:
         quantize_model(model, quant, device)
     else:
         model.fuse_projections()
-    return BuiltModel(model, shape, choose_step(model))
+    return BuiltModel(model, shape, choose_step(model, step_kind(opts)))
+
+
+def step_kind(opts: BenchOptions) -> str:
+    """The decode step kind the options ask for (--compile, --no-compile, else "auto")."""
+    return "auto" if opts.compile is None else "compiled" if opts.compile else "eager"
 
 
 def build_random_model(args: ModelArgs, device: torch.device, dtype: torch.dtype, seed: int = 0) -> Transformer:

@@ -63,6 +63,8 @@ class BenchOptions:
     device: str | None = None  # None: cuda when available, else cpu
     vs: str | None = None  # "transformers" or None
     seed: int = 0
+    threads: int | None = None  # CPU threads (None: the physical cores)
+    compile: bool | None = None  # --compile / --no-compile; None: the engine's "auto" choice
     args: ModelArgs | None = None  # a custom shape instead of the presets (library use, tests)
 
 

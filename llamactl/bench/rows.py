@@ -89,6 +89,8 @@ class BenchRow:
     vs_samples_ts: list[float] = field(default_factory=list)
     speedup: float | None = None
     scheme: str | None = None  # the quantization scheme of bits 8 / 4 (q8, int8, q4, nf4...)
+    step: str | None = None  # the decode step: eager, compiled, cuda-graph
+    compile_s: float | None = None  # seconds the compiled step's first call took (compiling)
 
 
 # The stable schema of json/jsonl/csv: environment fields then row fields, in this order.

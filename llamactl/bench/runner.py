@@ -345,6 +345,9 @@ class _ModelRunner:
 
         our_ns, their_ns, peak = self._repeat(ours, theirs if vs else None)
         self._finish(row, our_ns, their_ns, peak, cfg.batch * n_gen, n_gen)
+        step = self.built.step
+        row.step = "eager" if getattr(step, "failed", False) else getattr(step, "kind", type(step).__name__)
+        row.compile_s = getattr(step, "compile_seconds", None)
         # Bytes one decode step reads: every weight but the embedding table (one row is
         # gathered), plus the KV cache as filled on average over the generated tokens.
         embedding = model.tok_embeddings.weight

@@ -249,12 +249,33 @@ class ReaderView:
         return self.source.iter_tensors()
 
 
+def stream_tensors(reader: CheckpointReader) -> Iterator[tuple[str, Entry]]:
+    """`reader.iter_tensors()` for a consumer that is done with each tensor before taking the next.
+
+    A reader whose class defines `iter_transient` beside its `iter_tensors` (same tensors, but
+    each may share memory with the next) can then reuse its buffers instead of mapping fresh
+    memory for every tensor; writers stream through this. A subclass, proxy or instance that
+    changes `iter_tensors` without defining its own `iter_transient` gets `iter_tensors`, never
+    its parent's transient pass.
+    """
+
+    def owner(attr: str) -> type | None:
+        return next((k for k in type(reader).__mro__ if attr in vars(k)), None)
+
+    transient = owner("iter_transient")
+    replaced = "iter_tensors" in getattr(reader, "__dict__", {})  # set on the instance: that one counts
+    if transient is not None and transient is owner("iter_tensors") and not replaced:
+        return reader.iter_transient()  # type: ignore[attr-defined, no-any-return]
+    return reader.iter_tensors()
+
+
 @dataclass
 class FiniteCheck(ReaderView):
     """Reports (through `warn`) every float tensor holding NaN or Inf as it streams past.
 
-    One float64 sum per tensor: a NaN or Inf anywhere makes it non-finite, and the pass reads
-    the data once without allocating a mask the size of the tensor.
+    One min/max pass per tensor: both reductions propagate NaN and an Inf is its own extreme,
+    so the pair is finite exactly when every element is; the pass reads the data once, at
+    memory speed, without converting it or allocating a mask the size of the tensor.
     """
 
     source: CheckpointReader
@@ -265,10 +286,23 @@ class FiniteCheck(ReaderView):
         return self.source.quant
 
     def iter_tensors(self) -> Iterator[tuple[str, Entry]]:
-        import torch
+        return self._checked(self.source.iter_tensors())
 
-        for name, entry in self.source.iter_tensors():
-            is_float = isinstance(entry, torch.Tensor) and entry.is_floating_point()
-            if is_float and not torch.isfinite(entry.sum(dtype=torch.float64)):
+    def iter_transient(self) -> Iterator[tuple[str, Entry]]:
+        return self._checked(stream_tensors(self.source))
+
+    def _checked(self, entries: Iterator[tuple[str, Entry]]) -> Iterator[tuple[str, Entry]]:
+        for name, entry in entries:
+            if not is_finite(entry):
                 self.warn(f"{self.source.path}: tensor {name} holds NaN or Inf values")
             yield name, entry
+
+
+def is_finite(entry: Entry) -> bool:
+    """False for a float tensor with a NaN or Inf anywhere (anything else counts as finite)."""
+    import torch
+
+    if not isinstance(entry, torch.Tensor) or not entry.is_floating_point() or entry.numel() == 0:
+        return True
+    low, high = torch.aminmax(entry)
+    return bool(torch.isfinite(low) and torch.isfinite(high))

@@ -17,11 +17,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from llamactl import dtypes, layout
-from llamactl.checkpoint.base import CheckpointReader, order_like, output_chat_template, tensor_bytes
+from llamactl.checkpoint.base import CheckpointReader, order_like, output_chat_template, stream_tensors
 from llamactl.checkpoint.formats import WriteOptions, WritePlan
 from llamactl.checkpoint.gguf_file import GGUFArray, GGUFFile
 from llamactl.checkpoint.gguf_quants import BY_NAME, GGMLType
 from llamactl.checkpoint.gguf_vocab import bpe_gguf_kvs, gguf_kvs, read_tokenizer_json, read_tokenizer_model
+from llamactl.checkpoint.tensor_io import Scratch, write_tensor
 from llamactl.errors import CheckpointError, UsageError
 from llamactl.layout import TensorInfo
 
@@ -146,10 +147,7 @@ def _write_header(out: Path, kvs: dict[str, tuple[object, str]], infos: list[Ten
 
 
 def _encode(tensor: torch.Tensor, info: TensorInfo) -> memoryview:
-    """The bytes GGUF stores for one canonical tensor (rows are contiguous: no transposition)."""
-    if info.scheme is None:
-        target = dtypes.to_torch(info.dtype)
-        return tensor_bytes(tensor if tensor.dtype == target else tensor.to(target))
+    """The bytes GGUF stores for one quantized canonical tensor (rows are contiguous: no transposition)."""
     import numpy as np
     from gguf import GGMLQuantizationType, quants
 
@@ -166,20 +164,23 @@ def write_format(out: Path, reader: CheckpointReader, plan: WritePlan, options: 
         offsets[info.name] = position
         position += info.nbytes + (-info.nbytes % alignment)
     pending = {info.name: info for info in infos}
+    scratch = Scratch()  # casts go out through it in chunks
     with open(out, "r+b") as handle:
         handle.truncate(position)  # padding between tensors reads as zeros
-        for meta_name, entry in reader.iter_tensors():
+        for meta_name, entry in stream_tensors(reader):
             name = layout.meta_to_gguf(meta_name)
             info = pending.pop(name or "", None)
             if info is None:
                 raise CheckpointError(f"{reader.path}: tensor {meta_name} arrived twice or was not planned")
-            data = _encode(entry, info)  # type: ignore[arg-type]
-            if len(data) != info.nbytes:
-                raise AssertionError(f"{name}: {len(data)} bytes, {info.nbytes} planned")
             handle.seek(offsets[info.name])
-            handle.write(data)
+            if info.scheme is None:
+                written = write_tensor(handle, entry, dtypes.to_torch(info.dtype), scratch)  # type: ignore[arg-type]
+            else:
+                written = handle.write(_encode(entry, info))  # type: ignore[arg-type]
+            if written != info.nbytes:
+                raise AssertionError(f"{name}: {written} bytes, {info.nbytes} planned")
             if options.on_tensor:
-                options.on_tensor(meta_name, len(data))
-            del entry, data  # hold nothing while the source produces the next tensor
+                options.on_tensor(meta_name, written)
+            del entry  # hold nothing while the source produces the next tensor
     if pending:
         raise CheckpointError(f"source ended before tensor {next(iter(pending))} was written")

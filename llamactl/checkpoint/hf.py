@@ -26,20 +26,20 @@ from llamactl.checkpoint.base import (
     check_against_args,
     main_dtype,
     output_chat_template,
-    tensor_bytes,
+    stream_tensors,
 )
 from llamactl.checkpoint.formats import CheckpointFormat, WriteOptions, WritePlan
 from llamactl.checkpoint.pth import read_records
 from llamactl.checkpoint.safetensors_io import SafetensorsWriter, read_header
 from llamactl.checkpoint.sharding import plan_size_shards
-from llamactl.checkpoint.tensor_io import Extent, Files
+from llamactl.checkpoint.tensor_io import Extent, Files, Scratch
 from llamactl.config import ModelArgs, args_from_hf_config, hf_config_from_args, read_json
 from llamactl.errors import CheckpointError, ConfigError, printable
 from llamactl.layout import HF_IGNORED, TensorInfo
 from llamactl.plugins import hookimpl
 from llamactl.quantize import QuantizedTensor, QuantSpec, storage
 from llamactl.quantize.spec import NATIVE_METHOD
-from llamactl.rotary import permute_for_hf, unpermute_from_hf
+from llamactl.rotary import hf_rows_view, unpermute_from_hf
 
 if TYPE_CHECKING:
     import torch
@@ -175,15 +175,23 @@ class HFReader(ReaderBase):
                 infos.append(TensorInfo("output.weight", embedding.shape, embedding.dtype))
         return infos
 
-    def iter_raw(self) -> Iterator[tuple[str, torch.Tensor]]:
-        """(hf_name, tensor) exactly as stored, one at a time, in file order."""
+    def iter_raw(self, scratch: Scratch | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+        """(hf_name, tensor) exactly as stored, one at a time, in file order (with `scratch`: in
+        its one reused buffer, valid until the next)."""
         with Files() as files:
             for name in sorted(self.stored, key=lambda n: (str(self.extents[n].file), self.extents[n].offset)):
-                yield name, files.read(self.extents[name], name)
+                yield name, files.read(self.extents[name], name, scratch)
 
     def iter_tensors(self) -> Iterator[tuple[str, Entry]]:
+        return self._canonical(None)
+
+    def iter_transient(self) -> Iterator[tuple[str, Entry]]:
+        """As iter_tensors, but tensors read into one reused buffer, each valid until the next."""
+        return self._canonical(Scratch())
+
+    def _canonical(self, scratch: Scratch | None) -> Iterator[tuple[str, Entry]]:
         tie = "output.weight" not in {layout.hf_to_meta(n) for n in self.stored}
-        for hf_name, tensor in self.iter_raw():
+        for hf_name, tensor in self.iter_raw(scratch):
             meta = layout.hf_to_meta(hf_name)
             if meta is None:
                 continue  # ignored tensors such as rotary_emb.inv_freq
@@ -249,18 +257,15 @@ def write_hf(
     """Stream canonical entries into the planned safetensors files, then config and index."""
     writers = [SafetensorsWriter(out_dir / name, infos) for name, infos in plan]
     where = {info.name: (writer, info) for writer, (_, infos) in zip(writers, plan) for info in infos}
+    scratch = Scratch()  # permuted or cast tensors go out through it in chunks
     try:
-        for meta_name, entry in reader.iter_tensors():
+        for meta_name, entry in stream_tensors(reader):
             hf_name = layout.meta_to_hf(meta_name)
             assert hf_name is not None, meta_name
             written = 0
-            for name, tensor, dtype in _stored_parts(meta_name, hf_name, entry, reader.args, where):
+            for name, tensor, dtype, shape in _stored_parts(meta_name, hf_name, entry, reader.args, where):
                 writer, _ = where[name]
-                data = tensor_bytes(
-                    tensor.to(dtypes.to_torch(dtype)) if dtype != dtypes.name_of(tensor.dtype) else tensor
-                )
-                writer.add(name, dtype, tuple(tensor.shape), data)
-                written += len(data)
+                written += writer.add_tensor(name, dtype, shape, tensor, scratch)
             if on_tensor:
                 on_tensor(meta_name, written)
         for writer in writers:
@@ -291,16 +296,17 @@ def special_token_ids(reader: CheckpointReader) -> dict[str, int]:
 
 def _stored_parts(
     meta_name: str, hf_name: str, entry: Entry, args: ModelArgs, where: dict[str, Any]
-) -> Iterator[tuple[str, torch.Tensor, str]]:
-    """(stored name, tensor, dtype to store) for one canonical entry."""
+) -> Iterator[tuple[str, torch.Tensor, str, tuple[int, ...]]]:
+    """(stored name, tensor, dtype to store, stored shape) for one canonical entry."""
     if isinstance(entry, QuantizedTensor):
         module = hf_name.removesuffix(".weight")
         for part, tensor in entry.parts.items():
-            yield f"{module}.{part}", tensor, dtypes.name_of(tensor.dtype)
+            yield f"{module}.{part}", tensor, dtypes.name_of(tensor.dtype), tuple(tensor.shape)
         return
     heads = layout.rotary_heads(meta_name, args)
     _, info = where[hf_name]
-    yield hf_name, permute_for_hf(entry, heads) if heads is not None else entry, info.dtype
+    # The permutation as a view: the writer gathers its rows chunk by chunk, never copying it whole.
+    yield hf_name, hf_rows_view(entry, heads) if heads is not None else entry, info.dtype, tuple(entry.shape)
 
 
 def write_hf_config(out_dir: Path, args: ModelArgs, dtype_name: str, extra: dict[str, Any] | None = None) -> None:

@@ -1,8 +1,9 @@
 """Meta's layout: params.json + consolidated.NN.pth model-parallel shards.
 
 Opening reads each shard's index without torch and checks every record (`checkpoint.pth`);
-reading copies one tensor's pieces at a time from their checked extents and merges them, so
-peak memory stays near one tensor, not the model.
+reading copies one tensor's pieces at a time from their checked extents straight into their
+place in the merged tensor (no concatenation), so peak memory stays near one tensor, not the
+model.
 Writing first saves a skeleton of each shard (`torch.serialization.skip_data`: the zip with
 every record in place but no bytes), then streams each tensor's bytes into its record.
 """
@@ -29,14 +30,14 @@ from llamactl.checkpoint.base import (
     ReaderBase,
     check_against_args,
     read_model_meta,
-    tensor_bytes,
+    stream_tensors,
     trained_context,
     write_model_meta,
 )
 from llamactl.checkpoint.formats import CheckpointFormat, WriteOptions, WritePlan
 from llamactl.checkpoint.pth import Record, read_records
-from llamactl.checkpoint.sharding import check_splittable, merge_shards, shard_shape, split_tensor
-from llamactl.checkpoint.tensor_io import Files
+from llamactl.checkpoint.sharding import check_splittable, shard_shape, split_tensor
+from llamactl.checkpoint.tensor_io import Extent, Files, Scratch, write_tensor
 from llamactl.config import ModelArgs, args_from_params, read_json
 from llamactl.errors import CheckpointError
 from llamactl.layout import META_IGNORED, TensorInfo, split_dim
@@ -99,12 +100,37 @@ class MetaReader(ReaderBase):
         return cls(path=path, args=args, files=files, infos=infos, records=records, context_known=known)
 
     def iter_tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
+        return self._merged(None)
+
+    def iter_transient(self) -> Iterator[tuple[str, torch.Tensor]]:
+        """As iter_tensors, but every tensor is held in one reused buffer, valid until the next."""
+        return self._merged(Scratch())
+
+    def _merged(self, reuse: Scratch | None) -> Iterator[tuple[str, torch.Tensor]]:
+        import torch
+
+        pieces = Scratch()  # pieces that cannot be read in place (dim-1 splits) pass through here
         with Files() as files:
             for info in self.infos:
-                yield (
-                    info.name,
-                    merge_shards(info.name, [files.read(s[info.name].extent, info.name) for s in self.records]),
-                )
+                dtype = dtypes.to_torch(info.dtype)
+                out = reuse.like(0, info.shape, dtype) if reuse is not None else torch.empty(info.shape, dtype=dtype)
+                extents = [shard[info.name].extent for shard in self.records]
+                yield info.name, _read_merged(files, info.name, extents, out, pieces)
+
+
+def _read_merged(
+    files: Files, name: str, extents: Sequence[Extent], out: torch.Tensor, pieces: Scratch
+) -> torch.Tensor:
+    """Fill `out` with the model-parallel pieces at `extents`, each at its place (replicated: the first)."""
+    targets = split_tensor(name, out, len(extents))
+    if split_dim(name) is None:
+        targets, extents = targets[:1], extents[:1]
+    for target, extent in zip(targets, extents):
+        if target.is_contiguous() and extent.stride is None:
+            files.read_into(extent, name, target)  # dim-0 pieces: each shard's rows in place
+        else:
+            target.copy_(files.read(extent, name, pieces))
+    return out
 
 
 def _merged_infos(files: Sequence[Path], shards: Sequence[dict[str, TensorInfo]]) -> list[TensorInfo]:
@@ -207,16 +233,17 @@ def write_meta(
     files = [out_dir / name for name, _ in plan]
     offsets = [_write_skeleton(f, infos) for f, (_, infos) in zip(files, plan)]
     wanted = {i.name: i for i in plan[0][1]}
+    scratch = Scratch()
     with contextlib.ExitStack() as stack:
         handles = [stack.enter_context(open(f, "r+b")) for f in files]
         for name, tensor in tensors:
             info = wanted.pop(name)
             written = 0
-            out = tensor.to(dtypes.to_torch(info.dtype))
-            for handle, offs, piece in zip(handles, offsets, split_tensor(name, out, shards)):
+            for handle, offs, piece in zip(handles, offsets, split_tensor(name, tensor, shards)):
                 assert tuple(piece.shape) == info.shape, (name, piece.shape, info.shape)
                 handle.seek(offs[name])
-                written += handle.write(tensor_bytes(piece))
+                # casts and gathers dim-1 pieces in chunks on the way out
+                written += write_tensor(handle, piece, dtypes.to_torch(info.dtype), scratch)
             if on_tensor:
                 on_tensor(name, written)  # replicated tensors count once per shard, as in the plan
     if wanted:
@@ -232,7 +259,7 @@ def plan_format(reader: CheckpointReader, options: WriteOptions) -> WritePlan:
 
 
 def write_format(out_dir: Path, reader: CheckpointReader, plan: WritePlan, options: WriteOptions) -> None:
-    write_meta(out_dir, plan, reader.iter_tensors(), options.on_tensor)
+    write_meta(out_dir, plan, stream_tensors(reader), options.on_tensor)
     (out_dir / PARAMS_FILE).write_text(json.dumps(meta_params(reader.args), indent=2) + "\n")
     context = trained_context(reader)
     if context is not None:  # params.json cannot hold it (Meta's loader would refuse the key)

@@ -21,11 +21,15 @@ import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any
 
 from llamactl import dtypes, jsonio
+from llamactl.checkpoint.tensor_io import Scratch, write_tensor
 from llamactl.errors import CheckpointError, printable
 from llamactl.layout import TensorInfo
+
+if TYPE_CHECKING:
+    import torch
 
 MAX_HEADER_BYTES = 100 << 20  # the safetensors library's own limit
 _ST_TO_NAME = {d.safetensors: d.name for d in dtypes.DTYPE_TABLE}
@@ -158,14 +162,30 @@ class SafetensorsWriter:
 
     def add(self, name: str, dtype: str, shape: Sequence[int], data: memoryview | bytes) -> None:
         """Append one tensor's raw little-endian bytes."""
-        if name not in self.pending:
-            raise AssertionError(f"{self.path.name}: tensor {name} was not planned for this file (or came twice)")
-        expected = math.prod(shape) * dtypes.itemsize(dtype)
+        expected = self._expect(name, dtype, shape)
         if len(data) != expected:
             raise AssertionError(f"{name}: {len(data)} bytes for {dtype} {list(shape)} ({expected} expected)")
         self.handle.write(data)
-        self.entries.append((name, dtypes.name_of(dtype), tuple(shape), self.position, self.position + len(data)))
-        self.position += len(data)
+        self._record(name, dtype, shape, len(data))
+
+    def add_tensor(self, name: str, dtype: str, shape: Sequence[int], tensor: torch.Tensor, scratch: Scratch) -> int:
+        """Append a tensor of any layout, cast to `dtype` on the way (in C order, as `shape`)."""
+        expected = self._expect(name, dtype, shape)
+        if tensor.numel() != math.prod(shape):
+            raise AssertionError(f"{name}: {tensor.numel()} elements for {list(shape)}")
+        written = write_tensor(self.handle, tensor, dtypes.to_torch(dtype), scratch)
+        assert written == expected, (name, written, expected)
+        self._record(name, dtype, shape, written)
+        return written
+
+    def _expect(self, name: str, dtype: str, shape: Sequence[int]) -> int:
+        if name not in self.pending:
+            raise AssertionError(f"{self.path.name}: tensor {name} was not planned for this file (or came twice)")
+        return math.prod(shape) * dtypes.itemsize(dtype)
+
+    def _record(self, name: str, dtype: str, shape: Sequence[int], nbytes: int) -> None:
+        self.entries.append((name, dtypes.name_of(dtype), tuple(shape), self.position, self.position + nbytes))
+        self.position += nbytes
         self.pending.discard(name)
 
     @property

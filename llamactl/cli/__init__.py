@@ -102,6 +102,9 @@ def _run_plain(app: typer.Typer) -> int:
 
 def main() -> None:
     """Console-script entry point."""
+    from llamactl.threads import apply_openmp_defaults
+
+    apply_openmp_defaults()  # before anything imports torch: OpenMP reads it once, at load
     signal.signal(signal.SIGTERM, _terminate)  # unwind like Ctrl-C: temporary outputs are removed
     try:
         app = build_app()

@@ -100,6 +100,28 @@ PullYes = Annotated[
         "(without --yes: asked on a terminal, an error elsewhere).",
     ),
 ]
+Threads = Annotated[
+    int | None, typer.Option("--threads", min=1, help="CPU threads the model runs on (default: the physical cores).")
+]
+Compile = Annotated[
+    bool | None,
+    typer.Option(
+        "--compile/--no-compile",
+        help="CPU decode through one torch.compile'd static-shape step, or eagerly (default: the engine's choice).",
+    ),
+]
+
+
+def step_kind(compile_: bool | None) -> str:
+    """The decode step --compile / --no-compile asks for (neither: the engine's "auto")."""
+    return "auto" if compile_ is None else "compiled" if compile_ else "eager"
+
+
+def threads_from(threads: int | None) -> int:
+    """Apply --threads (default: the physical cores) to torch; returns the count."""
+    from llamactl.threads import set_threads
+
+    return set_threads(threads)
 
 
 def sampling_from(
@@ -221,6 +243,8 @@ def load_from_options(
     quant: QuantSpec | None = None,
     yes: bool = False,
     tp: int = 1,
+    threads: int | None = None,
+    compile_: bool | None = None,
 ) -> tuple[LoadedModel, Tokenizer]:
     """The model and tokenizer the options name, with a spinner on a terminal; a known name not
     in the store is offered for pulling first (`ensure_model`).
@@ -234,9 +258,13 @@ def load_from_options(
     from llamactl.tokenizer import MissingTokenizerError
 
     ensure_model(model, yes)
+    threads_from(threads)
+    step = step_kind(compile_)
     try:
         with loading_status(model):
-            loaded, tok = load_for_generation(model, tokenizer, device, parse_float_dtype(dtype), ctx, quant, tp)
+            loaded, tok = load_for_generation(
+                model, tokenizer, device, parse_float_dtype(dtype), ctx, quant, tp=tp, step=step
+            )
     except MissingTokenizerError as exc:
         raise TokenizerError(
             f"{exc.model_path}: no tokenizer.model or tokenizer.json next to the weights; pass --tokenizer FILE"

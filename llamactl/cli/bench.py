@@ -30,6 +30,7 @@ from llamactl.bench import (
 )
 from llamactl.cli import _complete
 from llamactl.cli._common import cli_command, stderr, stdout
+from llamactl.cli._options import Compile, Threads, threads_from
 from llamactl.errors import UsageError
 from llamactl.plugins import hookimpl
 
@@ -122,6 +123,8 @@ def bench(
             help="Tensor parallel over N ranks: speed, memory per rank, collective share (--tp 1: same method, one process).",
         ),
     ] = None,
+    threads: Threads = None,
+    compile_: Compile = None,
 ) -> None:
     """Benchmark prefill and decode speed and memory (like llama-bench, plus KV cache and bandwidth)."""
     fmt = "json" if json_output else output.lower()
@@ -154,7 +157,10 @@ def bench(
         device=device,
         vs=vs.lower() if vs else None,
         seed=seed,
+        threads=threads,
+        compile=compile_,
     )
+    threads_from(threads)  # before the environment is described: n_threads reports it
     if plot is not None:
         from llamactl.cli.plot import check_plot_path
 

@@ -17,6 +17,7 @@ import typer
 from llamactl.cli._common import cli_command, print_json_line, read_stdin, warn, write
 from llamactl.cli._options import (
     Bits,
+    Compile,
     Ctx,
     Device,
     DType,
@@ -35,6 +36,7 @@ from llamactl.cli._options import (
     Temperature,
     TemplateOpt,
     TensorParallel,
+    Threads,
     TokenizerOpt,
     TopK,
     TopP,
@@ -83,6 +85,8 @@ def chat(
     ] = "drop",
     device: Device = None,
     dtype: DType = None,
+    threads: Threads = None,
+    compile_: Compile = None,
     bits: Bits = None,
     scheme: Scheme = None,
     quant_type: QuantType = None,
@@ -115,7 +119,9 @@ def chat(
     if not interactive:
         inputs = _script_inputs(prompt, each_line)
     quant = quant_from_options(bits, scheme, quant_type)
-    loaded, tok = load_from_options(model, tokenizer, device, dtype, ctx, quant, yes=yes, tp=tp)
+    loaded, tok = load_from_options(
+        model, tokenizer, device, dtype, ctx, quant, yes=yes, tp=tp, threads=threads, compile_=compile_
+    )
     with loaded:  # ends the other tensor-parallel ranks, whatever happens
         chat_template = model_template(template, loaded.reader, tok)
         _converse(

@@ -11,6 +11,7 @@ import typer
 from llamactl.cli._common import cli_command, print_json_line, read_stdin, write
 from llamactl.cli._options import (
     Bits,
+    Compile,
     Ctx,
     Device,
     DType,
@@ -28,6 +29,7 @@ from llamactl.cli._options import (
     Stop,
     Temperature,
     TensorParallel,
+    Threads,
     TokenizerOpt,
     TopK,
     TopP,
@@ -78,6 +80,8 @@ def generate(
     logprobs: Logprobs = 0,
     device: Device = None,
     dtype: DType = None,
+    threads: Threads = None,
+    compile_: Compile = None,
     bits: Bits = None,
     scheme: Scheme = None,
     quant_type: QuantType = None,
@@ -114,7 +118,9 @@ def generate(
     )
     check_template_name(template)
     quant = quant_from_options(bits, scheme, quant_type)
-    loaded, tok = load_from_options(model, tokenizer, device, dtype, ctx, quant, yes=yes, tp=tp)
+    loaded, tok = load_from_options(
+        model, tokenizer, device, dtype, ctx, quant, yes=yes, tp=tp, threads=threads, compile_=compile_
+    )
     with loaded:  # ends the other tensor-parallel ranks, whatever happens
         _complete(loaded, tok, prompt, sampling, template, json_out)
 

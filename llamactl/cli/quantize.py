@@ -23,7 +23,9 @@ from llamactl.cli._options import (
     Int8Threshold,
     QuantType,
     Scheme,
+    Threads,
     quant_from_options,
+    threads_from,
 )
 from llamactl.errors import UsageError
 from llamactl.plugins import hookimpl
@@ -65,6 +67,7 @@ def quantize(
     ] = None,
     force: Annotated[bool, typer.Option("--force", help="Replace DST if it exists.")] = False,
     json_out: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
+    threads: Threads = None,
 ) -> None:
     """Quantize a checkpoint (q8/q4 native, or bitsandbytes int8/nf4/fp4) and report the cost."""
     from llamactl.checkpoint import open_checkpoint
@@ -74,6 +77,7 @@ def quantize(
 
     if (bits is None) == (scheme is None):
         raise UsageError("give exactly one of --bits 8|4 or --scheme NAME")
+    threads_from(threads)
     spec = quant_from_options(
         bits, scheme, quant_type, double_quant, blocksize, compute_dtype, int8_threshold, group_size
     )

@@ -27,6 +27,7 @@ from llamactl.cli._options import (
     Seed,
     Temperature,
     TemplateOpt,
+    Threads,
     TokenizerOpt,
     TopK,
     TopP,
@@ -74,6 +75,7 @@ def serve(
     template: TemplateOpt = None,
     tokenizer: TokenizerOpt = None,
     ctx: Ctx = None,
+    threads: Threads = None,
     json_out: Annotated[bool, typer.Option("--json", help="Log one JSON object per request on stderr.")] = False,
     yes: PullYes = False,
 ) -> None:
@@ -95,7 +97,7 @@ def serve(
     quant = quant_from_options(bits, scheme, quant_type)
     # Tensor parallel (--tp N) plugs in here: a loader that starts the ranks and returns rank 0's
     # model with a decode step driving them all; ModelWorker needs nothing else.
-    loaded, tok = load_from_options(model, tokenizer, device, dtype, ctx, quant, yes=yes)
+    loaded, tok = load_from_options(model, tokenizer, device, dtype, ctx, quant, yes=yes, threads=threads)
     chat_template = model_template(template, loaded.reader, tok)
     from llamactl.server.app import ServedModel, ServerSettings, create_app
     from llamactl.server.worker import ModelWorker

@@ -10,10 +10,16 @@ loop takes a step as an argument and never looks at how it runs.
   replayed; CUDA only, plain (unquantized, fused) projections only.
 - Tensor parallel (tp.py): not a step but a model, `ShardedTransformer`, one rank's shard whose
   forward mirrors itself to the other ranks; it decodes through the eager step.
+- `CompiledStep` (compiled.py): the static-shape step through torch.compile (inductor), on
+  the CPU; eager again after a failed compile (one warning).
 
-`choose_step(model, kind)` picks one: "eager", "cuda-graph", or "auto" (the default), which
-is eager unless `LLAMACTL_CUDA_GRAPHS=1` asks for graphs and the model can be graphed. The
-variable is read there, once, never per token.
+`choose_step(model, kind)` picks one: "eager", "cuda-graph", "compiled", or "auto" (the
+default): a CUDA graph when `LLAMACTL_CUDA_GRAPHS=1` asks for one and the model can be
+graphed; on the CPU the compiled step for plain (fused, unquantized) models of the weight
+dtypes `COMPILE_PAYS` lists (where compiling was measured to pay, start-up included:
+benchmarks/decode_variants.py; none so far), unless `LLAMACTL_COMPILE=0`; else eager. The
+variables are read there, once, never per token. On the commands `--compile` is kind
+"compiled" and `--no-compile` kind "eager".
 """
 
 from __future__ import annotations
@@ -23,13 +29,21 @@ from typing import Protocol
 
 import torch
 
+from llamactl.engine.compiled import CompiledStep, compilable
 from llamactl.engine.cuda_graph import CudaGraphStep, graphable
 from llamactl.engine.eager import EagerStep
 from llamactl.errors import LlamactlError
 from llamactl.model import Transformer
 
 GRAPHS_ENV = "LLAMACTL_CUDA_GRAPHS"
-STEP_KINDS = ("auto", "eager", "cuda-graph")
+COMPILE_ENV = "LLAMACTL_COMPILE"  # "0": "auto" never compiles (the test suite sets it; --no-compile per command)
+STEP_KINDS = ("auto", "eager", "cuda-graph", "compiled")
+# Weight dtypes whose CPU decode "auto" compiles: where compiling was measured to pay, start-up
+# included. None so far: on the 2-core test host (110M shape, bf16, warm inductor cache) the
+# compiled step decoded at most ~1.3-1.5x faster (in noisy rounds, sometimes slower) but took
+# 24-30 s to start against ~1 s, which a command generating fewer than ~1500 tokens never earns
+# back. `--compile` asks for it (CHANGELOG, issue 10).
+COMPILE_PAYS: tuple[torch.dtype, ...] = ()
 
 
 class DecodeStep(Protocol):
@@ -47,13 +61,38 @@ def choose_step(model: Transformer, kind: str = "auto") -> DecodeStep:
     if kind not in STEP_KINDS:
         raise LlamactlError(f"decode step {kind!r}: unknown; choose one of: {', '.join(STEP_KINDS)}")
     if kind == "auto":
-        kind = "cuda-graph" if os.environ.get(GRAPHS_ENV) == "1" and graphable(model) is None else "eager"
+        kind = _auto_kind(model)
     if kind == "eager":
         return EagerStep(model)
+    if kind == "compiled":
+        why = compilable(model)
+        if why is not None:
+            raise LlamactlError(f"decode step 'compiled': {why}")
+        return CompiledStep(model)
     why_not = graphable(model)
     if why_not is not None:
         raise LlamactlError(f"decode step 'cuda-graph': {why_not}")
     return CudaGraphStep(model)
 
 
-__all__ = ["GRAPHS_ENV", "STEP_KINDS", "CudaGraphStep", "DecodeStep", "EagerStep", "choose_step"]
+def _auto_kind(model: Transformer) -> str:
+    if os.environ.get(GRAPHS_ENV) == "1" and graphable(model) is None:
+        return "cuda-graph"
+    if os.environ.get(COMPILE_ENV) == "0" or compilable(model) is not None:
+        return "eager"
+    plain = all(layer.attention.fused and layer.feed_forward.fused for layer in model.layers)
+    # Measured for plain (fused, unquantized) projections only; quantized kernels stay eager.
+    return "compiled" if plain and model.tok_embeddings.weight.dtype in COMPILE_PAYS else "eager"
+
+
+__all__ = [
+    "COMPILE_ENV",
+    "COMPILE_PAYS",
+    "GRAPHS_ENV",
+    "STEP_KINDS",
+    "CompiledStep",
+    "CudaGraphStep",
+    "DecodeStep",
+    "EagerStep",
+    "choose_step",
+]

@@ -77,6 +77,8 @@ class CudaGraphStep:
     refuses is logged once, and the step then runs eagerly: slower, still correct.
     """
 
+    kind = "cuda-graph"
+
     def __init__(self, model: Transformer) -> None:
         self.model = model
         self._eager = EagerStep(model)

@@ -17,6 +17,8 @@ from llamactl.model import Transformer
 class EagerStep:
     """`model(tokens, pos)` over the cache positions written so far (0..pos)."""
 
+    kind = "eager"
+
     def __init__(self, model: Transformer) -> None:
         self.model = model
 

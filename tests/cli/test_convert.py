@@ -166,15 +166,15 @@ def test_full_disk_leaves_nothing(meta_src: Path, tmp_path: Path, monkeypatch: p
     from llamactl.checkpoint import safetensors_io
 
     calls = {"n": 0}
-    original = safetensors_io.SafetensorsWriter.add
+    original = safetensors_io.SafetensorsWriter.add_tensor
 
-    def write_until_full(self, name, dtype, shape, data):  # type: ignore[no-untyped-def]
+    def write_until_full(self, name, dtype, shape, tensor, scratch):  # type: ignore[no-untyped-def]
         calls["n"] += 1
         if calls["n"] > 3:
             raise OSError(errno.ENOSPC, "No space left on device", str(self.path))
-        return original(self, name, dtype, shape, data)
+        return original(self, name, dtype, shape, tensor, scratch)
 
-    monkeypatch.setattr(safetensors_io.SafetensorsWriter, "add", write_until_full)
+    monkeypatch.setattr(safetensors_io.SafetensorsWriter, "add_tensor", write_until_full)
     _bad_convert(meta_src, tmp_path / "out", "no space left on device")
     assert calls["n"] > 3
 

@@ -143,6 +143,7 @@ def test_import_copies_by_default_moves_or_links_on_request(meta_dir: Path, tmp_
     assert tree_digest(meta_dir) == before == tree_digest(home / "models" / "copy")  # the source is intact
     removed = run_cli("rm", "copy", "--yes", "--json")
     assert json.loads(removed.stdout) == {
+        "schema": 1,
         "name": "copy",
         "path": str(home / "models" / "copy"),
         "removed": True,

@@ -57,8 +57,8 @@ def test_kinds() -> None:
     assert isinstance(choose_step(model, "eager"), EagerStep) and choose_step(model).model is model
     with pytest.raises(LlamactlError, match="decode step 'cuda-graph': needs a model on a CUDA device"):
         choose_step(model, "cuda-graph")
-    with pytest.raises(LlamactlError, match="unknown; choose one of: auto, eager, cuda-graph"):
-        choose_step(model, "compiled")
+    with pytest.raises(LlamactlError, match="unknown; choose one of: auto, eager, cuda-graph, compiled"):
+        choose_step(model, "graphed")
 
 
 def test_the_eager_step_equals_the_model() -> None:
