@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from llamactl import jsonio
-from llamactl.errors import ConfigError, printable
+from llamactl.errors import ConfigError, UsageError, printable
 
 # Sizes Meta uses for multiple_of / ffn_dim_multiplier, tried in this order when the FFN
 # width has to be recovered from a Hugging Face config's intermediate_size.
@@ -146,11 +146,11 @@ PRESETS.update({f"{name}-chat": dataclasses.replace(args) for name, args in list
 
 
 def get_preset(name: str) -> ModelArgs:
-    """Exact lookup; the error lists the valid names."""
+    """Exact lookup; the error lists the valid names (a usage error: the name comes from the command line)."""
     try:
         return dataclasses.replace(PRESETS[name])
     except KeyError:
-        raise ConfigError(f"unknown preset {name!r}; choose one of: {', '.join(PRESETS)}") from None
+        raise UsageError(f"unknown preset {name!r}; choose one of: {', '.join(PRESETS)}") from None
 
 
 def read_json(path: Path) -> dict[str, Any]:

@@ -6,6 +6,9 @@ it as one line. `assert` is kept for internal invariants only.
 
 from __future__ import annotations
 
+INTERRUPTED = 130  # exit code after Ctrl-C (README: exit codes)
+TERMINATED = 143  # exit code after SIGTERM (128 + 15, as shells report it)
+
 
 class LlamactlError(Exception):
     """Base class: a user-facing error whose message is one complete sentence."""

@@ -15,8 +15,8 @@ import torch
 from llamactl.engine import DecodeStep, EagerStep
 from llamactl.errors import LlamactlError
 from llamactl.model import Transformer
-from llamactl.sampling import SamplingParams, make_generator, sample
-from llamactl.tokenizer import StreamDecoder, Tokenizer
+from llamactl.sampling import SamplingParams, StopMatcher, make_generator, sample, top_logprobs
+from llamactl.tokenizer import StreamDecoder, Tokenizer, stop_ids
 
 
 class ContextOverflowError(LlamactlError):
@@ -52,11 +52,13 @@ def decode_one(step: DecodeStep, token: int, pos: int) -> torch.Tensor:
 class Generation:
     """Iterate to get new token ids; prefill happens on the first `next()`.
 
-    The cache must already hold positions 0..start-1; `ids` are fed at start. Stops at a
-    stop id (not yielded), after `max_new_tokens`, or when the context is full. `step`
-    decodes each new token (default: eager). Afterwards: `stop_reason` ("eos", "length",
-    "context"), `cache_len` (positions whose keys/values are in the cache), `prefilled`,
-    `ttft` (seconds to the first token), `decode_seconds` (first to last token).
+    The cache must already hold positions 0..start-1 (`history`: their ids, for the
+    repetition penalty); `ids` are fed at start. Stops at a stop id (not yielded), after
+    `max_new_tokens`, or when the context is full. `step` decodes each new token (default:
+    eager). Afterwards: `stop_reason` ("eos", "length", "context"; "stop" when a caller
+    ended it at a stop string), `cache_len` (positions whose keys/values are in the cache),
+    `prefilled`, `ttft` (seconds to the first token), `decode_seconds` (first to last
+    token), `logprobs` (with sampling.logprobs > 0: one (logprob, top) pair per new token).
     """
 
     def __init__(
@@ -70,9 +72,11 @@ class Generation:
         stop_ids: Sequence[int] = (),
         max_new_tokens: int | None = None,
         step: DecodeStep | None = None,
+        history: Sequence[int] = (),
     ) -> None:
         if not ids:
             raise LlamactlError("nothing to generate from: the prompt has no tokens")
+        self.history = list(history)
         self.step = step or EagerStep(model)
         assert self.step.model is model, "the decode step is bound to another model"
         self.model, self.ids, self.start = model, list(ids), start
@@ -84,6 +88,7 @@ class Generation:
         self.cache_len = start
         self.prefilled = 0
         self.produced: list[int] = []
+        self.logprobs: list[tuple[float, list[tuple[int, float]]]] = []
         self.stop_reason: str | None = None
         self.ttft: float | None = None
         self.decode_seconds = 0.0
@@ -97,14 +102,20 @@ class Generation:
         logits = prefill(self.model, self.ids, self.start)
         self.prefilled = len(self.ids)
         self.cache_len = self.start + len(self.ids)
+        window = self.sampling.repeat_last_n if self.sampling.repeat_penalty != 1.0 else 0
         while True:
-            token = sample(logits, self.sampling, self.generator)
+            previous = self._recent(window)
+            token = sample(logits, self.sampling, self.generator, previous)
+            if self.sampling.logprobs:
+                self.logprobs.append(top_logprobs(logits, token, self.sampling.logprobs))
             now = time.perf_counter()
             if self.ttft is None:
                 self.ttft, first = now - t0, now
             self.decode_seconds = now - first
             if token in self.stop_ids:
                 self.stop_reason = "eos"
+                if self.logprobs:
+                    self.logprobs.pop()  # the EOS is not part of the answer
                 return
             self.produced.append(token)
             yield token
@@ -116,6 +127,14 @@ class Generation:
                 return
             logits = decode_one(self.step, token, self.cache_len)
             self.cache_len += 1
+
+    def _recent(self, n: int) -> list[int]:
+        """The last n ids of the context (history, prompt, answer so far), for the repetition penalty."""
+        if n <= 0:
+            return []
+        if len(self.produced) >= n:
+            return self.produced[-n:]
+        return (self.history + self.ids)[-(n - len(self.produced)) :] + self.produced
 
     @property
     def tokens_per_second(self) -> float | None:
@@ -151,11 +170,38 @@ def generate(
     )
 
 
+def stream_text(decoder: StreamDecoder, run: Generation, stops: Sequence[str] = ()) -> Iterator[str]:
+    """The text of `run` piece by piece, ended before the first stop string (never shown).
+
+    At a stop string the generation is closed (no more tokens are computed) and its
+    `stop_reason` becomes "stop". Pieces are held back only while they could still begin one.
+    """
+    if not stops:
+        yield from decoder.stream(run)
+        return
+    matcher = StopMatcher(stops)
+    pieces = decoder.stream(run)
+    for piece in pieces:
+        safe = matcher.feed(piece)
+        if safe:
+            yield safe
+        if matcher.stopped:
+            pieces.close()
+            run.stop_reason = "stop"
+            return
+    tail = matcher.flush()
+    if tail:
+        yield tail
+
+
 class Completion:
     """Plain text completion (Meta's text_completion: the prompt after a BOS id), streamed as text.
 
     The text is the continuation of the prompt, so a leading space of the first new token
-    is kept; from an empty prompt (BOS alone) it is the decode of the new tokens.
+    is kept; from an empty prompt (BOS alone) it is the decode of the new tokens. A tokenizer
+    whose texts start without BOS (`add_bos` false: GPT-2-style BPE) gets none, as
+    transformers encodes the prompt. `prompt_ids` (a chat template's framing of the prompt)
+    replaces the encoding; the answer is then decoded as a text of its own, as a chat turn is.
     """
 
     def __init__(
@@ -165,9 +211,12 @@ class Completion:
         prompt: str,
         sampling: SamplingParams,
         step: DecodeStep | None = None,
+        prompt_ids: list[int] | None = None,
     ) -> None:
         self.tokenizer, self.sampling = tokenizer, sampling.validate()
-        self.prompt_ids = tokenizer.encode(prompt, bos=True)
+        self.framed = prompt_ids is not None
+        bos = getattr(tokenizer, "add_bos", True) or not prompt  # "" still starts from BOS
+        self.prompt_ids = list(prompt_ids) if prompt_ids is not None else tokenizer.encode(prompt, bos=bos)
         if model.cache_len == 0:
             model.setup_cache(1)
         context = model.cache_len
@@ -177,14 +226,24 @@ class Completion:
             )
         generator, self.seed = make_generator(sampling.seed)
         self.run = Generation(
-            model, self.prompt_ids, sampling=sampling, generator=generator, stop_ids=[tokenizer.eos_id], step=step
+            model, self.prompt_ids, sampling=sampling, generator=generator, stop_ids=stop_ids(tokenizer), step=step
         )
         self.text = ""
 
     def __iter__(self) -> Iterator[str]:
-        decoder = StreamDecoder(self.tokenizer, context=self.prompt_ids)
-        yield from decoder.stream(self.run)
-        self.text = decoder.text
+        decoder = StreamDecoder(self.tokenizer, context=() if self.framed else self.prompt_ids)
+        for piece in stream_text(decoder, self.run, self.sampling.stop):
+            self.text += piece
+            yield piece
 
 
-__all__ = ["Completion", "ContextOverflowError", "Generation", "SamplingParams", "decode_one", "generate", "prefill"]
+__all__ = [
+    "Completion",
+    "ContextOverflowError",
+    "Generation",
+    "SamplingParams",
+    "decode_one",
+    "generate",
+    "prefill",
+    "stream_text",
+]

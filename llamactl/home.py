@@ -43,3 +43,24 @@ def hash_cache_file() -> Path:
 
 def chat_history_file() -> Path:
     return llamactl_home() / "chat_history"
+
+
+def model_files(path: Path) -> list[Path]:
+    """Every regular file of a model directory (following a linked import), hidden ones excluded.
+
+    THE definition of what a model occupies on disk: `list`, `show`, `info` and `rm` all count these.
+    """
+    root = path.resolve()
+    if root.is_file():  # a .gguf given by path
+        return [root]
+    out = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        # Regular files only: a FIFO or a link to /dev/zero would block hashing forever.
+        out += [Path(dirpath) / f for f in sorted(filenames) if not f.startswith(".") and (Path(dirpath) / f).is_file()]
+    return out
+
+
+def disk_bytes(files: list[Path]) -> int:
+    """Bytes the files occupy (their sizes, as `ls -l` and every report of llamactl give them)."""
+    return sum(f.stat().st_size for f in files)

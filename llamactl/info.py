@@ -15,6 +15,7 @@ from typing import Any
 from llamactl import dtypes, estimate
 from llamactl.checkpoint import CheckpointReader
 from llamactl.checkpoint.base import main_dtype
+from llamactl.home import disk_bytes, model_files
 from llamactl.layout import TensorInfo
 from llamactl.quantize import QuantSpec, storage
 from llamactl.quantize.quality import QuantStats
@@ -42,13 +43,17 @@ class ModelInfo:
     norm_eps: float
     dtype: str
     parameters: int
-    files: int
+    files: int  # every file of the model (as `list` and `show` count them)
     bytes_on_disk: int
+    weight_files: int  # the files holding the weights
+    weight_bytes_on_disk: int
     tokenizer: str | None
     quantization: dict[str, Any] | None
     ctx: int
     memory: dict[str, int] = field(default_factory=dict)
     storage: dict[str, Any] | None = None  # GGUF: container, tensor_types, bits_per_weight...
+    chat_template: str = "llama-2-chat"  # the template chat uses without --template
+    chat_template_source: str = ""  # which one that is, in words
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -120,6 +125,7 @@ def model_info(reader: CheckpointReader, ctx: int | None = None) -> ModelInfo:
     ctx = ctx or args.max_seq_len
     infos = reader.tensor_infos()
     storage = storage_of(reader)
+    everything = model_files(reader.path)
     return ModelInfo(
         path=str(reader.path),
         format=reader.format,
@@ -136,14 +142,25 @@ def model_info(reader: CheckpointReader, ctx: int | None = None) -> ModelInfo:
         norm_eps=args.norm_eps,
         dtype=_dtype(reader, infos, storage),
         parameters=sum(i.numel for i in infos),
-        files=len(reader.files),
-        bytes_on_disk=sum(f.stat().st_size for f in reader.files),
+        files=len(everything),
+        bytes_on_disk=disk_bytes(everything),
+        weight_files=len(reader.files),
+        weight_bytes_on_disk=disk_bytes(list(reader.files)),
         tokenizer=str(reader.tokenizer_path) if reader.tokenizer_path else None,
         quantization=quantization_summary(reader, infos),
         ctx=ctx,
         memory=memory_estimates(infos, ctx, args),
         storage=storage,
+        **_template_fields(reader),
     )
+
+
+def _template_fields(reader: CheckpointReader) -> dict[str, str]:
+    """The chat template a chat with this checkpoint uses by default, and where it comes from."""
+    from llamactl.templates import choose_template, describe_template
+
+    template = choose_template(None, getattr(reader, "chat_template", None), str(reader.path))
+    return {"chat_template": template.name, "chat_template_source": describe_template(template)}
 
 
 def describe_storage(storage: dict[str, Any]) -> str:

@@ -10,16 +10,18 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
 from llamactl.checkpoint import CheckpointReader, open_checkpoint
+from llamactl.checkpoint.base import trained_context
 from llamactl.checkpoint.quantized import QuantizedView
 from llamactl.config import ModelArgs
 from llamactl.devices import resolve
-from llamactl.engine import DecodeStep, choose_step
+from llamactl.engine import DecodeStep, EagerStep, choose_step
 from llamactl.errors import CheckpointError, LlamactlError
 from llamactl.layout import is_quantizable, module_path, rotary_heads
 from llamactl.model import Transformer
@@ -37,6 +39,45 @@ class LoadedModel:
     device: torch.device
     dtype: torch.dtype
     step: DecodeStep | None = None
+    trained_context: int | None = None  # what the checkpoint says it was trained at (None: unknown)
+
+    def watch_context(self, on_pass: Callable[[int, int], None]) -> None:
+        """Call `on_pass(position, trained_context)` once, when a position at or past the trained
+        context is first run (a prompt in prefill or a decoded token); nothing when it is unknown
+        or the context in use does not exceed it.
+
+        Positions past it run on rotations the model never saw: output degrades, silently.
+        """
+        limit = self.trained_context
+        if limit is None or self.args.max_seq_len <= limit:
+            return
+        fired = False
+
+        def check(end: int) -> None:
+            nonlocal fired
+            if not fired and end > limit:
+                fired = True
+                on_pass(end - 1, limit)
+
+        def pre_hook(_module: torch.nn.Module, args: tuple[Any, ...]) -> None:
+            tokens, start = args[0], args[1] if len(args) > 1 else 0
+            if isinstance(start, int):  # a graphed step passes a device tensor: checked below instead
+                check(start + tokens.shape[1])
+
+        self.model.register_forward_pre_hook(pre_hook)
+        if self.step is not None and not isinstance(self.step, EagerStep):
+            self.step = _WatchedStep(self.step, check)
+
+
+class _WatchedStep:
+    """A decode step that reports each position it runs (a replayed CUDA graph runs no hooks)."""
+
+    def __init__(self, inner: DecodeStep, check: Callable[[int], None]) -> None:
+        self.inner, self.model, self.check = inner, inner.model, check
+
+    def __call__(self, tokens: torch.Tensor, pos: int) -> torch.Tensor:
+        self.check(pos + tokens.shape[1])
+        return self.inner(tokens, pos)
 
 
 def build_model(
@@ -93,7 +134,9 @@ def load_model(
     placement = resolve(device, dtype if dtype is not None else native_dtype(quant or reader.quant))
     source = QuantizedView(reader, quant, device=placement.device) if quant is not None else reader
     net = build_model(source, placement.device, placement.dtype, max_seq_len).fuse_projections()
-    return LoadedModel(net, net.args, reader, placement.device, placement.dtype, choose_step(net, step))
+    loaded = LoadedModel(net, net.args, reader, placement.device, placement.dtype, choose_step(net, step))
+    loaded.trained_context = trained_context(reader)
+    return loaded
 
 
 def native_dtype(quant: QuantSpec | None) -> str | None:

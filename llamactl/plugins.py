@@ -13,6 +13,8 @@ whose target (a module or object) carries `@hookimpl` functions:
     def register_chat_templates(register): ...  # register(name, template)
     @hookimpl
     def register_quantizers(register): ...   # register(name, QuantSpec)
+    @hookimpl
+    def register_model_sources(register): ...  # register(llamactl.sources.ModelSource)
 
 llamactl's own modules are plugins of the same group, declared in its pyproject.toml: this
 module imports none of them and knows none by name. They always load; third-party plugins
@@ -70,12 +72,17 @@ class HookSpecs:
     def register_quantizers(self, register: Callable[[str, Any], None]) -> None:
         """Call `register(name, spec)` for each quantization scheme (a llamactl.quantize.QuantSpec)."""
 
+    @hookspec
+    def register_model_sources(self, register: Callable[[Any], None]) -> None:
+        """Call `register(ModelSource(...))` for each model name a package provides (llamactl.sources)."""
+
 
 # hook -> (what one registration is called, PluginInfo field that lists them)
 KINDS: dict[str, tuple[str, str]] = {
     "register_formats": ("format", "formats"),
     "register_chat_templates": ("chat template", "chat_templates"),
     "register_quantizers": ("quantizer", "quantizers"),
+    "register_model_sources": ("model source", "model_sources"),
 }
 
 
@@ -92,6 +99,7 @@ class PluginInfo:
     formats: list[str] = field(default_factory=list)
     chat_templates: list[str] = field(default_factory=list)
     quantizers: list[str] = field(default_factory=list)
+    model_sources: list[str] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
@@ -109,6 +117,7 @@ class PluginInfo:
             "formats": self.formats,
             "chat_templates": self.chat_templates,
             "quantizers": self.quantizers,
+            "model_sources": self.model_sources,
         }
 
 
@@ -267,6 +276,9 @@ class Registry:
 
     def quantizers(self) -> dict[str, Any]:
         return self.table("register_quantizers")
+
+    def model_sources(self) -> dict[str, Any]:
+        return self.table("register_model_sources")
 
     def add_commands(self, app: Any, guard: CommandGuard | None = None) -> None:
         """Let every plugin add its commands to `app`; plugin callbacks are wrapped by `guard`."""

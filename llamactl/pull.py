@@ -92,6 +92,35 @@ class PullResult:
     downloaded: int
 
 
+# THE table of names llamactl knows without being told a repository (`llamactl chat 7b-chat`
+# on an empty store points at the pull to run). Each is the name `pull` gives that repo.
+KNOWN_MODELS: dict[str, str] = {
+    "7b": "meta-llama/Llama-2-7b-hf",
+    "7b-chat": "meta-llama/Llama-2-7b-chat-hf",
+    "13b": "meta-llama/Llama-2-13b-hf",
+    "13b-chat": "meta-llama/Llama-2-13b-chat-hf",
+    "70b": "meta-llama/Llama-2-70b-hf",
+    "70b-chat": "meta-llama/Llama-2-70b-chat-hf",
+}
+
+
+def missing_known_model(model: str) -> str | None:
+    """The Hub repository of a known name that is neither in the store nor a path (else None)."""
+    repo = KNOWN_MODELS.get(model)
+    if repo is None or Path(model).expanduser().exists() or (models_home() / model).exists():
+        return None
+    return repo
+
+
+def pull_hint(name: str, repo_id: str) -> str:
+    """What to run to get a known model, in one clause (the repos are gated: a token is needed)."""
+    pull = f"llamactl pull {repo_id}" + ("" if short_name(repo_id) == name else f" --name {name}")
+    return (
+        f"get it with `{pull}` (a gated repository: it needs a Hugging Face token with access "
+        "granted, from HF_TOKEN or `hf auth login`)"
+    )
+
+
 def short_name(repo_id: str) -> str:
     """A store name for a repository: `meta-llama/Llama-2-7b-chat-hf` -> `7b-chat`."""
     base = repo_id.rsplit("/", 1)[-1].lower()

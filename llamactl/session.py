@@ -15,11 +15,11 @@ from dataclasses import dataclass, field
 
 from llamactl.engine import DecodeStep
 from llamactl.errors import LlamactlError
-from llamactl.generate import ContextOverflowError, Generation
+from llamactl.generate import ContextOverflowError, Generation, stream_text
 from llamactl.model import Transformer
 from llamactl.sampling import SamplingParams, make_generator
 from llamactl.templates import LLAMA2_CHAT, ChatTemplate, Dialog, Message, check_special_tags, encode_with
-from llamactl.tokenizer import StreamDecoder, Tokenizer
+from llamactl.tokenizer import StreamDecoder, Tokenizer, stop_ids
 
 
 def _common_prefix_len(a: Sequence[int], b: Sequence[int]) -> int:
@@ -29,6 +29,15 @@ def _common_prefix_len(a: Sequence[int], b: Sequence[int]) -> int:
             break
         n += 1
     return n
+
+
+def reusable_prefix(cached: Sequence[int], prompt: Sequence[int]) -> int:
+    """How many leading ids of `prompt` can keep the keys/values the cache holds for `cached`.
+
+    At most len(prompt) - 1: the last prompt token must run through the model to give the
+    logits of the first new one.
+    """
+    return min(_common_prefix_len(cached, prompt), max(0, len(prompt) - 1))
 
 
 @dataclass
@@ -44,6 +53,8 @@ class TurnStats:
     seconds: float = 0.0
     stop_reason: str | None = None
     dropped_exchanges: int = 0
+    ids: list[int] = field(default_factory=list)  # the generated tokens (a stop string's included)
+    logprobs: list[tuple[float, list[tuple[int, float]]]] = field(default_factory=list)
 
 
 @dataclass
@@ -90,6 +101,11 @@ class ChatSession:
     def token_ids(self) -> list[int]:
         """The exact ids of the current dialog (a prompt if it ends with the user)."""
         return encode_with(self.template, self.tokenizer, self.dialog())
+
+    @property
+    def context_used(self) -> int:
+        """Tokens of the context the dialog takes: THE number the status line and /stats show."""
+        return len(self.token_ids())
 
     def reset(self) -> None:
         self.messages = []
@@ -169,9 +185,7 @@ class ChatSession:
 
     def _answer(self, prompt: list[int], dropped: int) -> Iterator[str]:
         t0 = time.perf_counter()
-        reuse = _common_prefix_len(self.cached, prompt)
-        if reuse == len(prompt):  # the last prompt token must run to give logits
-            reuse -= 1
+        reuse = reusable_prefix(self.cached, prompt)
         self.cached = self.cached[:reuse]
         run = Generation(
             self.model,
@@ -179,21 +193,26 @@ class ChatSession:
             start=reuse,
             sampling=self.sampling,
             generator=self._generator,
-            stop_ids=[self.tokenizer.eos_id],
+            stop_ids=stop_ids(self.tokenizer),
             max_new_tokens=self.sampling.max_new_tokens,
             step=self.step,
+            history=prompt[:reuse],
         )
         stats = TurnStats(prompt_tokens=len(prompt), reused_tokens=reuse, dropped_exchanges=dropped)
         self.last = stats
         decoder = StreamDecoder(self.tokenizer)
         finished = False
+        shown: list[str] = []
         try:
-            yield from decoder.stream(run)
+            for piece in stream_text(decoder, run, self.sampling.stop):
+                shown.append(piece)
+                yield piece
             finished = True
         finally:
             self.cached = (prompt + run.produced)[: run.cache_len]
             stats.prefilled_tokens = run.prefilled
             stats.new_tokens = len(run.produced)
+            stats.ids, stats.logprobs = list(run.produced), list(run.logprobs)
             stats.ttft, stats.tokens_per_second = run.ttft, run.tokens_per_second
             stats.stop_reason = run.stop_reason if finished else "interrupted"
             stats.seconds = time.perf_counter() - t0
@@ -201,4 +220,6 @@ class ChatSession:
                 self.messages.pop()  # stopped before the first token: as if never asked
             else:
                 cut = not finished or run.stop_reason == "context"
-                self.messages.append(Message("assistant", self.tokenizer.decode(run.produced), cut=cut))
+                # At a stop string the answer is what was shown: the text before it.
+                text = "".join(shown) if run.stop_reason == "stop" else self.tokenizer.decode(run.produced)
+                self.messages.append(Message("assistant", text, cut=cut))

@@ -25,8 +25,9 @@ from typing import Any
 from llamactl import jsonio
 from llamactl.checkpoint import list_model_names, open_checkpoint, resolve_model
 from llamactl.errors import DestinationError, LlamactlError, ModelNotFoundError, UsageError
-from llamactl.home import hash_cache_file, models_home
+from llamactl.home import disk_bytes, hash_cache_file, model_files, models_home
 from llamactl.info import model_info
+from llamactl.sources import installed_sources
 
 SOURCE_FILE = ".llamactl-source.json"
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]*$")
@@ -68,29 +69,17 @@ class ModelEntry:
     size: int = 0
     linked_to: str | None = None
     error: str | None = None
+    source: str | None = None  # a model an installed package ships (llamactl.sources), not the store
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
-
-
-def model_files(path: Path) -> list[Path]:
-    """Every regular file of a model directory (following a linked import), hidden ones excluded."""
-    root = path.resolve()
-    if root.is_file():  # a .gguf given by path
-        return [root]
-    out = []
-    for dirpath, dirnames, filenames in os.walk(root):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        # Regular files only: a FIFO or a link to /dev/zero would block hashing forever.
-        out += [Path(dirpath) / f for f in sorted(filenames) if not f.startswith(".") and (Path(dirpath) / f).is_file()]
-    return out
 
 
 def describe_entry(name: str, path: Path) -> ModelEntry:
     """Summarise one store directory; an unreadable model gets `error` rather than breaking `list`."""
     entry = ModelEntry(name=name, path=str(path), linked_to=linked_to(path))
     try:
-        entry.size = sum(f.stat().st_size for f in model_files(path))
+        entry.size = disk_bytes(model_files(path))
         report = model_info(open_checkpoint(path))
         entry.format, entry.params, entry.dtype = report.format, report.parameters, report.dtype
         entry.quantization = report.quantization["scheme"] if report.quantization else None
@@ -111,9 +100,16 @@ def linked_to(path: Path) -> str | None:
 
 
 def list_models() -> list[ModelEntry]:
-    """Every model in the store, by name."""
+    """Every model in the store, by name, then those installed packages provide under other names."""
     root = models_home()
-    return [describe_entry(name, root / name) for name in list_model_names()]
+    names = list_model_names()
+    entries = [describe_entry(name, root / name) for name in names]
+    for source, path in installed_sources():
+        if source.name not in names:
+            entry = describe_entry(source.name, path)
+            entry.source = source.description
+            entries.append(entry)
+    return entries
 
 
 # ----------------------------------------------------------------------------- hashes
@@ -181,10 +177,9 @@ def _forget_hashes(root: Path) -> None:
 
 def show_model(model: str, progress: HashProgress | None = None) -> dict[str, Any]:
     """Everything `info` says about a model (name or path), plus config, chat template and hashed files."""
-    from llamactl.templates import DEFAULT_TEMPLATE
-
     path = resolve_model(model)
     reader = open_checkpoint(path)
+    report = model_info(reader)
     files = model_files(path)
     hashes = file_hashes(files, progress)
     root = path.resolve()
@@ -192,15 +187,16 @@ def show_model(model: str, progress: HashProgress | None = None) -> dict[str, An
     with contextlib.suppress(OSError, ValueError):
         source = jsonio.loads((path / SOURCE_FILE).read_text(encoding="utf-8"))
     return {
-        "name": path.name,
+        "name": path.name if Path(model).expanduser().exists() else model,  # a source's name, not its file's
         "path": str(path),
         "linked_to": linked_to(path),
-        "info": model_info(reader).to_dict(),
+        "info": report.to_dict(),
         "quantization": reader.quant.describe() if reader.quant is not None else None,
         "config": reader.args.to_params(),
-        "chat_template": DEFAULT_TEMPLATE,
+        "chat_template": report.chat_template,
+        "chat_template_source": report.chat_template_source,
         "source": source,
-        "size": sum(f.stat().st_size for f in files),
+        "size": disk_bytes(files),
         "files": [{"path": _relative(f, root), "size": f.stat().st_size, "sha256": hashes[f]} for f in files],
     }
 
@@ -232,19 +228,63 @@ def remove_model(name: str) -> Path:
     return path
 
 
+def derived_entry(source: str, suffix: str) -> Path:
+    """Where `quantize SRC` with no DST writes: the store entry `<SRC's name>-<suffix>` (7b-chat-q4).
+
+    SRC may be a store name or a path (its directory or file stem names it). The store is
+    created if needed; the entry itself is written atomically by the converter.
+    """
+    path = Path(source).expanduser()
+    base = path.resolve().stem if path.is_file() else path.resolve().name if path.exists() else source
+    name = validate_name(f"{base}-{suffix}")
+    models_home().mkdir(parents=True, exist_ok=True)
+    return models_home() / name
+
+
 def _inside(child: Path, parent: Path) -> bool:
     return child == parent or parent in child.parents
 
 
-def import_model(source: str | os.PathLike[str], name: str, link: bool = False) -> Path:
-    """Move (or symlink, with `link`) a checkpoint directory or a .gguf file into the store as `name`."""
+IMPORT_MODES = ("copy", "move", "link")
+
+
+@dataclass
+class ImportResult:
+    """What `import_model` did: `mode` as asked; `how` the copy was made (reflink, hardlink, copy)."""
+
+    name: str
+    path: Path
+    source: Path
+    mode: str
+    how: str
+    trained_context: int | None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: str(v) if isinstance(v, Path) else v for k, v in asdict(self).items()}
+
+
+def import_model(source: str | os.PathLike[str], name: str, mode: str = "copy", ctx: int | None = None) -> ImportResult:
+    """Put a checkpoint directory or a .gguf file into the store as `name`.
+
+    `mode` "copy" (the default) leaves the source as it was: each file is reflinked or
+    hard-linked where the filesystem allows (cheap, no second copy of the bytes), else copied;
+    "move" moves it in; "link" symlinks it. The entry appears under its name only when
+    complete. `ctx` records the trained context of a Meta checkpoint (its params.json has none).
+    """
+    from llamactl.checkpoint.base import trained_context
+
+    if mode not in IMPORT_MODES:
+        raise UsageError(f"import mode {mode!r}: choose one of {', '.join(IMPORT_MODES)}")
     validate_name(name)
     src = Path(source).expanduser()
     if not src.exists():
         raise ModelNotFoundError(f"{src}: no such directory")
     if not src.is_dir() and src.suffix.lower() != ".gguf":
-        raise UsageError(f"{src}: is a file; import the directory that holds the checkpoint (or a .gguf file)")
-    open_checkpoint(src)  # refuse anything that is not a readable checkpoint before touching it
+        raise ModelNotFoundError(f"{src}: is a file; import the directory that holds the checkpoint (or a .gguf file)")
+    reader = open_checkpoint(src)  # refuse anything that is not a readable checkpoint before touching it
+    known = trained_context(reader)
+    if ctx is not None:
+        _check_ctx(src, reader.format, known, ctx, mode)
     home = models_home()
     dest = home / name
     if dest.exists() or dest.is_symlink():
@@ -254,52 +294,101 @@ def import_model(source: str | os.PathLike[str], name: str, link: bool = False) 
     if in_store or _inside(real_home, real_src):
         raise DestinationError(f"{src}: is inside the store (or contains it); nothing to import")
     home.mkdir(parents=True, exist_ok=True)
-    if src.is_file():
-        return _import_file(real_src, dest, link)
-    if link:
+    record = {"trained_context": ctx} if ctx is not None and known is None else {}
+    if mode == "link" and src.is_dir():
         dest.symlink_to(real_src, target_is_directory=True)
-        return dest
-    try:
-        os.rename(real_src, dest)
-    except OSError as exc:
-        if exc.errno != errno.EXDEV:
-            raise DestinationError(f"{src}: cannot move it into {home}: {exc.strerror}") from None
-        # Another filesystem: copy beside the store, swap it in, then delete the source.
-        tmp = home / f".import-{name}-{os.getpid()}"
-        try:
-            shutil.copytree(real_src, tmp, symlinks=True)
-            os.rename(tmp, dest)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-        shutil.rmtree(real_src)
-    return dest
+        how = "symlink"
+    else:
+        how = _build_entry(real_src, dest, mode, record)
+    return ImportResult(name, dest, real_src, mode, how, ctx if ctx is not None else known)
 
 
-def _import_file(src: Path, dest: Path, link: bool) -> Path:
-    """A .gguf becomes `dest/<its name>`: built in a hidden directory beside dest, renamed in at the end."""
+def _check_ctx(src: Path, fmt: str, known: int | None, ctx: int, mode: str) -> None:
+    from llamactl.config import BOUNDS
+
+    if not 2 <= ctx <= BOUNDS["max_seq_len"]:
+        raise UsageError(f"--ctx {ctx}: a trained context is between 2 and {BOUNDS['max_seq_len']} tokens")
+    if known is not None and known != ctx:
+        raise UsageError(f"--ctx {ctx}: {src} says its trained context is {known}; --ctx is for Meta checkpoints")
+    if known is None and mode == "link" and src.is_dir():
+        raise UsageError(f"--ctx with --link would write into {src}; import a copy (the default) to record it")
+
+
+def _build_entry(src: Path, dest: Path, mode: str, record: dict[str, Any]) -> str:
+    """Fill a hidden directory beside dest, then rename it in: a cut import leaves no entry."""
+    from llamactl.checkpoint.base import write_model_meta
+
     tmp = dest.with_name(f".import-{dest.name}-{os.getpid()}")
-    tmp.mkdir()
-    inside = tmp / src.name
+    renamed = False  # the source itself now sits inside tmp (a move on one filesystem)
     try:
-        if link:
-            inside.symlink_to(src)
+        if src.is_file():  # a .gguf: the entry is a directory holding it
+            tmp.mkdir()
+            inside = tmp / src.name
+            if mode == "link":
+                inside.symlink_to(src)
+                how = "symlink"
+            elif mode == "move":
+                how = _move(src, inside, shutil.copy2)
+                renamed = how == "rename"
+            else:
+                how = _cheap_copy(src, inside)
+        elif mode == "move":
+            how = _move(src, tmp, shutil.copytree)
+            renamed = how == "rename"
         else:
-            _move_file(src, inside)
+            # Symlinks are followed: a Hugging Face cache snapshot links into ../../blobs.
+            hows: set[str] = set()
+            shutil.copytree(src, tmp, copy_function=lambda a, b: hows.add(_cheap_copy(Path(a), Path(b))))
+            how = "+".join(sorted(hows)) or "copy"
+        if record:
+            write_model_meta(tmp, **record)
         os.rename(tmp, dest)
     except BaseException:
-        if not link and inside.exists() and not src.exists():
-            os.rename(inside, src)  # the file was moved in: put it back
+        if renamed:
+            with contextlib.suppress(OSError):  # put the moved source back where it was
+                os.rename(tmp / src.name if src.suffix.lower() == ".gguf" else tmp, src)
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return dest
+    if mode == "move" and how == "copy":  # moved across filesystems: the source goes once the entry is in
+        shutil.rmtree(src) if src.is_dir() else src.unlink()
+    return how
 
 
-def _move_file(src: Path, dst: Path) -> None:
+def _cheap_copy(src: Path, dst: Path) -> str:
+    """Copy one file the cheapest way the filesystem allows: reflink, hard link, bytes."""
+    if _reflink(src, dst):
+        return "reflink"
+    try:
+        os.link(src, dst)  # shares the bytes (and inode) with the source, which stays as it was
+        return "hardlink"
+    except OSError:
+        shutil.copy2(src, dst)
+        return "copy"
+
+
+def _reflink(src: Path, dst: Path) -> bool:
+    """A copy-on-write clone (btrfs, XFS with reflink, bcachefs): the FICLONE ioctl on Linux."""
+    try:
+        import fcntl
+
+        ficlone = 0x40049409  # _IOW(0x94, 9, int) from linux/fs.h
+        with open(src, "rb") as s, open(dst, "wb") as d:
+            fcntl.ioctl(d.fileno(), ficlone, s.fileno())
+        shutil.copystat(src, dst)
+        return True
+    except (OSError, ImportError):
+        with contextlib.suppress(OSError):
+            dst.unlink()
+        return False
+
+
+def _move(src: Path, dst: Path, copy: Callable[[Path, Path], object]) -> str:
+    """Rename src to dst; across filesystems copy it instead (the caller deletes src afterwards)."""
     try:
         os.rename(src, dst)
+        return "rename"
     except OSError as exc:
         if exc.errno != errno.EXDEV:
-            raise DestinationError(f"{src}: cannot move it into {dst.parent.parent}: {exc.strerror}") from None
-        shutil.copy2(src, dst)  # another filesystem: copy, then delete the source
-        src.unlink()
+            raise DestinationError(f"{src}: cannot move it into {models_home()}: {exc.strerror}") from None
+    copy(src, dst)
+    return "copy"

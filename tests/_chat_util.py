@@ -20,6 +20,16 @@ FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures"
 LLAMA2_TOKENIZER = FIXTURES / "llama2-tokenizer.model"
 STORIES = FIXTURES / "stories260K"
 
+
+def need(path: Path) -> Path:
+    """The real fixture at path, or skip with THE reason (README: "Test fixtures")."""
+    if not path.exists():
+        import pytest
+
+        pytest.skip(f"needs ../shared/fixtures/{path.relative_to(FIXTURES)} (not present; README: Test fixtures)")
+    return path
+
+
 TINY_VOCAB = 320
 _CORPUS = [
     "Once upon a time there was a little robot who loved to read books about the sea.",

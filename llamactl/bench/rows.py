@@ -1,8 +1,10 @@
 """The output schema of a benchmark: where it ran (Environment), one row per test, the report.
 
-Field names follow llama-bench wherever they mean the same thing (n_prompt, avg_ts,
-samples_ns, type_k ...), so its tooling reads our json/jsonl/csv; the rest are ours (KV
-bytes measured and by formula, weight and peak bytes, bandwidth, the transformers twin).
+Field names follow llama-bench wherever they mean the same thing (model_size,
+model_n_params, n_threads, type_k/type_v, n_prompt/n_gen/n_depth, avg_ts, samples_ns...),
+so its tooling reads our json/jsonl/csv; the rest are ours (KV bytes measured and by
+formula, peak bytes, bandwidth, the transformers twin, `test` as llama-bench prints it).
+Rows with status "estimate" are not measured: the full model scaled from a --layers cut.
 """
 
 from __future__ import annotations
@@ -36,6 +38,9 @@ class Environment:
     ram_bytes: int
     peak_bandwidth_gbs: float
     cpu_fallback: bool = False
+    # How the peak was found: the probe's best runs ("probe: best of 5 runs ..."), or "decode"
+    # when a decode measured faster than that, which then is the peak (so % peak <= 100).
+    peak_bandwidth_source: str = "probe"
 
 
 @dataclass
@@ -51,15 +56,16 @@ class BenchRow:
     n_kv_head: int
     head_dim: int
     type_w: str
-    type_k: str
-    bits: int
+    type_k: str  # the KV cache's element type, as ggml names it (f32, f16, bf16)
+    type_v: str
+    bits: int  # bits per weight as held: 32 / 16 unquantized, 8 / 4 quantized
     n_batch: int
     n_ctx: int
     n_prompt: int
     n_gen: int
     n_depth: int
     test: str
-    status: str = "ok"  # ok | oom | error
+    status: str = "ok"  # ok | oom | error | estimate (scaled to the full model, not measured)
     error: str | None = None
     model_n_params: int | None = None
     avg_ns: float | None = None
@@ -72,7 +78,7 @@ class BenchRow:
     samples_ts: list[float] = field(default_factory=list)
     kv_bytes: int | None = None
     kv_bytes_formula: int | None = None
-    weight_bytes: int | None = None
+    model_size: int | None = None  # bytes of the weights as held (llama-bench's model_size)
     peak_bytes: int | None = None
     bandwidth_gbs: float | None = None
     bandwidth_frac: float | None = None
@@ -99,6 +105,9 @@ class BenchReport:
     rows: list[BenchRow]
     options: BenchOptions  # as run: the device's defaults filled in
     test_time: str  # ISO 8601, UTC
+    # The full model scaled from rows run with fewer --layers: printed beside the rows in
+    # table and md, never in json/jsonl/csv, whose every row is a measurement (llama-bench's).
+    estimates: list[BenchRow] = field(default_factory=list)
 
     def records(self) -> list[dict[str, Any]]:
         """Flat dicts in FIELDS order, one per row (what json/jsonl/csv write)."""

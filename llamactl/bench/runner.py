@@ -11,6 +11,7 @@ same machine state. An out-of-memory error becomes a row with status "oom", neve
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Callable
 
@@ -29,7 +30,7 @@ from llamactl.bench.probes import (
 )
 from llamactl.bench.rows import BenchReport, BenchRow, Environment, ProgressFn, summarize
 from llamactl.bench.twin import HFTwin
-from llamactl.dtypes import name_of
+from llamactl.dtypes import lookup, name_of
 from llamactl.engine import DecodeStep
 from llamactl.estimate import kv_cache_bytes
 from llamactl.layout import param_count
@@ -63,29 +64,50 @@ def run_bench(
     progress("measuring peak memory bandwidth")
     env = describe_environment(plan.device, plan.cpu_fallback)
     rows: list[BenchRow] = []
+    estimates: list[BenchRow] = []
     try:
         for key in plan.models:
-            _bench_model(plan, key, env, progress, rows)
-    except KeyboardInterrupt as exc:
+            estimates += _bench_model(plan, key, env, progress, rows)
+    except KeyboardInterrupt as exc:  # the rows finished so far, for the caller to print
         exc.partial_report = BenchReport(env, rows, plan.options, test_time)  # type: ignore[attr-defined]
         raise
-    return BenchReport(env, rows, plan.options, test_time)
+    cap_peak_bandwidth(env, rows)
+    return BenchReport(env, rows, plan.options, test_time, estimates)
 
 
-def _bench_model(plan: BenchPlan, key: ModelKey, env: Environment, progress: ProgressFn, rows: list[BenchRow]) -> None:
-    """Every configuration and test of one model, appended to rows as each finishes; OOM rows
-    when it does not even fit."""
+def cap_peak_bandwidth(env: Environment, rows: list[BenchRow]) -> None:
+    """Make "% peak" a true fraction: a decode faster than the probe's best run shows that the
+    device's peak is at least that fast, so the peak is raised to it (and says so)."""
+    fastest = max((r.bandwidth_gbs for r in rows if r.bandwidth_gbs is not None), default=0.0)
+    if fastest > env.peak_bandwidth_gbs:
+        env.peak_bandwidth_gbs, env.peak_bandwidth_source = round(fastest, 1), "decode"
+    for row in rows:
+        if row.bandwidth_gbs is not None and env.peak_bandwidth_gbs:
+            row.bandwidth_frac = min(1.0, row.bandwidth_gbs / env.peak_bandwidth_gbs)
+
+
+def _bench_model(
+    plan: BenchPlan, key: ModelKey, env: Environment, progress: ProgressFn, rows: list[BenchRow]
+) -> list[BenchRow]:
+    """Every configuration and test of one model, appended to rows as each finishes (OOM rows
+    when it does not even fit); returns the full-model estimates when --layers cut it."""
     progress(f"building {plan.options.model or key.preset} ({key.attn}) on {plan.device.type}")
     built: BuiltModel | None = None
+    mine: list[BenchRow] = []
     try:
         built = build_model(plan, key)
         runner = _ModelRunner(built, plan, env, progress)
         for cfg in plan.configs:
-            rows.extend(runner.run(cfg))
+            done = runner.run(cfg)
+            mine += done
+            rows += done  # at once: an interrupt later still finds them
+        return full_model_estimates(mine, built)
     except Exception as exc:  # a model too big for the device: OOM rows
         if not is_oom(exc):
             raise
-        rows.extend(_oom_rows(plan, key, exc))
+        del rows[len(rows) - len(mine) :]  # as before: the whole model is OOM rows
+        rows += _oom_rows(plan, key, exc)
+        return []
     finally:
         del built
         free_memory(plan.device)
@@ -100,9 +122,15 @@ def _oom_rows(plan: BenchPlan, key: ModelKey, exc: BaseException) -> list[BenchR
     return rows
 
 
+def ggml_type_name(dtype: torch.dtype) -> str:
+    """The KV cache's element type as llama-bench's type_k / type_v name it: f32, f16, bf16."""
+    return lookup(dtype).safetensors.lower()
+
+
 def _row(shape: ModelShape, cfg: CacheConfig, test: str, n_prompt: int, n_gen: int, depth: int) -> BenchRow:
     """A row with what is known before timing: the model, the configuration, the formulas."""
     args = shape.args
+    kv_type = ggml_type_name(shape.dtype)
     return BenchRow(
         model_type=shape.name,
         model_filename=shape.filename,
@@ -113,8 +141,10 @@ def _row(shape: ModelShape, cfg: CacheConfig, test: str, n_prompt: int, n_gen: i
         n_kv_head=args.kv_heads,
         head_dim=args.head_dim,
         type_w=name_of(shape.dtype),
-        type_k=name_of(shape.dtype),
-        bits=shape.bits,
+        type_k=kv_type,
+        type_v=kv_type,
+        # Unquantized weights are held in the compute dtype: 32 bits for fp32, 16 for bf16/fp16.
+        bits=shape.bits if shape.scheme else 8 * lookup(shape.dtype).itemsize,
         scheme=shape.scheme,
         n_batch=cfg.batch,
         n_ctx=cfg.ctx,
@@ -125,6 +155,54 @@ def _row(shape: ModelShape, cfg: CacheConfig, test: str, n_prompt: int, n_gen: i
         model_n_params=param_count(args),
         kv_bytes_formula=kv_cache_bytes(args, cfg.ctx, cfg.batch, name_of(shape.dtype)),
     )
+
+
+def full_model_estimates(rows: list[BenchRow], built: BuiltModel) -> list[BenchRow]:
+    """For a model cut by --layers: each measured row scaled to all its layers, status "estimate".
+
+    Time per token grows with the layers (× full / kept: embedding and output head are
+    counted as if they were layers too, so the estimate errs slow); weights grow by the
+    bytes of one block per missing layer, the KV cache by its formula. Nothing is measured.
+    """
+    shape = built.shape
+    kept, full = shape.args.n_layers, shape.full_layers
+    if kept >= full:
+        return []
+    layer_bytes = weight_bytes(built.model.layers) / kept  # one transformer block as held
+    full_args = dataclasses.replace(shape.args, n_layers=full)
+    scale = full / kept
+    out = []
+    for row in rows:
+        if row.status != "ok":
+            continue
+        est = dataclasses.replace(
+            row,
+            status="estimate",
+            n_layer=full,
+            model_n_params=param_count(full_args),
+            model_size=round(row.model_size + (full - kept) * layer_bytes) if row.model_size else None,
+            kv_bytes=None,
+            kv_bytes_formula=kv_cache_bytes(full_args, row.n_ctx, row.n_batch, name_of(shape.dtype)),
+            avg_ns=row.avg_ns * scale if row.avg_ns else None,
+            stddev_ns=row.stddev_ns * scale if row.stddev_ns else None,
+            avg_ts=row.avg_ts / scale if row.avg_ts else None,
+            stddev_ts=row.stddev_ts / scale if row.stddev_ts else None,
+            median_ts=row.median_ts / scale if row.median_ts else None,
+            ms_per_token=row.ms_per_token * scale if row.ms_per_token else None,
+            samples_ns=[],
+            samples_ts=[],
+            peak_bytes=None,
+            bandwidth_gbs=None,
+            bandwidth_frac=None,
+            vs=None,
+            vs_avg_ts=None,
+            vs_stddev_ts=None,
+            vs_median_ts=None,
+            vs_samples_ts=[],
+            speedup=None,
+        )
+        out.append(est)
+    return out
 
 
 def _prefill(model: Transformer, tokens: torch.Tensor) -> None:
@@ -212,7 +290,7 @@ class _ModelRunner:
         shape, model, device = self.built.shape, self.built.model, self.device
         held = weight_bytes(model)
         for row in rows:
-            row.weight_bytes = held
+            row.model_size = held
         before = self.memory.allocated()
         setup_bytes = model.setup_cache(cfg.batch, cfg.ctx, shape.dtype)
         # On the GPU the allocator's delta; on the CPU RSS is too coarse, so the cache's storage.
@@ -270,12 +348,10 @@ class _ModelRunner:
         # Bytes one decode step reads: every weight but the embedding table (one row is
         # gathered), plus the KV cache as filled on average over the generated tokens.
         embedding = model.tok_embeddings.weight
-        per_step = row.weight_bytes - embedding.nbytes + embedding[0].nbytes * cfg.batch
+        per_step = row.model_size - embedding.nbytes + embedding[0].nbytes * cfg.batch
         per_step += row.kv_bytes_formula * (depth + (n_gen + 1) / 2) / cfg.ctx
         steps_per_s = row.avg_ts / cfg.batch
-        row.bandwidth_gbs = per_step * steps_per_s / 1e9
-        if self.env.peak_bandwidth_gbs:
-            row.bandwidth_frac = row.bandwidth_gbs / self.env.peak_bandwidth_gbs
+        row.bandwidth_gbs = per_step * steps_per_s / 1e9  # bandwidth_frac: cap_peak_bandwidth, after every row
 
     def _finish(
         self, row: BenchRow, our_ns: list[int], their_ns: list[int], peak: int, tokens: int, steps: int

@@ -11,6 +11,7 @@ from llamactl.errors import CheckpointError, ModelNotFoundError, UsageError
 from llamactl.home import models_home
 from llamactl.layout import TensorInfo
 from llamactl.plugins import get_registry
+from llamactl.sources import locate, sources
 
 __all__ = [
     "CheckpointFormat",
@@ -59,6 +60,12 @@ def resolve_model(model: str | os.PathLike[str]) -> Path:
         candidate = models_home() / name
         if candidate.is_dir():
             return candidate
+        source = sources().get(name)
+        if source is not None:  # a model an installed package ships (the store's own names win)
+            found = locate(source)
+            if found is None:
+                raise ModelNotFoundError(f"{name}: {source.description}, which is not installed: {source.install_hint}")
+            return found
         names = list_model_names()
         known = f"models in {models_home()}: {', '.join(names)}" if names else f"no models in {models_home()} yet"
         raise ModelNotFoundError(f"{name}: no such model directory or model name ({known})")

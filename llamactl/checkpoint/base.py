@@ -8,14 +8,17 @@ quantized arrives as a `QuantizedTensor`, everything else as a torch.Tensor.
 
 from __future__ import annotations
 
+import json
+import os
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
-from llamactl.config import ModelArgs
-from llamactl.errors import CheckpointError
+from llamactl import jsonio
+from llamactl.config import BOUNDS, ModelArgs
+from llamactl.errors import CheckpointError, printable
 from llamactl.layout import TensorInfo, expected_shapes
 
 if TYPE_CHECKING:
@@ -26,6 +29,12 @@ if TYPE_CHECKING:
     Entry = torch.Tensor | QuantizedTensor  # what iter_tensors yields for one canonical name
 
 TOKENIZER_FILE = "tokenizer.model"
+# What llamactl records about a model that its own files cannot say (a Meta params.json has
+# no context length): {"trained_context": N}. Hidden, so hashing and `list` sizes skip it, and
+# Meta's own loader never sees it.
+MODEL_META_FILE = ".llamactl-model.json"
+TOKENIZER_JSON = "tokenizer.json"
+TOKENIZER_FILES = (TOKENIZER_FILE, TOKENIZER_JSON)  # the order a checkpoint's tokenizer is looked for
 
 
 class CheckpointReader(Protocol):
@@ -60,17 +69,85 @@ class ReaderBase:
     files: list[Path]
     infos: list[TensorInfo] = field(default_factory=list)
     quant: QuantSpec | None = None
+    # False when args.max_seq_len is only the 4096 default (no context in the files).
+    context_known: bool = True
 
     @property
     def tokenizer_path(self) -> Path | None:
-        candidate = self.path / TOKENIZER_FILE
-        if not candidate.is_file():
-            return None
-        check_not_lfs_pointer(candidate)
-        return candidate
+        """tokenizer.model (SentencePiece: Llama 1/2, exact with Meta), else tokenizer.json."""
+        for name in TOKENIZER_FILES:
+            candidate = self.path / name
+            if candidate.is_file():
+                check_not_lfs_pointer(candidate)
+                return candidate
+        return None
+
+    @property
+    def chat_template(self) -> str | None:
+        """The checkpoint's own jinja chat template (chat_template.jinja or tokenizer_config.json)."""
+        return read_chat_template(self.path)
 
     def tensor_infos(self) -> list[TensorInfo]:
         return list(self.infos)
+
+
+def trained_context(reader: CheckpointReader) -> int | None:
+    """The context the model was trained at, where its files say it (None: unknown).
+
+    llama2.c headers, HF `max_position_embeddings` and GGUF `context_length` carry it; a Meta
+    params.json does not, unless `import --ctx` or a conversion recorded it in MODEL_META_FILE.
+    Readers without `context_known` (plugins) are taken at their word: args.max_seq_len.
+    """
+    return reader.args.max_seq_len if getattr(reader, "context_known", True) else None
+
+
+def read_model_meta(directory: Path) -> dict[str, Any]:
+    """MODEL_META_FILE of a model directory ({} when absent); a damaged one is an error naming it."""
+    file = directory / MODEL_META_FILE
+    if not file.is_file():
+        return {}
+    try:
+        data = jsonio.loads(file.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f"{file}: unreadable ({exc})") from None
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{file}: expected a JSON object")
+    ctx = data.get("trained_context")
+    if ctx is not None and (isinstance(ctx, bool) or not isinstance(ctx, int) or not 2 <= ctx <= BOUNDS["max_seq_len"]):
+        raise CheckpointError(f"{file}: trained_context should be a token count, found {printable(repr(ctx))[:40]}")
+    return data
+
+
+def write_model_meta(directory: Path, **fields: Any) -> None:
+    """Merge `fields` into MODEL_META_FILE (written whole, then renamed into place)."""
+    data = read_model_meta(directory) | fields
+    tmp = directory / f"{MODEL_META_FILE}.tmp"
+    tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    os.replace(tmp, directory / MODEL_META_FILE)
+
+
+def output_chat_template(reader: CheckpointReader) -> str | None:
+    """The chat template a converted checkpoint carries: the source's own, else Llama 2's for a
+    `*chat*` checkpoint (Meta's downloads carry none), so transformers and llama.cpp use the right one."""
+    from llamactl.templates.llama2 import HF_TEMPLATE
+
+    own = getattr(reader, "chat_template", None)
+    if isinstance(own, str) and own:
+        return own
+    return HF_TEMPLATE if "chat" in reader.path.name.lower() else None
+
+
+def read_chat_template(directory: Path) -> str | None:
+    """A directory's chat template as transformers finds it; None when it has none (or is unreadable)."""
+    from llamactl.errors import TokenizerError
+    from llamactl.tokenizer.hf import read_tokenizer_config
+
+    if not directory.is_dir():
+        return None
+    try:
+        return read_tokenizer_config(directory).chat_template
+    except (TokenizerError, OSError, UnicodeDecodeError):
+        return None
 
 
 _LFS_POINTER = b"version https://git-lfs.github.com/spec/"
@@ -161,6 +238,10 @@ class ReaderView:
     @property
     def tokenizer_path(self) -> Path | None:
         return self.source.tokenizer_path
+
+    @property
+    def chat_template(self) -> str | None:
+        return getattr(self.source, "chat_template", None)
 
     def tensor_infos(self) -> list[TensorInfo]:
         return self.source.tensor_infos()

@@ -23,6 +23,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import os
+import shutil
 import struct
 import tempfile
 from collections import Counter
@@ -41,7 +42,7 @@ from llamactl.checkpoint.base import (
 from llamactl.checkpoint.formats import CheckpointFormat
 from llamactl.checkpoint.gguf_file import GGUFArray, GGUFFile, GGUFTensor, read_gguf
 from llamactl.checkpoint.gguf_quants import dequantize
-from llamactl.checkpoint.gguf_vocab import spm_model_bytes, vocab_from_gguf
+from llamactl.checkpoint.gguf_vocab import bpe_vocab_from_gguf, spm_model_bytes, vocab_from_gguf
 from llamactl.checkpoint.gguf_write import plan_format, write_format
 from llamactl.checkpoint.tensor_io import Extent, Files
 from llamactl.config import ModelArgs, ffn_recipe_for
@@ -219,6 +220,7 @@ class GGUFReader(ReaderBase):
         embedding = tensors.get("tok_embeddings.weight")
         args = args_from_gguf(file, embedding.shape[0] if embedding is not None else None)
         reader = cls(path=path, args=args, files=[gguf], file=file, tensors=tensors)
+        reader.context_known = _number(file, "llama.context_length", int, None) is not None
         reader.tied = "output.weight" not in tensors and embedding is not None
         schemes = {s for name, t in tensors.items() if (s := native_scheme(name, t)) is not None}
         if len(schemes) > 1:
@@ -242,15 +244,24 @@ class GGUFReader(ReaderBase):
 
     @functools.cached_property
     def tokenizer_path(self) -> Path | None:  # type: ignore[override]
-        """A SentencePiece file for the GGUF's own llama vocabulary; else a tokenizer.model beside it.
+        """The GGUF's own vocabulary as a file the tokenizer package reads; else a tokenizer.model beside it.
 
-        A GGUF with a `gpt2` (BPE) vocabulary has none yet: the tokenizer package will read it.
+        A `llama` vocabulary becomes a SentencePiece model (sentencepiece is that vocabulary's
+        own implementation, so nothing is approximated); a `gpt2` one a tokenizer.json directory
+        (`tokenizer.bpe`). Both are cached by content under `$LLAMACTL_HOME/cache`.
         """
         vocab = vocab_from_gguf(self.file)
-        if vocab is None:
-            beside = self.path / TOKENIZER_FILE if self.path.is_dir() else None
-            return beside if beside is not None and beside.is_file() else None
-        return _cached_model_file(spm_model_bytes(vocab, str(self.files[0])))
+        if vocab is not None:
+            return _cached_model_file(spm_model_bytes(vocab, str(self.files[0])))
+        if self.file.get("tokenizer.ggml.model") == "gpt2":
+            return _cached_bpe_tokenizer(self.file, self.chat_template)
+        beside = self.path / TOKENIZER_FILE if self.path.is_dir() else None
+        return beside if beside is not None and beside.is_file() else None
+
+    @property
+    def chat_template(self) -> str | None:  # type: ignore[override]
+        template = self.file.get("tokenizer.chat_template")
+        return template if isinstance(template, str) and template else None
 
     def storage(self) -> dict[str, Any]:
         """How the file stores its tensors: ggml type counts and bits per weight (for `info`)."""
@@ -277,6 +288,51 @@ class GGUFReader(ReaderBase):
                 yield name, entry
                 if self.tied and name == "tok_embeddings.weight":
                     yield "output.weight", entry
+
+
+def _cached_bpe_tokenizer(file: GGUFFile, chat_template: str | None) -> Path:
+    """`$LLAMACTL_HOME/cache/gguf-tokenizers/<key>/tokenizer.json` for a `gpt2` vocabulary.
+
+    Keyed by the file's identity (path, size, mtime): decoding 50k tokens and merges and
+    building the BPE costs a second, so a file already seen is not read again.
+    """
+    from llamactl.tokenizer.bpe import byte_level_bpe
+    from llamactl.tokenizer.hf import JSON_FILE, TokenizerConfig, save_tokenizer_dir
+
+    stat = file.path.stat()
+    key = hashlib.sha256(f"{file.path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:32]
+    target = cache_dir("gguf-tokenizers", key)
+    if (target / JSON_FILE).is_file():
+        return target / JSON_FILE
+    vocab = bpe_vocab_from_gguf(file)
+    assert vocab is not None
+    backend = byte_level_bpe(vocab.tokens, vocab.merges, vocab.types, vocab.pre, str(file.path))
+
+    def token(token_id: int | None) -> str | None:
+        return vocab.tokens[token_id] if token_id is not None else None
+
+    eot = file.get("tokenizer.ggml.eot_token_id")  # an end-of-turn token llama.cpp stops at too
+    stops = tuple(i for i in (vocab.eos_id, eot) if isinstance(i, int) and not isinstance(i, bool))
+    config = TokenizerConfig(
+        token(vocab.bos_id),
+        token(vocab.eos_id),
+        token(vocab.unk_id),
+        token(vocab.pad_id),
+        vocab.add_bos,
+        vocab.add_eos,
+        chat_template,
+        stops if eot is not None else (),
+    )
+    tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+    try:
+        save_tokenizer_dir(tmp, backend, config)
+        os.replace(tmp, target)
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not (target / JSON_FILE).is_file():  # not another process's copy: a read-only home
+            target = Path(tempfile.mkdtemp(prefix="llamactl-gguf-"))
+            save_tokenizer_dir(target, backend, config)
+    return target / JSON_FILE
 
 
 def _cached_model_file(model: bytes) -> Path:

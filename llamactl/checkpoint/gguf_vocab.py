@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from llamactl import jsonio
 from llamactl.errors import CheckpointError, printable
 
 if TYPE_CHECKING:
@@ -252,3 +253,131 @@ def _normalizer_spec(model: bytes) -> dict[int, int | bytes]:
     except IndexError:
         pass  # a model sentencepiece itself loaded: unreachable in practice; defaults apply
     return {}
+
+
+# ----------------------------------------------------------------------------- gpt2 (byte-level BPE)
+
+
+@dataclass
+class BpeVocab:
+    """What a GGUF `gpt2` vocabulary holds (tokens are spelled in GPT-2's byte alphabet)."""
+
+    tokens: list[str]
+    merges: list[str]
+    types: list[int]
+    pre: str | None
+    bos_id: int | None
+    eos_id: int | None
+    unk_id: int | None
+    pad_id: int | None
+    add_bos: bool
+    add_eos: bool
+
+
+def bpe_vocab_from_gguf(file: GGUFFile) -> BpeVocab | None:
+    """The `gpt2` (byte-level BPE) vocabulary a GGUF carries; None for other kinds or none."""
+    if file.get("tokenizer.ggml.model") != "gpt2":
+        return None
+    tokens = file.array("tokenizer.ggml.tokens")
+    merges = file.array("tokenizer.ggml.merges")
+    if not tokens or merges is None:
+        raise CheckpointError(f"{file.path}: tokenizer.ggml.model is 'gpt2' but its tokens or merges are missing")
+    types = file.array("tokenizer.ggml.token_type") or [NORMAL] * len(tokens)
+    if len(types) != len(tokens):
+        raise CheckpointError(
+            f"{file.path}: tokenizer.ggml.tokens and token_type differ in length ({len(tokens)}, {len(types)})"
+        )
+
+    def token_id(key: str) -> int | None:
+        value = file.get(f"tokenizer.ggml.{key}")
+        return value if isinstance(value, int) and not isinstance(value, bool) and 0 <= value < len(tokens) else None
+
+    pre = file.get("tokenizer.ggml.pre")
+    return BpeVocab(
+        [str(t) for t in tokens],
+        [str(m) for m in merges],
+        [int(t) for t in types],
+        pre if isinstance(pre, str) else None,
+        token_id("bos_token_id"),
+        token_id("eos_token_id"),
+        token_id("unknown_token_id"),
+        token_id("padding_token_id"),
+        add_bos=file.get("tokenizer.ggml.add_bos_token") is True,  # llama.cpp's default for gpt2: no BOS
+        add_eos=file.get("tokenizer.ggml.add_eos_token") is True,
+    )
+
+
+def read_tokenizer_json(path: Path, n_vocab: int) -> BpeVocab:
+    """A byte-level BPE tokenizer.json (with its tokenizer_config.json) as a GGUF `gpt2` vocabulary.
+
+    Tokens by id (the model's vocabulary, then added tokens), padded to the model's `n_vocab`
+    with `[PAD{i}]` as llama.cpp pads; added special tokens are CONTROL, other added ones
+    USER_DEFINED, as convert_hf_to_gguf.py types them. `pre` is `llama-bpe` for Llama 3's split
+    regex, else `gpt2` (GPT-2's own regex, what a bare ByteLevel pre-tokenizer applies).
+    """
+    import json
+
+    from llamactl.tokenizer.hf import read_tokenizer_config
+
+    try:
+        data = jsonio.loads(path.read_text(encoding="utf-8"))
+        model, added = data["model"], data.get("added_tokens") or []
+        vocab, merges = dict(model["vocab"]), list(model.get("merges") or [])
+    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError) as exc:
+        raise CheckpointError(f"{path}: not a readable tokenizer.json ({exc})") from None
+    pre = json.dumps(data.get("pre_tokenizer"))
+    if model.get("type") != "BPE" or "ByteLevel" not in pre:
+        raise CheckpointError(
+            f"{path}: only a byte-level BPE tokenizer.json can be written to GGUF (this one is "
+            f"{model.get('type')!r} without ByteLevel); convert from a checkpoint with a tokenizer.model instead"
+        )
+    size = max([*vocab.values(), *(int(t["id"]) for t in added)], default=-1) + 1
+    if size > n_vocab:
+        raise CheckpointError(f"{path}: the tokenizer has {size} tokens but the model's vocabulary is {n_vocab}")
+    tokens = [f"[PAD{i}]" for i in range(n_vocab)]
+    types = [NORMAL] * size + [UNUSED] * (n_vocab - size)
+    for token, token_id in vocab.items():
+        tokens[token_id] = token
+    for token in added:
+        tokens[int(token["id"])] = str(token["content"])
+        types[int(token["id"])] = CONTROL if token.get("special") else USER_DEFINED
+    config = read_tokenizer_config(path.parent)
+    index = {t: i for i, t in enumerate(tokens)}
+
+    def token_id(token: str | None) -> int | None:
+        return index.get(token) if token is not None else None
+
+    return BpeVocab(
+        tokens,
+        [m if isinstance(m, str) else " ".join(m) for m in merges],
+        types,
+        "llama-bpe" if "(?i:'s|'t|'re|'ve|'m|'ll|'d)" in pre else "gpt2",
+        token_id(config.bos_token),
+        token_id(config.eos_token),
+        token_id(config.unk_token),
+        token_id(config.pad_token),
+        add_bos=bool(config.add_bos_token),
+        add_eos=bool(config.add_eos_token),
+    )
+
+
+def bpe_gguf_kvs(vocab: BpeVocab) -> dict[str, tuple[object, str]]:
+    """GGUF KVs for a `gpt2` vocabulary, in convert_hf_to_gguf.py's order."""
+    kvs: dict[str, tuple[object, str]] = {
+        "tokenizer.ggml.model": ("gpt2", "STRING"),
+        "tokenizer.ggml.pre": (vocab.pre or "gpt2", "STRING"),
+        "tokenizer.ggml.tokens": (vocab.tokens, "ARRAY:STRING"),
+        "tokenizer.ggml.token_type": (vocab.types, "ARRAY:INT32"),
+        "tokenizer.ggml.merges": (vocab.merges, "ARRAY:STRING"),
+    }
+    for key, value in (
+        ("bos_token_id", vocab.bos_id),
+        ("eos_token_id", vocab.eos_id),
+        ("unknown_token_id", vocab.unk_id),
+        ("padding_token_id", vocab.pad_id),
+    ):
+        if value is not None:
+            kvs[f"tokenizer.ggml.{key}"] = (value, "UINT32")
+    kvs["tokenizer.ggml.add_bos_token"] = (vocab.add_bos, "BOOL")
+    kvs["tokenizer.ggml.add_space_prefix"] = (False, "BOOL")
+    return kvs

@@ -6,7 +6,8 @@ so memory stays near one tensor (GGUFWriter itself would hold every tensor until
 q/k rows are written in Meta's order, which is GGUF's (see `checkpoint.gguf`). Norms are F32
 as llama.cpp keeps them; `--gguf-type` quantizes the block projections with gguf.quants.
 The vocabulary: a GGUF source's `tokenizer.*` KVs as they are (llama or gpt2), else the
-SentencePiece `tokenizer.model` as llama.cpp's converter types it, plus a chat template.
+SentencePiece `tokenizer.model` or a byte-level tokenizer.json as llama.cpp's converter types
+them, plus a chat template.
 """
 
 from __future__ import annotations
@@ -15,32 +16,17 @@ from collections import Counter
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from llamactl import dtypes, jsonio, layout
-from llamactl.checkpoint.base import CheckpointReader, order_like, tensor_bytes
+from llamactl import dtypes, layout
+from llamactl.checkpoint.base import CheckpointReader, order_like, output_chat_template, tensor_bytes
 from llamactl.checkpoint.formats import WriteOptions, WritePlan
 from llamactl.checkpoint.gguf_file import GGUFArray, GGUFFile
 from llamactl.checkpoint.gguf_quants import BY_NAME, GGMLType
-from llamactl.checkpoint.gguf_vocab import gguf_kvs, read_tokenizer_model
+from llamactl.checkpoint.gguf_vocab import bpe_gguf_kvs, gguf_kvs, read_tokenizer_json, read_tokenizer_model
 from llamactl.errors import CheckpointError, UsageError
 from llamactl.layout import TensorInfo
 
 if TYPE_CHECKING:
     import torch
-
-# Hugging Face's meta-llama/Llama-2-*-chat-hf tokenizer_config.json `chat_template`, verbatim.
-LLAMA2_CHAT_TEMPLATE = (
-    "{% if messages[0]['role'] == 'system' %}{% set loop_messages = messages[1:] %}"
-    "{% set system_message = messages[0]['content'] %}{% else %}{% set loop_messages = messages %}"
-    "{% set system_message = false %}{% endif %}{% for message in loop_messages %}"
-    "{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}"
-    "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{% endif %}"
-    "{% if loop.index0 == 0 and system_message != false %}"
-    r"{% set content = '<<SYS>>\n' + system_message + '\n<</SYS>>\n\n' + message['content'] %}"
-    "{% else %}{% set content = message['content'] %}{% endif %}{% if message['role'] == 'user' %}"
-    "{{ bos_token + '[INST] ' + content.strip() + ' [/INST]' }}{% elif message['role'] == 'assistant' %}"
-    "{{ ' '  + content.strip() + ' ' + eos_token }}{% endif %}{% endfor %}"
-)
-
 
 # ----------------------------------------------------------------------------- planning
 
@@ -87,28 +73,17 @@ def plan_format(reader: CheckpointReader, options: WriteOptions) -> WritePlan:
 # ----------------------------------------------------------------------------- writing
 
 
-def chat_template_of(reader: CheckpointReader) -> str | None:
-    """The source's own template (tokenizer_config.json), else Llama 2's for a `*chat*` checkpoint."""
-    config = reader.path / "tokenizer_config.json"
-    if reader.path.is_dir() and config.is_file():
-        try:
-            template = jsonio.loads(config.read_text(encoding="utf-8")).get("chat_template")
-        except (OSError, ValueError, AttributeError):
-            template = None
-        if isinstance(template, str) and template:
-            return template
-    return LLAMA2_CHAT_TEMPLATE if "chat" in reader.path.name.lower() else None
-
-
 def _tokenizer_kvs(reader: CheckpointReader) -> dict[str, tuple[object, str]]:
     """tokenizer.* KVs: a GGUF source's as they are (llama or gpt2), else from tokenizer.model."""
     source = getattr(reader, "file", None)
     if isinstance(source, GGUFFile):  # a GGUF source: its vocabulary as it is, llama or gpt2
         return {key: _kv_from(source, key) for key in source.fields if key.startswith("tokenizer.")}
     kvs: dict[str, tuple[object, str]] = {}
-    if reader.tokenizer_path is not None:
+    if reader.tokenizer_path is not None and reader.tokenizer_path.suffix.lower() == ".json":
+        kvs = bpe_gguf_kvs(read_tokenizer_json(reader.tokenizer_path, reader.args.vocab_size))
+    elif reader.tokenizer_path is not None:
         kvs = gguf_kvs(read_tokenizer_model(reader.tokenizer_path, reader.args.vocab_size))
-    template = chat_template_of(reader)
+    template = output_chat_template(reader)
     if template is not None:
         kvs["tokenizer.chat_template"] = (template, "STRING")
     return kvs

@@ -20,10 +20,12 @@ from typing import TYPE_CHECKING, Any
 from llamactl import dtypes, jsonio, layout
 from llamactl.checkpoint.base import (
     TOKENIZER_FILE,
+    TOKENIZER_JSON,
     CheckpointReader,
     ReaderBase,
     check_against_args,
     main_dtype,
+    output_chat_template,
     tensor_bytes,
 )
 from llamactl.checkpoint.formats import CheckpointFormat, WriteOptions, WritePlan
@@ -113,6 +115,7 @@ class HFReader(ReaderBase):
         config = read_json(config_path)
         args = args_from_hf_config(config, config_path)
         reader = cls(path=path, args=args, files=[], config=config)
+        reader.context_known = "max_position_embeddings" in config
         cls._refuse_quantized(config, config_path)
         reader._index_files()
         reader.infos = reader._canonical_infos()
@@ -271,7 +274,19 @@ def write_hf(
         (out_dir / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
     plain_names = {layout.meta_to_hf(i.name) for i in reader.tensor_infos() if i.scheme is None}
     plain = [info for _, infos in plan for info in infos if info.name in plain_names]
-    write_hf_config(out_dir, reader.args, dtypes.lookup(main_dtype(plain)).hf, config_extra)
+    extra = special_token_ids(reader) | (config_extra or {})
+    write_hf_config(out_dir, reader.args, dtypes.lookup(main_dtype(plain)).hf, extra)
+
+
+def special_token_ids(reader: CheckpointReader) -> dict[str, int]:
+    """BOS/EOS ids of the checkpoint's tokenizer.json for config.json (a tokenizer.model is Llama's: 1 and 2)."""
+    path = reader.tokenizer_path
+    if path is None or path.suffix.lower() != ".json":
+        return {}
+    from llamactl.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(path)
+    return {key: value for key, value in (("bos_token_id", tok.bos_id), ("eos_token_id", tok.eos_id)) if value >= 0}
 
 
 def _stored_parts(
@@ -293,8 +308,8 @@ def write_hf_config(out_dir: Path, args: ModelArgs, dtype_name: str, extra: dict
     config = hf_config_from_args(args, dtype_name) | (extra or {})
     (out_dir / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
     generation = {
-        "bos_token_id": 1,
-        "eos_token_id": 2,
+        "bos_token_id": config["bos_token_id"],
+        "eos_token_id": config["eos_token_id"],
         "do_sample": True,
         "temperature": 0.6,
         "top_p": 0.9,
@@ -303,22 +318,36 @@ def write_hf_config(out_dir: Path, args: ModelArgs, dtype_name: str, extra: dict
     (out_dir / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
 
 
-def write_tokenizer_files(out_dir: Path, tokenizer_model: Path, args: ModelArgs) -> None:
-    """tokenizer.model plus the two JSON files transformers' LlamaTokenizer reads."""
-    shutil.copyfile(tokenizer_model, out_dir / TOKENIZER_FILE)
-    special = {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}
-    config = special | {
-        "tokenizer_class": "LlamaTokenizer",
-        "add_bos_token": True,
-        "add_eos_token": False,
-        "clean_up_tokenization_spaces": False,
-        "legacy": True,
-        "model_max_length": args.max_seq_len,
-        "pad_token": None,
-        "sp_model_kwargs": {},
-    }
-    (out_dir / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
-    (out_dir / "special_tokens_map.json").write_text(json.dumps(special, indent=2) + "\n")
+def write_tokenizer_files(
+    out_dir: Path, tokenizer_path: Path, args: ModelArgs, chat_template: str | None = None
+) -> None:
+    """The tokenizer as transformers loads it, with the chat template the checkpoint runs with.
+
+    A SentencePiece tokenizer.model gets the two JSON files transformers' LlamaTokenizer reads;
+    a tokenizer.json is copied with its tokenizer_config.json (the source's, where it has one).
+    """
+    if tokenizer_path.suffix.lower() == ".json":
+        shutil.copyfile(tokenizer_path, out_dir / TOKENIZER_JSON)
+        source = tokenizer_path.parent / "tokenizer_config.json"
+        config = read_json(source) if source.is_file() else {"tokenizer_class": "PreTrainedTokenizerFast"}
+        config.pop("chat_template", None)
+    else:
+        shutil.copyfile(tokenizer_path, out_dir / TOKENIZER_FILE)
+        special = {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}
+        config = special | {
+            "tokenizer_class": "LlamaTokenizer",
+            "add_bos_token": True,
+            "add_eos_token": False,
+            "clean_up_tokenization_spaces": False,
+            "legacy": True,
+            "model_max_length": args.max_seq_len,
+            "pad_token": None,
+            "sp_model_kwargs": {},
+        }
+        (out_dir / "special_tokens_map.json").write_text(json.dumps(special, indent=2) + "\n")
+    if chat_template is not None:
+        config["chat_template"] = chat_template
+    (out_dir / "tokenizer_config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n")
 
 
 def plan_format(reader: CheckpointReader, options: WriteOptions) -> WritePlan:
@@ -328,7 +357,7 @@ def plan_format(reader: CheckpointReader, options: WriteOptions) -> WritePlan:
 def write_format(out_dir: Path, reader: CheckpointReader, plan: WritePlan, options: WriteOptions) -> None:
     write_hf(out_dir, plan, reader, options.on_tensor)
     if reader.tokenizer_path is not None:
-        write_tokenizer_files(out_dir, reader.tokenizer_path, reader.args)
+        write_tokenizer_files(out_dir, reader.tokenizer_path, reader.args, output_chat_template(reader))
 
 
 FORMAT = CheckpointFormat(

@@ -10,6 +10,7 @@ every record in place but no bytes), then streams each tensor's bytes into its r
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import re
 import shutil
@@ -23,10 +24,14 @@ from typing import TYPE_CHECKING
 from llamactl import dtypes
 from llamactl.checkpoint.base import (
     TOKENIZER_FILE,
+    TOKENIZER_JSON,
     CheckpointReader,
     ReaderBase,
     check_against_args,
+    read_model_meta,
     tensor_bytes,
+    trained_context,
+    write_model_meta,
 )
 from llamactl.checkpoint.formats import CheckpointFormat, WriteOptions, WritePlan
 from llamactl.checkpoint.pth import Record, read_records
@@ -75,7 +80,13 @@ class MetaReader(ReaderBase):
     @classmethod
     def open(cls, path: Path) -> MetaReader:
         params_path = path / PARAMS_FILE
-        args = args_from_params(read_json(params_path), params_path)
+        params = read_json(params_path)
+        args = args_from_params(params, params_path)
+        # Meta's params.json never says the trained context; llamactl records it beside it.
+        recorded = read_model_meta(path).get("trained_context")
+        if recorded is not None and "max_seq_len" not in params:
+            args = dataclasses.replace(args, max_seq_len=recorded)
+        known = recorded is not None or "max_seq_len" in params
         files = shard_files(path)
         records = [read_records(f, META_IGNORED) for f in files]
         infos = _merged_infos(files, [{n: r.info for n, r in shard.items()} for shard in records])
@@ -85,7 +96,7 @@ class MetaReader(ReaderBase):
                 raise CheckpointError(f"{files[0]}: tensor tok_embeddings.weight is missing")
             args = args.with_vocab_size(embedding.shape[0])
         check_against_args(infos, args, f"{path} ({len(files)} shard{'s' * (len(files) > 1)})", PARAMS_FILE)
-        return cls(path=path, args=args, files=files, infos=infos, records=records)
+        return cls(path=path, args=args, files=files, infos=infos, records=records, context_known=known)
 
     def iter_tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
         with Files() as files:
@@ -223,8 +234,16 @@ def plan_format(reader: CheckpointReader, options: WriteOptions) -> WritePlan:
 def write_format(out_dir: Path, reader: CheckpointReader, plan: WritePlan, options: WriteOptions) -> None:
     write_meta(out_dir, plan, reader.iter_tensors(), options.on_tensor)
     (out_dir / PARAMS_FILE).write_text(json.dumps(meta_params(reader.args), indent=2) + "\n")
-    if reader.tokenizer_path is not None:
-        shutil.copyfile(reader.tokenizer_path, out_dir / TOKENIZER_FILE)
+    context = trained_context(reader)
+    if context is not None:  # params.json cannot hold it (Meta's loader would refuse the key)
+        write_model_meta(out_dir, trained_context=context)
+    tokenizer = reader.tokenizer_path
+    if tokenizer is not None and tokenizer.suffix.lower() == ".json":  # tokenizers' file and its config
+        shutil.copyfile(tokenizer, out_dir / TOKENIZER_JSON)
+        if (tokenizer.parent / "tokenizer_config.json").is_file():
+            shutil.copyfile(tokenizer.parent / "tokenizer_config.json", out_dir / "tokenizer_config.json")
+    elif tokenizer is not None:
+        shutil.copyfile(tokenizer, out_dir / TOKENIZER_FILE)
 
 
 FORMAT = CheckpointFormat(

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from llamactl import layout
-from llamactl.checkpoint.base import CheckpointReader, check_against_args
+from llamactl.checkpoint.base import CheckpointReader, check_against_args, output_chat_template
 from llamactl.checkpoint.formats import CheckpointFormat, WriteOptions, WritePlan
 from llamactl.checkpoint.hf import (
     CONFIG_FILE,
@@ -63,6 +63,7 @@ class NativeReader(HFReader):
         config = read_json(config_path)
         args = args_from_hf_config(config, config_path)
         reader = cls(path=path, args=args, files=[], config=config)
+        reader.context_known = "max_position_embeddings" in config
         reader.quant = QuantSpec.from_hf_config(config.get("quantization_config"), str(config_path))
         reader._index_files()
         for file in reader.files:
@@ -149,7 +150,7 @@ def write_format(out_dir: Path, reader: CheckpointReader, plan: WritePlan, optio
     extra = {"quantization_config": reader.quant.to_hf_config(unquantized_modules(reader))}
     write_hf(out_dir, plan, _HFRows(reader), options.on_tensor, extra)  # type: ignore[arg-type]
     if reader.tokenizer_path is not None:
-        write_tokenizer_files(out_dir, reader.tokenizer_path, reader.args)
+        write_tokenizer_files(out_dir, reader.tokenizer_path, reader.args, output_chat_template(reader))
 
 
 FORMAT = CheckpointFormat(

@@ -7,11 +7,28 @@ import signal
 import sys
 from types import FrameType
 
-import typer
+from llamactl.errors import INTERRUPTED, TERMINATED, Terminated
 
-from llamactl import __version__
-from llamactl.cli._common import INTERRUPTED, TERMINATED, print_json_error
-from llamactl.errors import Terminated, printable
+
+def _interrupted_at_startup() -> None:
+    """Ctrl-C before any command runs (importing, loading plugins): nothing to clean up, so exit
+    130 at once, without the traceback Python would print from deep inside an import."""
+    # os.write, not print: the interrupt may have landed while sys.stderr's lock was held.
+    os.write(2, b"llamactl: interrupted\n")
+    os._exit(INTERRUPTED)
+
+
+try:  # the imports below are most of start-up time: a Ctrl-C lands here more often than not
+    import typer
+    from typer.core import TyperCommand
+    from typer.models import DefaultPlaceholder
+
+    from llamactl import __version__
+    from llamactl.cli._common import print_json_error, said
+    from llamactl.cli._help import PANELS, TOOLS, TidyCommand, TidyGroup, epilog
+    from llamactl.errors import printable
+except KeyboardInterrupt:
+    _interrupted_at_startup()
 
 
 def _version(value: bool) -> None:
@@ -28,6 +45,7 @@ def build_app() -> typer.Typer:
         no_args_is_help=True,
         pretty_exceptions_enable=False,
         context_settings={"help_option_names": ["-h", "--help"]},
+        cls=TidyGroup,
     )
 
     @app.callback()
@@ -41,6 +59,16 @@ def build_app() -> typer.Typer:
     from llamactl.cli.plugins import install_commands
 
     install_commands(app)
+    order = list(dict.fromkeys(PANELS.values()))
+    for info in app.registered_commands:  # plugin commands too: one look for every --help
+        if isinstance(info.cls, DefaultPlaceholder) or info.cls in (None, TyperCommand):
+            info.cls = TidyCommand
+        if isinstance(info.rich_help_panel, DefaultPlaceholder) or info.rich_help_panel is None:
+            info.rich_help_panel = PANELS.get(info.name or "", TOOLS)
+        if isinstance(info.epilog, DefaultPlaceholder) or info.epilog is None:
+            info.epilog = epilog(info.name or "")
+    # Panels are shown in the order their first command comes: model work, store, tools.
+    app.registered_commands.sort(key=lambda i: order.index(i.rich_help_panel) if i.rich_help_panel in order else 99)
     return app
 
 
@@ -75,11 +103,21 @@ def main() -> None:
     """Console-script entry point."""
     signal.signal(signal.SIGTERM, _terminate)  # unwind like Ctrl-C: temporary outputs are removed
     try:
+        app = build_app()
+    except KeyboardInterrupt:
+        _interrupted_at_startup()
+    try:
         if sys.stderr.isatty():
-            build_app()(prog_name="llamactl")  # usage errors as Typer's framed panel, for a person
+            app(prog_name="llamactl")  # usage errors as Typer's framed panel, for a person
         else:
-            sys.exit(_run_plain(build_app()))
+            sys.exit(_run_plain(app))
+    except KeyboardInterrupt:  # while Typer builds the click command: no command has started yet
+        _interrupted_at_startup()
     except SystemExit as exc:
+        # The command is over: a Ctrl-C now would only interrupt Python's own shutdown.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        if exc.code == INTERRUPTED and not said["interrupted"]:
+            os.write(2, b"llamactl: interrupted\n")  # Typer's own exit 130, outside any command
         if exc.code in (INTERRUPTED, TERMINATED):
             # A Ctrl-C that lands while CPython runs exec()'d code (dataclass and namedtuple
             # creation during a lazy import) leaves a flag that makes it re-raise SIGINT at exit

@@ -6,7 +6,7 @@ import contextlib
 import functools
 import json
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
 import typer
@@ -20,23 +20,43 @@ from rich.progress import (
     TransferSpeedColumn,
 )
 
-from llamactl.errors import LlamactlError, Terminated, utf8_text
+from llamactl.errors import INTERRUPTED, TERMINATED, LlamactlError, Terminated, utf8_text
 
-INTERRUPTED = 130  # exit code after Ctrl-C (README: exit codes)
-TERMINATED = 143  # exit code after SIGTERM (128 + 15, as shells report it)
 # Version of every --json document's shape; bump it when a field changes meaning or goes away
 # (adding a field does not). Each JSON object llamactl prints carries it as "schema".
 SCHEMA_VERSION = 1
 
 F = TypeVar("F", bound=Callable[..., Any])
 
+# What cli_command has told the user: Typer turns a Ctrl-C outside any command (while parsing,
+# say) into a silent exit 130, and main() then says it instead.
+said: dict[str, bool] = {"interrupted": False}
+
 # Results go to stdout, everything else (progress, warnings) to stderr.
 stderr = Console(stderr=True, highlight=False)
 
 
+# Wide enough that no report line is ever wrapped when stdout is a pipe or a file.
+PIPE_WIDTH = 100_000
+
+
 def stdout() -> Console:
-    """A console on the current stdout (created late so test runners can capture it)."""
-    return Console(highlight=False, soft_wrap=True)
+    """THE console on the current stdout (created late so test runners can capture it).
+
+    On a terminal it wraps at the terminal's width; anywhere else (a pipe, a file) it never
+    wraps, pads or colours: rich's default of 80 columns would break values mid-line.
+    """
+    console = Console(highlight=False, soft_wrap=True)
+    if console.is_terminal:
+        return console
+    return Console(highlight=False, soft_wrap=True, width=PIPE_WIDTH, no_color=True, color_system=None)
+
+
+def print_pairs(rows: Sequence[tuple[str, object]]) -> None:
+    """A key/value report on stdout: keys padded to one column, values whole, no trailing spaces."""
+    width = max((len(key) for key, _ in rows), default=0)
+    for key, value in rows:
+        sys.stdout.write(f"{key.ljust(width)}  {value}".rstrip() + "\n")
 
 
 def fail(message: str, code: int = 1) -> typer.Exit:
@@ -69,6 +89,7 @@ def cli_command(func: F) -> F:
             raise typer.Exit(TERMINATED) from None
         except KeyboardInterrupt:
             print("llamactl: interrupted", file=sys.stderr)
+            said["interrupted"] = True
             raise typer.Exit(INTERRUPTED) from None
         finally:
             for line in failures[reported:]:  # a plugin that broke during the command (e.g. in detect())
@@ -115,6 +136,16 @@ def print_json_line(record: dict[str, Any]) -> None:
 def print_json_error(message: str, code: int) -> None:
     """The --json form of an error (the stderr line is printed as well)."""
     print_json({"error": {"message": message, "code": code}})
+
+
+def human_count(n: int | None) -> str:
+    """292800 -> '293K', 6.74e9 -> '6.74B': THE short form of a parameter count (info, show, list)."""
+    if n is None:
+        return "?"
+    for scale, suffix in ((1e9, "B"), (1e6, "M"), (1e3, "K")):
+        if n >= scale:
+            return f"{n / scale:.3g}{suffix}"
+    return str(n)
 
 
 def human_bytes(n: float) -> str:

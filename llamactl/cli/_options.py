@@ -9,13 +9,15 @@ import torch.
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
-from llamactl.cli._common import loading_status
-from llamactl.errors import TokenizerError, UsageError
+from llamactl.cli import _complete
+from llamactl.cli._common import loading_status, warn
+from llamactl.errors import ModelNotFoundError, TokenizerError, UsageError
 
 if TYPE_CHECKING:
     from llamactl.loading import LoadedModel
@@ -25,9 +27,15 @@ if TYPE_CHECKING:
     from llamactl.tokenizer import Tokenizer
 
 ModelArg = Annotated[
-    str, typer.Argument(help="A model directory (Meta or Hugging Face) or a name under the models home.")
+    str,
+    typer.Argument(
+        help="A model directory (Meta or Hugging Face) or a name under the models home.",
+        autocompletion=_complete.model_names,
+    ),
 ]
-Temperature = Annotated[float, typer.Option("--temperature", "-t", min=0.0, help="Sampling temperature; 0 is greedy.")]
+Temperature = Annotated[
+    float, typer.Option("--temperature", "--temp", "-t", min=0.0, help="Sampling temperature; 0 is greedy.")
+]
 TopP = Annotated[
     float, typer.Option("--top-p", min=0.0, max=1.0, help="Nucleus sampling: keep tokens up to this mass.")
 ]
@@ -40,22 +48,108 @@ MaxNew = Annotated[
     ),
 ]
 Device = Annotated[str | None, typer.Option("--device", help="cpu or cuda (default: cuda when available).")]
-DType = Annotated[str | None, typer.Option("--dtype", help="fp32, bf16 or fp16 (default: bf16 on CUDA, fp32 on CPU).")]
+DType = Annotated[
+    str | None,
+    typer.Option(
+        "--dtype",
+        help="fp32, bf16 or fp16 (default: bf16 on CUDA, fp32 on CPU).",
+        autocompletion=_complete.float_dtypes,
+    ),
+]
 TokenizerOpt = Annotated[
-    Path | None, typer.Option("--tokenizer", help="tokenizer.model to use instead of the model's.")
+    Path | None, typer.Option("--tokenizer", help="tokenizer.model or tokenizer.json to use instead of the model's.")
 ]
 Ctx = Annotated[int | None, typer.Option("--ctx", min=2, help="Context length in tokens (default: the model's).")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object per answer instead of text.")]
+Stop = Annotated[
+    list[str] | None,
+    typer.Option("--stop", metavar="TEXT", help="End the answer before this text (never printed; repeatable)."),
+]
+RepeatPenalty = Annotated[
+    float,
+    typer.Option(
+        "--repeat-penalty", min=0.0, help="Penalise tokens seen in the last --repeat-last-n (1.0: off; 1.1 typical)."
+    ),
+]
+RepeatLastN = Annotated[
+    int, typer.Option("--repeat-last-n", min=0, help="How many recent tokens --repeat-penalty looks at.")
+]
+MinP = Annotated[
+    float,
+    typer.Option("--min-p", min=0.0, max=1.0, help="Drop tokens less likely than this times the top one (0: off)."),
+]
+Logprobs = Annotated[
+    int,
+    typer.Option(
+        "--logprobs", min=0, max=20, help="With --json: log-probabilities of the N most likely tokens at each step."
+    ),
+]
+PullYes = Annotated[
+    bool,
+    typer.Option(
+        "--yes",
+        "-y",
+        help="A known name (7b-chat ...) missing from the store is pulled without asking "
+        "(without --yes: asked on a terminal, an error elsewhere).",
+    ),
+]
+
+
+def ensure_model(model: str, yes: bool = False) -> None:
+    """A known name (7b, 7b-chat, ...) missing from the store: offer to pull it, as `ollama run` does.
+
+    On a terminal (stdin and stderr) the user is asked; `--yes` pulls without asking; anywhere
+    else the error says the exact `llamactl pull` to run. Other names and paths pass through
+    untouched (their own errors come from loading).
+    """
+    from llamactl.pull import missing_known_model, pull_hint
+
+    repo = missing_known_model(model)
+    if repo is None:
+        return
+    if not yes:
+        if not (sys.stdin.isatty() and sys.stderr.isatty()):
+            raise ModelNotFoundError(f"{model}: not in the store yet; {pull_hint(model, repo)}")
+        if not typer.confirm(f"{model} is not in the store. Pull {repo} from the Hugging Face Hub?", err=True):
+            raise ModelNotFoundError(f"{model}: not pulled; {pull_hint(model, repo)}")
+    from llamactl.cli.store import pull_and_report
+
+    pull_and_report(repo, model, on_stderr=True)
 
 
 def sampling_from(
-    temperature: float, top_p: float, top_k: int, seed: int | None, max_new_tokens: int | None
+    temperature: float,
+    top_p: float,
+    top_k: int,
+    seed: int | None,
+    max_new_tokens: int | None,
+    *,
+    stop: list[str] | None = None,
+    repeat_penalty: float = 1.0,
+    repeat_last_n: int = 64,
+    min_p: float = 0.0,
+    logprobs: int = 0,
 ) -> SamplingParams:
     from llamactl.sampling import SamplingParams
 
     if top_p <= 0:
         raise UsageError("--top-p must be greater than 0")
-    return SamplingParams(temperature, top_p, top_k, seed, max_new_tokens).validate()
+    if repeat_penalty <= 0:
+        raise UsageError("--repeat-penalty must be greater than 0")
+    if stop and not all(stop):
+        raise UsageError('--stop "": a stop string must not be empty')
+    return SamplingParams(
+        temperature,
+        top_p,
+        top_k,
+        seed,
+        max_new_tokens,
+        repeat_penalty=repeat_penalty,
+        repeat_last_n=repeat_last_n,
+        min_p=min_p,
+        stop=tuple(stop or ()),
+        logprobs=logprobs,
+    ).validate()
 
 
 def sampling_dict(sampling: SamplingParams) -> dict[str, Any]:
@@ -64,18 +158,73 @@ def sampling_dict(sampling: SamplingParams) -> dict[str, Any]:
         "temperature": sampling.temperature,
         "top_p": sampling.top_p,
         "top_k": sampling.top_k,
+        "min_p": sampling.min_p,
+        "repeat_penalty": sampling.repeat_penalty,
+        "repeat_last_n": sampling.repeat_last_n,
+        "stop": list(sampling.stop),
         "max_new_tokens": sampling.max_new_tokens,
     }
 
 
-def template_from(name: str) -> ChatTemplate:
-    """The chat template `--template NAME` names."""
-    from llamactl.templates import UnknownTemplateError, get_template
+def logprobs_json(tokenizer: Tokenizer, ids: list[int], steps: list[tuple[float, list[tuple[int, float]]]]) -> list:
+    """--logprobs as JSON: per generated token its id, text, logprob and the top alternatives."""
+
+    def piece(i: int) -> str:
+        return tokenizer.piece(i)
+
+    return [
+        {
+            "id": token,
+            "token": piece(token),
+            "logprob": round(lp, 6),
+            "top_logprobs": [{"id": i, "token": piece(i), "logprob": round(v, 6)} for i, v in top],
+        }
+        for token, (lp, top) in zip(ids, steps, strict=False)
+    ]
+
+
+TemplateOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--template",
+        help="Chat template: llama-2-chat, chatml, checkpoint (the model's own) or a plugin's "
+        "(default: the model's own, else llama-2-chat).",
+    ),
+]
+
+
+def template_from(name: str, own: str | None = None, where: str = "model") -> ChatTemplate:
+    """The chat template `--template NAME` names (`checkpoint`: the model's own, `own`)."""
+    from llamactl.templates import UnknownTemplateError, choose_template
 
     try:
-        return get_template(name)
+        return choose_template(name, own, where)
     except UnknownTemplateError as exc:
-        raise UsageError(f"--template {name}: unknown chat template; choose one of: {', '.join(exc.choices)}") from None
+        raise UsageError(
+            f"--template {name}: unknown chat template; choose one of: {', '.join([*exc.choices, 'checkpoint'])}"
+        ) from None
+
+
+def check_template_name(name: str | None) -> None:
+    """Refuse an unknown --template before anything is loaded."""
+    from llamactl.templates import OWN
+
+    if name is not None and name != OWN:
+        template_from(name)
+
+
+def model_template(name: str | None, reader: Any, tokenizer: Any = None) -> ChatTemplate:
+    """The template a loaded model runs with: --template, else the checkpoint's own, else Llama 2's."""
+    own = getattr(reader, "chat_template", None) if reader is not None else None
+    where = str(reader.path) if reader is not None else "tokenizer"
+    if own is None and tokenizer is not None:
+        own = getattr(tokenizer, "chat_template", None)
+        where = str(getattr(tokenizer, "path", where))
+    if name is not None:
+        return template_from(name, own, where)
+    from llamactl.templates import choose_template
+
+    return choose_template(None, own, where)
 
 
 def load_from_options(
@@ -85,19 +234,29 @@ def load_from_options(
     dtype: str | None,
     ctx: int | None,
     quant: QuantSpec | None = None,
+    yes: bool = False,
 ) -> tuple[LoadedModel, Tokenizer]:
-    """The model and tokenizer the options name, with a spinner on a terminal."""
+    """The model and tokenizer the options name, with a spinner on a terminal; a known name not
+    in the store is offered for pulling first (`ensure_model`)."""
     from llamactl.dtypes import parse_float_dtype
     from llamactl.loading import load_for_generation
     from llamactl.tokenizer import MissingTokenizerError
 
+    ensure_model(model, yes)
     try:
         with loading_status(model):
-            return load_for_generation(model, tokenizer, device, parse_float_dtype(dtype), ctx, quant)
+            loaded, tok = load_for_generation(model, tokenizer, device, parse_float_dtype(dtype), ctx, quant)
     except MissingTokenizerError as exc:
         raise TokenizerError(
-            f"{exc.model_path}: no tokenizer.model next to the weights; pass --tokenizer FILE"
+            f"{exc.model_path}: no tokenizer.model or tokenizer.json next to the weights; pass --tokenizer FILE"
         ) from None
+    loaded.watch_context(
+        lambda pos, trained: warn(
+            f"position {pos} is past the trained context of {trained} tokens ({loaded.reader.path}): "
+            "output from here on may degrade (a --ctx of at most that keeps within it)"
+        )
+    )
+    return loaded, tok
 
 
 # ---------------------------------------------------------------- quantization (quantize, chat, generate, bench)

@@ -15,7 +15,6 @@ from typing import Annotated
 
 import typer
 from rich import box
-from rich.console import Console
 from rich.table import Table
 
 from llamactl.bench import (
@@ -29,6 +28,7 @@ from llamactl.bench import (
     plan_bench,
     run_bench,
 )
+from llamactl.cli import _complete
 from llamactl.cli._common import cli_command, stderr, stdout
 from llamactl.errors import UsageError
 from llamactl.plugins import hookimpl
@@ -62,9 +62,15 @@ def _words(flag: str, text: str) -> list[str]:
 def bench(
     model: Annotated[
         str | None,
-        typer.Argument(help="Checkpoint directory or installed model name; omit to benchmark --preset."),
+        typer.Argument(
+            help="Checkpoint directory or installed model name; omit to benchmark --preset.",
+            autocompletion=_complete.model_names,
+        ),
     ] = None,
-    preset: Annotated[str, typer.Option(help="Preset shape(s) built with random weights: 7b,13b,70b.")] = "7b",
+    preset: Annotated[
+        str,
+        typer.Option(help="Preset shape(s) built with random weights: 7b,13b,70b.", autocompletion=_complete.presets),
+    ] = "7b",
     ctx: Annotated[str, typer.Option(help="Context length(s) the KV cache holds; decode runs filled to it.")] = "4096",
     prompt_tokens: Annotated[str, typer.Option(help="Prompt length(s) for the prefill test (pp).")] = "512",
     gen_tokens: Annotated[
@@ -80,7 +86,10 @@ def bench(
     ] = None,
     kv_heads: Annotated[str, typer.Option(help="KV heads for --attn gqa (comma list).")] = "8",
     dtype: Annotated[
-        str | None, typer.Option(help="bf16, fp16 or fp32 (comma list; default CUDA bf16, CPU fp32).")
+        str | None,
+        typer.Option(
+            help="bf16, fp16 or fp32 (comma list; default CUDA bf16, CPU fp32).", autocompletion=_complete.float_dtypes
+        ),
     ] = None,
     bits: Annotated[str, typer.Option(help="Weight bits: 16, 8 (q8) or 4 (q4) (comma list).")] = "16",
     scheme: Annotated[
@@ -185,14 +194,14 @@ def _print(report: BenchReport, fmt: str) -> None:
     elif fmt == "csv":
         sys.stdout.write(_csv(report))
     elif fmt == "md":
-        sys.stdout.write("\n".join([*_header_lines(report), "", *_markdown(report)]) + "\n")
+        sys.stdout.write("\n".join([*_header_lines(report), "", *_markdown(report), "", *legend(report)]) + "\n")
     else:
-        console = stdout()
-        if not console.is_terminal:  # plain text at its natural width when piped
-            console = Console(width=1000, highlight=False, soft_wrap=True, no_color=True)
+        console = stdout()  # plain text at its natural width when piped
         for line in _header_lines(report):
             console.print(line, markup=False)
         console.print(_table(report, ascii_only=not console.is_terminal))
+        for line in legend(report):
+            console.print(line, markup=False)
 
 
 def _csv(report: BenchReport) -> str:
@@ -215,7 +224,7 @@ def _header_lines(report: BenchReport) -> list[str]:
     commit = f" ({env.build_commit})" if env.build_commit else ""
     lines = [
         f"llamactl {env.llamactl_version}{commit}, torch {env.torch_version}{cuda}",
-        f"device: {device}; peak copy bandwidth {env.peak_bandwidth_gbs:.0f} GB/s",
+        f"device: {device}; peak bandwidth {env.peak_bandwidth_gbs:.0f} GB/s ({_peak_source(env.peak_bandwidth_source)})",
         f"cpu: {env.cpu_info}, {env.cpu_cores} cores / {env.cpu_threads} threads, "
         f"{env.n_threads} torch threads, RAM {_gib(env.ram_bytes)}",
     ]
@@ -223,9 +232,45 @@ def _header_lines(report: BenchReport) -> list[str]:
     if reduced:
         why = "CPU default, " if env.cpu_fallback and report.options.layers == [CPU_DEFAULTS.layers] else ""
         shown = ", ".join(f"{n} of {full}" for n, full in reduced)
-        lines.append(f"layers: {shown} ({why}--layers to change); sizes and speeds are for these layers")
+        lines.append(
+            f"layers: {shown} ({why}--layers to change); sizes and speeds are for these layers, "
+            "rows marked (estimate) scale them to all"
+        )
     if env.backends == "CPU":
         lines.append("memory: peak = process RSS high-water mark; KV measured = cache tensor storage")
+    return lines
+
+
+def _peak_source(source: str) -> str:
+    if source == "decode":
+        return "the fastest decode below: faster than the bandwidth probe's best run"
+    return source.removeprefix("probe: ")
+
+
+def legend(report: BenchReport) -> list[str]:
+    """What the test names and columns mean, for the tests this report has (table and md footer)."""
+    lines = []
+    pp = next((r for r in report.rows if r.n_prompt), None)
+    tg = next((r for r in report.rows if r.n_gen), None)
+    if pp is not None:
+        lines.append(f"{pp.test}: prefill of a {pp.n_prompt}-token prompt (llama-bench's name)")
+    if tg is not None:
+        lines.append(
+            f"{tg.test}: {tg.n_gen} tokens decoded one at a time after {tg.n_depth} already in the KV cache, "
+            f"which ends full at {tg.n_ctx} (llama-bench's name)"
+        )
+    lines.append(
+        f"t/s: tokens per second, mean ± sd over {report.options.repeat} runs; median: their median; "
+        "GB/s: bytes a decode step reads (weights + KV) × steps per second; "
+        "% peak: that ÷ the peak bandwidth in the header"
+    )
+    estimates = report.estimates
+    if estimates:
+        lines.append(
+            f"estimate: the full {estimates[0].n_layer}-layer model scaled from the rows measured with fewer "
+            "layers (time per token × layers; weights and KV cache by formula); not measured, "
+            "so not in json/jsonl/csv"
+        )
     return lines
 
 
@@ -263,10 +308,15 @@ def _cells(row: BenchRow, with_vs: bool) -> list[str]:
     kv = mib(row.kv_bytes)
     if row.kv_bytes is not None and row.kv_bytes != row.kv_bytes_formula:
         kv += f" (formula {mib(row.kv_bytes_formula)})"
-    speed = f"{row.avg_ts:.2f} ± {row.stddev_ts:.2f}" if row.avg_ts is not None else row.status.upper()
+    if row.avg_ts is None:
+        speed = row.status.upper()
+    elif row.status == "estimate":
+        speed = f"~{row.avg_ts:.2f}"
+    else:
+        speed = f"{row.avg_ts:.2f} ± {row.stddev_ts:.2f}"
     cells = [
         row.model_type,
-        f"{row.n_layer}/{row.n_layer_model}",
+        f"{row.n_layer}/{row.n_layer_model}" + (" (estimate)" if row.status == "estimate" else ""),
         row.attn,
         str(row.n_kv_head),
         row.type_w,
@@ -276,8 +326,8 @@ def _cells(row: BenchRow, with_vs: bool) -> list[str]:
         speed,
         num(row.median_ts, ".2f"),
         num(row.ms_per_token, ".2f"),
-        kv if row.status == "ok" else mib(row.kv_bytes_formula),
-        mib(row.weight_bytes),
+        kv if row.status == "ok" else mib(row.kv_bytes_formula),  # oom, estimate: the formula
+        mib(row.model_size),
         mib(row.peak_bytes),
         num(row.bandwidth_gbs, ".1f"),
         num(row.bandwidth_frac * 100 if row.bandwidth_frac is not None else None, ".0f"),
@@ -293,7 +343,7 @@ def _table(report: BenchReport, ascii_only: bool = False) -> Table:
     table = Table(*cols, title="llamactl bench", box=box.ASCII if ascii_only else box.HEAVY_HEAD)
     for col in table.columns[8:]:
         col.justify = "right"
-    for row in report.rows:
+    for row in [*report.rows, *report.estimates]:
         table.add_row(*_cells(row, "speedup" in cols))
     return table
 
@@ -304,5 +354,5 @@ def _markdown(report: BenchReport) -> list[str]:
         "| " + " | ".join(cols) + " |",
         "|" + "|".join("---:" if i >= 8 else "---" for i in range(len(cols))) + "|",
     ]
-    lines += ["| " + " | ".join(_cells(row, "speedup" in cols)) + " |" for row in report.rows]
+    lines += ["| " + " | ".join(_cells(row, "speedup" in cols)) + " |" for row in [*report.rows, *report.estimates]]
     return lines

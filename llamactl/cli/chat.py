@@ -21,24 +21,33 @@ from llamactl.cli._options import (
     Device,
     DType,
     JsonOpt,
+    Logprobs,
     MaxNew,
+    MinP,
     ModelArg,
+    PullYes,
     QuantType,
+    RepeatLastN,
+    RepeatPenalty,
     Scheme,
     Seed,
+    Stop,
     Temperature,
+    TemplateOpt,
     TokenizerOpt,
     TopK,
     TopP,
+    check_template_name,
     load_from_options,
+    logprobs_json,
+    model_template,
     quant_from_options,
     sampling_dict,
     sampling_from,
-    template_from,
 )
 from llamactl.errors import UsageError
 from llamactl.plugins import hookimpl
-from llamactl.templates import DEFAULT_TEMPLATE, load_dialog
+from llamactl.templates import load_dialog
 
 if TYPE_CHECKING:
     from llamactl.loading import LoadedModel
@@ -58,8 +67,13 @@ def chat(
     temperature: Temperature = 0.6,
     top_p: TopP = 0.9,
     top_k: TopK = 0,
+    min_p: MinP = 0.0,
+    repeat_penalty: RepeatPenalty = 1.0,
+    repeat_last_n: RepeatLastN = 64,
+    stop: Stop = None,
     seed: Seed = None,
     max_new_tokens: MaxNew = None,
+    logprobs: Logprobs = 0,
     overflow: Annotated[
         str, typer.Option("--overflow", help="When the context is full: drop (oldest exchanges) or error.")
     ] = "drop",
@@ -68,26 +82,39 @@ def chat(
     bits: Bits = None,
     scheme: Scheme = None,
     quant_type: QuantType = None,
-    template: Annotated[
-        str, typer.Option("--template", help="Chat template: llama-2-chat or one a plugin registers.")
-    ] = DEFAULT_TEMPLATE,
+    template: TemplateOpt = None,
     tokenizer: TokenizerOpt = None,
     ctx: Ctx = None,
     json_out: JsonOpt = False,
+    yes: PullYes = False,
 ) -> None:
-    """Chat with a Llama 2 chat model: a REPL on a terminal, plain answers in pipes."""
+    """Chat with a model through its chat template: a REPL on a terminal, plain answers in pipes."""
     if overflow not in ("drop", "error"):
         raise UsageError(f"--overflow {overflow}: choose drop or error")
-    sampling = sampling_from(temperature, top_p, top_k, seed, max_new_tokens)
-    chat_template = template_from(template)
+    sampling = sampling_from(
+        temperature,
+        top_p,
+        top_k,
+        seed,
+        max_new_tokens,
+        stop=stop,
+        repeat_penalty=repeat_penalty,
+        repeat_last_n=repeat_last_n,
+        min_p=min_p,
+        logprobs=logprobs,
+    )
+    check_template_name(template)
     messages = load_dialog(dialog) if dialog is not None else []
     interactive = prompt is None and sys.stdin.isatty()
     inputs: list[str] = []
     if not interactive:
         inputs = _script_inputs(prompt, each_line)
-    loaded, tok = load_from_options(model, tokenizer, device, dtype, ctx, quant_from_options(bits, scheme, quant_type))
+    loaded, tok = load_from_options(
+        model, tokenizer, device, dtype, ctx, quant_from_options(bits, scheme, quant_type), yes=yes
+    )
     from llamactl.session import ChatSession
 
+    chat_template = model_template(template, loaded.reader, tok)
     session = ChatSession(
         loaded.model,
         tok,
@@ -136,17 +163,30 @@ def _answer(session: ChatSession, start: Callable[[], Iterator[str]], json_out: 
     stream = start()
     if session.last_dropped:
         warn(f"context full: dropped the {session.last_dropped} oldest exchange(s), system prompt kept")
-    for piece in stream:
-        if not json_out:
-            write(piece)
+    try:
+        for piece in stream:
+            if not json_out:
+                write(piece)
+    except KeyboardInterrupt:
+        if json_out:  # the partial answer, marked cut, then exit 130 (cli_command)
+            stream.close()  # the session records the partial answer and its stats
+            _write_record(session, meta, t0, interrupted=True)
+        raise
     if not json_out:
         write("\n")
         return
-    last, answer = session.last, session.messages[-1]
+    _write_record(session, meta, t0)
+
+
+def _write_record(session: ChatSession, meta: dict[str, Any], t0: float, interrupted: bool = False) -> None:
+    """The --json object of the last answer; one cut by Ctrl-C says "cut": true, "stop_reason": "interrupted"."""
+    last = session.last
     assert last is not None
+    # Cut before its first token, an answer never joins the dialog: its content is empty.
+    answer = None if interrupted and not last.new_tokens else session.messages[-1]
     record = {
-        "content": answer.content,
-        "cut": answer.cut,
+        "content": answer.content if answer else "",
+        "cut": answer.cut if answer else True,
         "tokens_in": last.prompt_tokens,
         "tokens_prefilled": last.prefilled_tokens,
         "tokens_out": last.new_tokens,
@@ -155,8 +195,11 @@ def _answer(session: ChatSession, start: Callable[[], Iterator[str]], json_out: 
         "seconds": round(time.perf_counter() - t0, 4),
         "stop_reason": last.stop_reason,
         "dropped_exchanges": last.dropped_exchanges,
+        "tokens": last.ids,
         **meta,
     }
+    if session.sampling.logprobs:
+        record["logprobs"] = logprobs_json(session.tokenizer, last.ids, last.logprobs)
     print_json_line(record)
 
 

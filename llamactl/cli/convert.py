@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
+from llamactl.cli import _complete
 from llamactl.cli._common import byte_progress, cli_command, human_bytes, print_json, stdout, warn
 from llamactl.plugins import hookimpl
 
@@ -15,12 +16,23 @@ if TYPE_CHECKING:
 
 
 def convert(
-    src: Annotated[str, typer.Argument(help="Source checkpoint: a directory or a model name.")],
+    src: Annotated[
+        str,
+        typer.Argument(help="Source checkpoint: a directory or a model name.", autocompletion=_complete.model_names),
+    ],
     dst: Annotated[
         Path, typer.Argument(help="Destination directory, or OUT.gguf for --to gguf (must not exist unless --force).")
     ],
-    to: Annotated[str, typer.Option("--to", help="Target format: hf, meta or gguf (or a plugin's).")],
-    dtype: Annotated[str | None, typer.Option(help="Cast weights to fp32, fp16 or bf16 (default: keep).")] = None,
+    to: Annotated[
+        str,
+        typer.Option(
+            "--to", help="Target format: hf, meta or gguf (or a plugin's).", autocompletion=_complete.writable_formats
+        ),
+    ],
+    dtype: Annotated[
+        str | None,
+        typer.Option(help="Cast weights to fp32, fp16 or bf16 (default: keep).", autocompletion=_complete.float_dtypes),
+    ] = None,
     gguf_type: Annotated[
         str | None,
         typer.Option("--gguf-type", help="--to gguf: store the block projections as q8_0 or q4_0 (others at --dtype)."),

@@ -5,16 +5,19 @@ from __future__ import annotations
 from typing import Annotated
 
 import typer
-from rich.table import Table
 
 from llamactl.checkpoint import open_checkpoint
-from llamactl.cli._common import cli_command, human_bytes, print_json, stdout
+from llamactl.cli import _complete
+from llamactl.cli._common import cli_command, human_bytes, human_count, print_json, print_pairs
 from llamactl.info import describe_storage, model_info
 from llamactl.plugins import hookimpl
 
 
 def info(
-    model: Annotated[str, typer.Argument(help="A model directory or a name under the models home.")],
+    model: Annotated[
+        str,
+        typer.Argument(help="A model directory or a name under the models home.", autocompletion=_complete.model_names),
+    ],
     ctx: Annotated[
         int | None, typer.Option(min=1, help="Context length for the KV-cache estimate (default: the model's).")
     ] = None,
@@ -25,8 +28,7 @@ def info(
     if json_out:
         print_json(report.to_dict())
         return
-    table = Table(show_header=False, box=None, pad_edge=False)
-    rows = [
+    rows: list[tuple[str, object]] = [
         ("path", report.path),
         (
             "format",
@@ -39,9 +41,14 @@ def info(
         ("shape", f"dim {report.dim}, {report.n_layers} layers, FFN {report.hidden_dim}, vocab {report.vocab_size}"),
         ("context", f"{report.max_seq_len} (rope theta {report.rope_theta:g})"),
         ("dtype", report.dtype),
-        ("parameters", f"{report.parameters:,} ({report.parameters / 1e9:.2f} B)"),
-        ("on disk", f"{human_bytes(report.bytes_on_disk)} in {report.files} file(s)"),
+        ("parameters", f"{report.parameters:,} ({human_count(report.parameters)})"),
+        (
+            "on disk",
+            f"{human_bytes(report.bytes_on_disk)} in {report.files} file(s) "
+            f"(weights {human_bytes(report.weight_bytes_on_disk)} in {report.weight_files})",
+        ),
         ("tokenizer", report.tokenizer or "none"),
+        ("chat template", report.chat_template_source),
         ("weights fp16/bf16", human_bytes(report.memory["weights_fp16"])),
         ("weights int8", human_bytes(report.memory["weights_int8"])),
         ("weights nf4", human_bytes(report.memory["weights_nf4"])),
@@ -55,9 +62,7 @@ def info(
         rows.insert(
             2, ("quantization", f"{quant['description']}, {quant['bits_per_weight']} bits per quantized weight")
         )
-    for key, value in rows:
-        table.add_row(key, value)
-    stdout().print(table)
+    print_pairs(rows)
 
 
 @hookimpl

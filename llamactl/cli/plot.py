@@ -47,7 +47,7 @@ def _series(rows: list[BenchRow]) -> dict[str, list[BenchRow]]:
     for row in rows:
         if row.n_gen and row.status == "ok":
             label = f"{row.model_type} {row.attn} kv{row.n_kv_head} {row.type_w}"
-            label += f" int{row.bits}" if row.bits != 16 else ""
+            label += f" {row.scheme}" if row.scheme else f" int{row.bits}" if row.bits < 16 else ""
             label += f" b{row.n_batch}" if row.n_batch != 1 else ""
             groups[label].append(row)
     return {k: sorted(v, key=lambda r: r.n_ctx) for k, v in groups.items()}

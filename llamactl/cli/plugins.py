@@ -56,6 +56,7 @@ def _registers(info: PluginInfo) -> str:
             ("formats", info.formats),
             ("chat templates", info.chat_templates),
             ("quantizers", info.quantizers),
+            ("model sources", info.model_sources),
         )
         if names
     ]

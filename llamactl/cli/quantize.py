@@ -11,9 +11,9 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-from rich.table import Table
 
-from llamactl.cli._common import byte_progress, cli_command, human_bytes, print_json, stdout, warn
+from llamactl.cli import _complete
+from llamactl.cli._common import byte_progress, cli_command, human_bytes, print_json, print_pairs, warn
 from llamactl.cli._options import (
     Bits,
     Blocksize,
@@ -30,10 +30,19 @@ from llamactl.plugins import hookimpl
 
 
 def quantize(
-    src: Annotated[str, typer.Argument(help="Source checkpoint (any format): a directory or a model name.")],
-    dst: Annotated[
-        Path, typer.Argument(help="Destination directory: a quantized checkpoint (must not exist unless --force).")
+    src: Annotated[
+        str,
+        typer.Argument(
+            help="Source checkpoint (any format): a directory or a model name.", autocompletion=_complete.model_names
+        ),
     ],
+    dst: Annotated[
+        Path | None,
+        typer.Argument(
+            help="Destination directory (must not exist unless --force). Default: the store, "
+            "as SRC-<scheme> (7b-chat-q4), which chat and generate then find by that name."
+        ),
+    ] = None,
     bits: Bits = None,
     scheme: Scheme = None,
     quant_type: QuantType = None,
@@ -70,6 +79,13 @@ def quantize(
     )
     if no_eval and eval_file is not None:
         raise UsageError("--eval and --no-eval contradict each other")
+    assert spec is not None  # one of --bits / --scheme was given
+    if dst is None:
+        from llamactl.cli._options import ensure_model
+        from llamactl.store import derived_entry
+
+        ensure_model(src)
+        dst = derived_entry(src, spec.scheme)
     plan = plan_convert(src, dst, quant=spec, skip=skip or (), force=force, device=device)
     view = plan.quantized
     assert spec is not None and view is not None
@@ -127,8 +143,7 @@ def _report(
 
 
 def _print_table(report: dict[str, Any], stats: Any, quality: Any) -> None:
-    table = Table(show_header=False, box=None, pad_edge=False)
-    rows = [
+    rows: list[tuple[str, object]] = [
         ("wrote", report["dst"]),
         ("scheme", f"{report['method']} {report['description']}"),
         (
@@ -157,9 +172,7 @@ def _print_table(report: dict[str, Any], stats: Any, quality: Any) -> None:
             ("top-1 agreement", f"{100 * quality.top1_agreement:.2f}%"),
             ("mean KL", f"{quality.mean_kl:.6f} nats"),
         ]
-    for key, value in rows:
-        table.add_row(key, value)
-    stdout().print(table)
+    print_pairs(rows)
 
 
 @hookimpl

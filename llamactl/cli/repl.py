@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import difflib
 import select
 import signal
 import sys
@@ -19,6 +20,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.markup import escape
 
+from llamactl.cli._common import stdout
 from llamactl.errors import LlamactlError, Terminated
 from llamactl.sampling import SamplingParams
 from llamactl.session import ChatSession
@@ -29,19 +31,34 @@ CONTINUATION = "... "
 FENCE = '"""'
 
 HELP = [
-    ("/help", "this list"),
-    ("/system TEXT", "set the system prompt (no TEXT: remove it)"),
-    ("/reset", "start a new conversation (the system prompt stays)"),
+    ("/help, /?", "this list"),
+    ("/system TEXT", "set the system prompt (no TEXT: remove it); also /set system TEXT"),
+    ("/reset, /clear", "start a new conversation (the system prompt stays)"),
     ("/undo", "forget the last exchange"),
     ("/retry", "answer the last message again"),
     ("/save FILE", "write the dialog as messages JSON"),
     ("/load FILE", "read a messages JSON dialog (as --dialog)"),
-    ("/set NAME VALUE", "temperature, top_p, top_k, seed or max_new_tokens ('none' to unset)"),
-    ("/show", "model, settings and chat template"),
+    ("/set NAME VALUE", "a sampling setting (/show parameters lists them; 'none' unsets)"),
+    ("/set stop TEXT", "end answers before TEXT (repeatable; /set stop none clears)"),
+    ("/set verbose", "timings after every answer (/set quiet: the short line)"),
+    ("/show [WHAT]", "info, template or parameters (default: all)"),
     ("/tokens", "the exact token ids of the current dialog"),
     ("/stats", "context used and left, last answer's speed"),
-    ("/exit", "leave (Ctrl-D works too)"),
+    ("/exit, /bye", "leave (Ctrl-D works too)"),
 ]
+
+# /set NAME VALUE for the sampling settings: the parser of each value.
+SETTINGS: dict[str, Callable[[str], object]] = {
+    "temperature": float,
+    "top_p": float,
+    "top_k": int,
+    "min_p": float,
+    "repeat_penalty": float,
+    "repeat_last_n": int,
+    "seed": int,
+    "max_new_tokens": int,
+}
+UNSETTABLE = ("seed", "max_new_tokens")  # 'none' means random / until EOS
 
 
 @dataclass
@@ -69,13 +86,16 @@ class Repl:
         read: Callable[[str], str] | None = None,
     ) -> None:
         self.session, self.info = session, info
-        self.console = console or Console(highlight=False)
+        self.console = console or stdout()
         self.history = history
         self.read = read or input
+        self.verbose = False
         self.commands: dict[str, Callable[[str], bool]] = {
             "help": self.cmd_help,
+            "?": self.cmd_help,
             "system": self.cmd_system,
             "reset": self.cmd_reset,
+            "clear": self.cmd_reset,
             "undo": self.cmd_undo,
             "retry": self.cmd_retry,
             "save": self.cmd_save,
@@ -104,7 +124,7 @@ class Repl:
         if self.session.system:
             self.note(f"system: {self.session.system}")
         if self.session.messages:
-            self.note(f"loaded {len(self.session.messages)} messages")
+            self.note(f"loaded {len(self.session.dialog())} messages")
 
     # -- input ---------------------------------------------------------------------------
     def setup_history(self) -> None:
@@ -222,7 +242,9 @@ class Repl:
         name, _, arg = line[1:].strip().partition(" ")
         handler = self.commands.get(name.lower())
         if handler is None:
-            self.error(f"unknown command /{name}; /help lists them")
+            close = difflib.get_close_matches(name.lower(), self.commands, n=1, cutoff=0.5)
+            hint = f"did you mean /{close[0]}? " if close else ""
+            self.error(f"unknown command /{name}; {hint}/help lists them")
             return True
         try:
             return handler(arg.strip())
@@ -274,6 +296,9 @@ class Repl:
                 status.stop()
         self.console.print()
         self.note(self._answer_summary())
+        if self.verbose:
+            for key, value in self._timings():
+                self.note(f"{key + ':':<22}{value}")
 
     def _answer_summary(self) -> str:
         last = self.session.last
@@ -282,13 +307,35 @@ class Repl:
         parts = [f"{last.new_tokens} tokens"]
         if last.tokens_per_second:
             parts.append(f"{last.tokens_per_second:.1f} tok/s")
-        used = len(self.session.cached)
-        parts.append(f"context {used}/{self.session.context}")
+        parts.append(f"context {self.session.context_used}/{self.session.context}")
         if last.stop_reason == "length":
             parts.append("stopped at max_new_tokens")
         elif last.stop_reason == "context":
             parts.append("stopped: context full")
+        elif last.stop_reason == "stop":
+            parts.append("stopped at a stop string")
         return " · ".join(parts)
+
+    def _timings(self) -> list[tuple[str, str]]:
+        """ollama's `/set verbose` block for the last answer: prompt evaluation, then decoding."""
+        last = self.session.last
+        if last is None:
+            return []
+        prompt_s = last.ttft or 0.0
+        eval_s = max(0.0, last.seconds - prompt_s)
+
+        def rate(tokens: int, seconds: float) -> str:
+            return f"{tokens / seconds:.2f} tokens/s" if seconds > 0 and tokens else "n/a"
+
+        return [
+            ("total duration", f"{last.seconds * 1000:.1f} ms"),
+            ("prompt eval count", f"{last.prefilled_tokens} token(s) ({last.reused_tokens} reused from the cache)"),
+            ("prompt eval duration", f"{prompt_s * 1000:.1f} ms"),
+            ("prompt eval rate", rate(last.prefilled_tokens, prompt_s)),
+            ("eval count", f"{last.new_tokens} token(s)"),
+            ("eval duration", f"{eval_s * 1000:.1f} ms"),
+            ("eval rate", f"{last.tokens_per_second:.2f} tokens/s" if last.tokens_per_second else "n/a"),
+        ]
 
     # -- commands (each returns False to leave) ------------------------------------------
     def cmd_help(self, _arg: str) -> bool:
@@ -318,8 +365,9 @@ class Repl:
     def cmd_save(self, arg: str) -> bool:
         if not arg:
             raise LlamactlError("/save needs a FILE")
-        save_dialog(Path(arg).expanduser(), self.session.dialog())
-        self.note(f"saved {len(self.session.dialog())} messages to {arg}")
+        dialog = self.session.dialog()
+        save_dialog(Path(arg).expanduser(), dialog)
+        self.note(f"saved {len(dialog)} messages to {arg}")  # counted as /load counts them: the file's
         return True
 
     def cmd_load(self, arg: str) -> bool:
@@ -330,22 +378,32 @@ class Repl:
         self.session.set_system(system)
         self.session.messages = [m for m in dialog if m.role != "system"]
         pending = " (it ends with your message: /retry answers it)" if dialog and dialog[-1].role == "user" else ""
-        self.note(f"loaded {len(self.session.messages)} messages from {arg}{pending}")
+        self.note(f"loaded {len(dialog)} messages from {arg}{pending}")
         return True
 
     def cmd_set(self, arg: str) -> bool:
         name, _, value = arg.partition(" ")
         name, value = name.strip().lower().replace("-", "_"), value.strip()
-        fields = {"temperature": float, "top_p": float, "top_k": int, "seed": int, "max_new_tokens": int}
-        if name not in fields or not value:
-            raise LlamactlError(f"usage: /set {{{'|'.join(fields)}}} VALUE")
-        if value.lower() in ("none", "off", "random") and name in ("seed", "max_new_tokens"):
+        if name in ("verbose", "quiet"):
+            self.verbose = name == "verbose"
+            self.note("timings after every answer" if self.verbose else "short summary after every answer")
+            return True
+        if name == "system":
+            return self.cmd_system(value)
+        if name == "stop":
+            return self._set_stop(value)
+        if name not in SETTINGS or not value:
+            raise LlamactlError(f"usage: /set {{{'|'.join([*SETTINGS, 'stop', 'system', 'verbose', 'quiet'])}}} VALUE")
+        if value.lower() in ("none", "off", "random") and name in UNSETTABLE:
             parsed = None
         else:
+            kind = SETTINGS[name]
             try:
-                parsed = fields[name](value)
+                parsed = kind(value)
             except ValueError:
-                raise LlamactlError(f"/set {name}: {value!r} is not a valid {fields[name].__name__}") from None
+                raise LlamactlError(
+                    f"/set {name}: {value!r} is not a valid {getattr(kind, '__name__', kind)}"
+                ) from None
         if name == "seed":
             self.session.reseed(parsed)  # type: ignore[arg-type]
             self.note(f"seed = {self.session.seed_used}")
@@ -355,24 +413,45 @@ class Repl:
         self.note(f"{name} = {parsed}")
         return True
 
-    def cmd_show(self, _arg: str) -> bool:
+    def _set_stop(self, value: str) -> bool:
+        if not value:
+            raise LlamactlError("usage: /set stop TEXT (or /set stop none)")
+        stops = () if value.lower() == "none" else (*self.session.sampling.stop, value)
+        self.session.sampling = dataclasses.replace(self.session.sampling, stop=stops).validate()
+        self.note(f"stop = {list(stops)}" if stops else "no stop strings")
+        return True
+
+    def cmd_show(self, arg: str) -> bool:
+        """/show info|template|parameters, or all three."""
         i, s = self.info, self.session.sampling
-        rows = [
-            ("model", f"{i.name} ({i.path})"),
-            ("format", i.format),
-            ("shape", i.shape),
-            ("context", f"{self.session.context} tokens"),
-            ("device", f"{i.device} {i.dtype}"),
-            ("temperature", s.temperature),
-            ("top_p", s.top_p),
-            ("top_k", s.top_k or "off"),
-            ("seed", self.session.seed_used),
-            ("max_new_tokens", s.max_new_tokens or "until EOS"),
-            ("overflow", self.session.overflow),
-            ("system", self.session.system or "(none)"),
-            ("template", self._template_line()),
-        ]
-        for key, value in rows:
+        sections = {
+            "info": [
+                ("model", f"{i.name} ({i.path})"),
+                ("format", i.format),
+                ("shape", i.shape),
+                ("context", f"{self.session.context} tokens"),
+                ("device", f"{i.device} {i.dtype}"),
+            ],
+            "parameters": [
+                ("temperature", s.temperature),
+                ("top_p", s.top_p),
+                ("top_k", s.top_k or "off"),
+                ("min_p", s.min_p or "off"),
+                ("repeat_penalty", s.repeat_penalty if s.repeat_penalty != 1.0 else "off"),
+                ("repeat_last_n", s.repeat_last_n),
+                ("stop", ", ".join(repr(x) for x in s.stop) or "(none)"),
+                ("seed", self.session.seed_used),
+                ("max_new_tokens", s.max_new_tokens or "until EOS"),
+                ("overflow", self.session.overflow),
+                ("system", self.session.system or "(none)"),
+                ("verbose", "on" if self.verbose else "off"),
+            ],
+            "template": [("template", self._template_line())],
+        }
+        what = arg.strip().lower()
+        if what and what not in sections:
+            raise LlamactlError(f"usage: /show [{'|'.join(sections)}]")
+        for key, value in [row for name, rows in sections.items() if what in ("", name) for row in rows]:
             self.console.print(f"  [bold]{key:<15}[/bold] {escape(str(value))}")
         return True
 
@@ -388,7 +467,7 @@ class Repl:
         return True
 
     def cmd_stats(self, _arg: str) -> bool:
-        used = len(self.session.token_ids())
+        used = self.session.context_used
         self.console.print(f"  context   {used} used, {self.session.context - used} left of {self.session.context}")
         last = self.session.last
         if last is None:

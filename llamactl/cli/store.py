@@ -16,23 +16,24 @@ from rich.progress import (
     TransferSpeedColumn,
 )
 
-from llamactl.cli._common import cli_command, fail, human_bytes, print_json, stderr
+from llamactl.cli import _complete
+from llamactl.cli._common import cli_command, fail, human_bytes, human_count, print_json, print_pairs, stderr
+from llamactl.errors import UsageError
 from llamactl.home import models_home
 from llamactl.info import describe_storage
 from llamactl.plugins import hookimpl
 from llamactl.pull import pull_model
-from llamactl.store import hash_work, import_model, list_models, remove_model, show_model, store_path
+from llamactl.store import (
+    hash_work,
+    import_model,
+    linked_to,
+    list_models,
+    remove_model,
+    show_model,
+    store_path,
+)
 
 JSON_HELP = "Print JSON for scripts."
-
-
-def human_count(n: int | None) -> str:
-    if n is None:
-        return "?"
-    for scale, suffix in ((1e9, "B"), (1e6, "M"), (1e3, "K")):
-        if n >= scale:
-            return f"{n / scale:.3g}{suffix}"
-    return str(n)
 
 
 def _columns(rows: list[list[str]]) -> None:
@@ -94,6 +95,7 @@ def list_command(json_output: Annotated[bool, typer.Option("--json", help=JSON_H
     for e in entries:
         dtype = e.quantization or e.dtype or "?"
         path = f"{e.path} -> {e.linked_to}" if e.linked_to else e.path
+        path += " (an installed package's)" if e.source else ""
         rows.append([e.name, e.format or "ERROR", human_count(e.params), dtype, human_bytes(e.size), path])
     _columns(rows)
     for e in entries:
@@ -123,7 +125,7 @@ def _print_show(data: dict[str, Any]) -> None:
         ("size", f"{human_bytes(data['size'])} in {len(data['files'])} file(s)"),
         ("config", ", ".join(f"{k}={v}" for k, v in data["config"].items())),
         ("tokenizer", info["tokenizer"] or "none found"),
-        ("chat template", data["chat_template"]),
+        ("chat template", data["chat_template_source"]),
         (
             "weights fp16/int8/nf4",
             " / ".join(human_bytes(info["memory"][k]) for k in ("weights_fp16", "weights_int8", "weights_nf4")),
@@ -133,16 +135,19 @@ def _print_show(data: dict[str, Any]) -> None:
     if data["source"]:
         src = data["source"]
         lines.append(("source", f"{src.get('repo_id')}@{src.get('commit')} (pulled {src.get('pulled_at')})"))
-    width = max(len(k) for k, _ in lines)
-    for key, value in lines:
-        print(f"{key.ljust(width)}  {value}")
+    print_pairs(lines)
     print("files:")
     if data["files"]:
         _columns([[f["sha256"], human_bytes(f["size"]), f["path"]] for f in data["files"]])
 
 
 def show_command(
-    model: Annotated[str, typer.Argument(help="A model name in the store, or a checkpoint directory.")],
+    model: Annotated[
+        str,
+        typer.Argument(
+            help="A model name in the store, or a checkpoint directory.", autocompletion=_complete.store_names
+        ),
+    ],
     json_output: Annotated[bool, typer.Option("--json", help=JSON_HELP)] = False,
 ) -> None:
     """Everything about a model: config, tokenizer, chat template, files with sizes and sha256."""
@@ -156,13 +161,17 @@ def show_command(
 
 
 def rm_command(
-    name: Annotated[str, typer.Argument(help="The model's name in the store.")],
+    name: Annotated[
+        str, typer.Argument(metavar="NAME", help="The model's name in the store.", autocompletion=_complete.store_names)
+    ],
     yes: Annotated[
         bool, typer.Option("--yes", "-y", help="Do not ask; required when stdin is not a terminal.")
     ] = False,
+    json_output: Annotated[bool, typer.Option("--json", help=JSON_HELP)] = False,
 ) -> None:
     """Remove a model from the store (a linked import loses only its link)."""
     path = store_path(name)
+    linked = linked_to(path)
     if not yes:
         if not sys.stdin.isatty():
             raise fail(f"{name}: not removed: stdin is not a terminal, pass --yes to confirm", 2)
@@ -170,19 +179,51 @@ def rm_command(
         if not typer.confirm(f"Remove {what}?", default=False, err=True):
             raise fail(f"{name}: not removed", 1)
     remove_model(name)
-    print(f"removed {name}")
+    if json_output:
+        print_json({"name": name, "path": str(path), "removed": True, "linked_to": linked})
+    else:
+        print(f"removed {name}")
+
+
+ImportMode = Annotated[
+    bool, typer.Option("--move", help="Move the source into the store (it is gone from where it was).")
+]
 
 
 def import_command(
     path: Annotated[
-        str, typer.Argument(help="A checkpoint directory (Meta, Hugging Face or a plugin format) or a .gguf file.")
+        str,
+        typer.Argument(
+            metavar="PATH", help="A checkpoint directory (Meta, Hugging Face or a plugin format) or a .gguf file."
+        ),
     ],
-    name: Annotated[str, typer.Argument(help="The name to give it in the store.")],
-    link: Annotated[bool, typer.Option("--link", help="Symlink the directory instead of moving it.")] = False,
+    name: Annotated[str, typer.Argument(metavar="NAME", help="The name to give it in the store.")],
+    move: ImportMode = False,
+    link: Annotated[bool, typer.Option("--link", help="Symlink the source instead of copying it.")] = False,
+    ctx: Annotated[
+        int | None,
+        typer.Option(
+            "--ctx", help="The trained context in tokens, recorded for a Meta checkpoint (params.json has none)."
+        ),
+    ] = None,
+    json_output: Annotated[bool, typer.Option("--json", help=JSON_HELP)] = False,
 ) -> None:
-    """Move (or --link) a local checkpoint into the store under NAME (a .gguf becomes NAME/<file>.gguf)."""
-    dest = import_model(path, name, link=link)
-    print(f"{'linked' if link else 'imported'} {name}: {dest}")
+    """Copy a local checkpoint into the store under NAME; the source stays as it was.
+
+    The copy is cheap where the filesystem allows (reflinks, else hard links). A .gguf becomes
+    NAME/<file>.gguf. --move moves the source in; --link symlinks it.
+    """
+    if move and link:
+        raise UsageError("--move and --link contradict each other; give one (default: copy)")
+    mode = "move" if move else "link" if link else "copy"
+    result = import_model(path, name, mode=mode, ctx=ctx)
+    if json_output:
+        print_json(result.to_dict())
+        return
+    verb = {"copy": "copied", "move": "moved", "link": "linked"}[mode]
+    how = f" ({result.how})" if mode == "copy" else ""
+    context = f"; trained context {result.trained_context}" if result.trained_context else ""
+    print(f"{verb} {result.source} into the store as {name}{how}{context}: {result.path}")
 
 
 def pull_command(
@@ -205,6 +246,19 @@ def pull_command(
 
     Gated repositories (meta-llama/*) use your token from HF_TOKEN or `hf auth login`.
     """
+    pull_and_report(repo_id, name, revision, include, json_output)
+
+
+def pull_and_report(
+    repo_id: str,
+    name: str | None,
+    revision: str | None = None,
+    include: list[str] | None = None,
+    json_output: bool = False,
+    on_stderr: bool = False,
+) -> None:
+    """Pull with a progress bar on stderr, then say what arrived: on stdout for `pull`, on stderr
+    (`on_stderr`) when `chat 7b-chat` pulls on its way to answering on stdout."""
     with _Bar(f"pulling {repo_id}") as bar:
         result = pull_model(repo_id, name=name, revision=revision, include=include, progress=bar)
     if json_output:
@@ -222,7 +276,8 @@ def pull_command(
     else:
         print(
             f"pulled {result.repo_id}@{result.commit[:12]} as {result.name} "
-            f"({result.files} files, {human_bytes(result.size)}): {result.path}"
+            f"({result.files} files, {human_bytes(result.size)}): {result.path}",
+            file=sys.stderr if on_stderr else sys.stdout,
         )
 
 

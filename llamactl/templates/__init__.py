@@ -5,7 +5,9 @@ for a dialog ending with the user's message); it may add `text` (a description f
 and `encode_history` (ids of a dialog ending with an answer). Templates register through
 the plugin hook `register_chat_templates`, the built-in Llama 2 one (`llama2.py`) too; a
 plugin may still register a plain function `encode(tokenizer, dialog) -> ids`.
-Dialogs themselves (messages, JSON files) are `dialog.py`.
+A checkpoint's own jinja `chat_template` is rendered as transformers renders it (`jinja.py`);
+`choose_template` decides which template a model runs with. Dialogs themselves (messages,
+JSON files) are `dialog.py`.
 """
 
 from __future__ import annotations
@@ -31,7 +33,8 @@ from llamactl.templates.dialog import (
     save_dialog,
     validate_dialog,
 )
-from llamactl.templates.llama2 import LLAMA2_CHAT
+from llamactl.templates.jinja import CHATML, OWN, JinjaTemplate, TemplateError
+from llamactl.templates.llama2 import LLAMA2_CHAT, is_llama2_template
 
 DEFAULT_TEMPLATE = llama2.NAME
 
@@ -78,6 +81,34 @@ def get_template(name: str = DEFAULT_TEMPLATE) -> ChatTemplate:
     return as_template(name, templates[name])
 
 
+def choose_template(name: str | None, own: str | None, where: str) -> ChatTemplate:
+    """The template a model runs with: `name` when given (`--template`), else its own.
+
+    A checkpoint's own template (`own`, the jinja text found at `where`) is rendered in the
+    sandbox, except Llama 2's, which the token-exact built-in encodes; a checkpoint without
+    one (Meta's downloads, most Llama 2 conversions) gets the Llama 2 template.
+    `name` "checkpoint" asks for the checkpoint's own rendered as jinja, whatever it is.
+    """
+    if name == OWN:
+        if own is None:
+            raise LlamactlError(f"{where}: the model carries no chat template of its own (--template {OWN})")
+        return JinjaTemplate(OWN, own, where)
+    if name is not None:
+        return get_template(name)
+    if own is None or is_llama2_template(own):
+        return LLAMA2_CHAT
+    return JinjaTemplate(OWN, own, where)
+
+
+def describe_template(template: ChatTemplate) -> str:
+    """One line for `info` / `show`: which template and where it comes from."""
+    if isinstance(template, JinjaTemplate) and template.name == OWN:
+        return f"the model's own jinja template ({template.where})"
+    if template is LLAMA2_CHAT:
+        return f"{template.name} (built-in, token-exact with Meta's chat_completion)"
+    return template.name
+
+
 def encode_with(template: ChatTemplate, tokenizer: Any, dialog: Sequence[Message]) -> list[int]:
     """Ids of `dialog` as far as it goes: the template's prompt when it ends with the user;
     otherwise its finished exchanges, by the template's `encode_history` where it has one,
@@ -89,19 +120,25 @@ def encode_with(template: ChatTemplate, tokenizer: Any, dialog: Sequence[Message
 
 
 __all__ = [
+    "CHATML",
     "DEFAULT_TEMPLATE",
     "LLAMA2_CHAT",
+    "OWN",
     "ROLES",
     "SPECIAL_TAGS",
     "ChatTemplate",
     "Dialog",
     "DialogError",
     "FunctionTemplate",
+    "JinjaTemplate",
     "Message",
     "Role",
+    "TemplateError",
     "UnknownTemplateError",
     "as_template",
     "check_special_tags",
+    "choose_template",
+    "describe_template",
     "dialog_to_json",
     "encode_with",
     "get_template",

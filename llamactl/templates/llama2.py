@@ -20,6 +20,20 @@ from llamactl.templates.dialog import Message, validate_dialog
 B_INST, E_INST = "[INST]", "[/INST]"
 B_SYS, E_SYS = "<<SYS>>\n", "\n<</SYS>>\n\n"
 NAME = "llama-2-chat"
+# Hugging Face's meta-llama/Llama-2-*-chat-hf tokenizer_config.json `chat_template`, verbatim.
+HF_TEMPLATE = (
+    "{% if messages[0]['role'] == 'system' %}{% set loop_messages = messages[1:] %}"
+    "{% set system_message = messages[0]['content'] %}{% else %}{% set loop_messages = messages %}"
+    "{% set system_message = false %}{% endif %}{% for message in loop_messages %}"
+    "{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+    "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{% endif %}"
+    "{% if loop.index0 == 0 and system_message != false %}"
+    r"{% set content = '<<SYS>>\n' + system_message + '\n<</SYS>>\n\n' + message['content'] %}"
+    "{% else %}{% set content = message['content'] %}{% endif %}{% if message['role'] == 'user' %}"
+    "{{ bos_token + '[INST] ' + content.strip() + ' [/INST]' }}{% elif message['role'] == 'assistant' %}"
+    "{{ ' '  + content.strip() + ' ' + eos_token }}{% endif %}{% endfor %}"
+)
+
 TEXT = "<s>[INST] <<SYS>>\\n{system}\\n<</SYS>>\\n\\n{user} [/INST] {assistant} </s><s>[INST] {user} [/INST]"
 
 
@@ -75,6 +89,7 @@ class Llama2Chat:
 
     name: str = NAME
     text: str = TEXT
+    source: str = HF_TEMPLATE  # the same template in jinja, as written into HF and GGUF output
 
     def encode(self, tokenizer: _Encoder, dialog: Sequence[Message]) -> list[int]:
         return encode_dialog(tokenizer, dialog)
@@ -89,3 +104,8 @@ LLAMA2_CHAT = Llama2Chat()
 @hookimpl
 def register_chat_templates(register: Callable[[Any], None]) -> None:
     register(LLAMA2_CHAT)
+
+
+def is_llama2_template(source: str) -> bool:
+    """Whether a checkpoint's jinja template is Llama 2's own (then the token-exact encoder runs it)."""
+    return source.strip() == HF_TEMPLATE

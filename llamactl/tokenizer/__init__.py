@@ -1,7 +1,8 @@
 """One tokenizer interface for every vocabulary llamactl reads, and the exact stream decoder.
 
-Today's implementation is SentencePiece (Llama 1/2's tokenizer.model, `sentencepiece.py`);
-HF `tokenizers` (tokenizer.json) and GGUF vocabularies come behind the same protocol.
+SentencePiece reads Llama 1/2's tokenizer.model (`sentencepiece.py`, exact with Meta); the
+`tokenizers` library reads tokenizer.json, byte-level and SentencePiece-style BPE alike
+(`hf.py`); a GGUF's own vocabulary is one of the two (`bpe.py` builds a `gpt2` one).
 `StreamDecoder` (`stream.py`) turns ids into text as they are generated, exactly.
 """
 
@@ -12,6 +13,7 @@ from pathlib import Path
 from typing import Protocol, runtime_checkable
 
 from llamactl.errors import TokenizerError
+from llamactl.tokenizer.hf import JSON_FILE, HFTokenizer
 from llamactl.tokenizer.sentencepiece import SentencePieceTokenizer
 from llamactl.tokenizer.stream import StreamDecoder
 
@@ -23,9 +25,14 @@ class Tokenizer(Protocol):
     bos_id: int
     eos_id: int
     vocab_size: int
+    add_bos: bool  # whether a plain text starts with BOS (Llama: yes; GPT-2-style BPE: usually not)
 
     def encode(self, text: str, bos: bool = False, eos: bool = False) -> list[int]:
         """Ids of `text`, optionally framed by the BOS / EOS ids."""
+        ...
+
+    def encode_chat(self, text: str) -> list[int]:
+        """Ids of a rendered chat template: special-token strings in it are those tokens; no BOS added."""
         ...
 
     def decode(self, ids: Iterable[int]) -> str:
@@ -46,8 +53,20 @@ class Tokenizer(Protocol):
 
 
 def load_tokenizer(path: str | Path) -> Tokenizer:
-    """The tokenizer stored in `path` (a SentencePiece tokenizer.model)."""
+    """The tokenizer stored in `path`: a tokenizer.json (or a directory holding one) through
+    `tokenizers`, anything else as a SentencePiece model."""
+    path = Path(path)
+    if path.is_dir() and (path / JSON_FILE).is_file():
+        path = path / JSON_FILE
+    if path.suffix.lower() == ".json":
+        return HFTokenizer.from_file(path)
     return SentencePieceTokenizer(path)
+
+
+def stop_ids(tokenizer: Tokenizer) -> list[int]:
+    """The ids generation stops at: EOS, plus an end-of-turn token where the tokenizer names one
+    (`stop_ids`, optional: a plugin's tokenizer without it stops at EOS alone)."""
+    return list(getattr(tokenizer, "stop_ids", None) or [tokenizer.eos_id])
 
 
 def check_model_vocab(tokenizer: Tokenizer, model_vocab: int, model_name: str, source: str | Path) -> None:
@@ -64,7 +83,9 @@ class MissingTokenizerError(TokenizerError):
 
     def __init__(self, model_path: Path) -> None:
         self.model_path = model_path
-        super().__init__(f"{model_path}: no tokenizer.model next to the weights; give a tokenizer file")
+        super().__init__(
+            f"{model_path}: no tokenizer.model or tokenizer.json next to the weights; give a tokenizer file"
+        )
 
 
 def open_tokenizer(
@@ -83,6 +104,7 @@ def open_tokenizer(
 
 
 __all__ = [
+    "HFTokenizer",
     "MissingTokenizerError",
     "SentencePieceTokenizer",
     "StreamDecoder",
@@ -91,4 +113,5 @@ __all__ = [
     "check_model_vocab",
     "load_tokenizer",
     "open_tokenizer",
+    "stop_ids",
 ]

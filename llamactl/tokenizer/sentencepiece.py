@@ -7,6 +7,7 @@ the vocabulary is spelled as its UTF-8 bytes (`<0xF0>` `<0x9F>` ...).
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
@@ -31,6 +32,14 @@ class SentencePieceTokenizer:
         self.vocab_size: int = self.sp.vocab_size()
         self.bos_id: int = self.sp.bos_id()
         self.eos_id: int = self.sp.eos_id()
+        self.add_bos = True  # Llama's rule: a text starts with BOS
+        self.stop_ids = [self.eos_id]
+        self.bos_token = self.sp.id_to_piece(self.bos_id) if self.bos_id >= 0 else None
+        self.eos_token = self.sp.id_to_piece(self.eos_id) if self.eos_id >= 0 else None
+        self.chat_template: str | None = None
+        self._control = {self.sp.id_to_piece(i): i for i in range(self.vocab_size) if self.sp.is_control(i)}
+        self.special_tokens: frozenset[str] = frozenset(self._control)  # what encode_chat reads as control ids
+        self._split = re.compile("|".join(map(re.escape, sorted(self._control, key=len, reverse=True))))
         self._sentinel = self._find_sentinel()
 
     def __repr__(self) -> str:
@@ -39,6 +48,20 @@ class SentencePieceTokenizer:
     def encode(self, text: str, bos: bool = False, eos: bool = False) -> list[int]:
         ids: list[int] = self.sp.encode(utf8_text(text, "text"))
         return ([self.bos_id] if bos else []) + ids + ([self.eos_id] if eos else [])
+
+    def encode_chat(self, text: str) -> list[int]:
+        """Ids of a rendered chat template: control pieces written in it (`<s>`, `</s>`) are
+        those tokens, the text between them is encoded as SentencePiece encodes a text."""
+        ids: list[int] = []
+        position = 0
+        for match in self._split.finditer(text) if self._control else ():
+            if match.start() > position:
+                ids += self.sp.encode(text[position : match.start()])
+            ids.append(self._control[match.group()])
+            position = match.end()
+        if position < len(text):
+            ids += self.sp.encode(text[position:])
+        return ids
 
     def decode(self, ids: Iterable[int]) -> str:
         """Decode as SentencePiece does (control ids such as BOS/EOS vanish)."""

@@ -113,7 +113,7 @@ def test_cache_configs_and_their_tests() -> None:
     plan = plan_bench(tiny_options(ctx=[32, 64], batch=[1, 2], prompt_tokens=[0, 8], gen_tokens=[4]), device=CPU)
     assert [(c.ctx, c.batch) for c in plan.configs] == [(32, 1), (32, 2), (64, 1), (64, 2)]
     # A zero length is no test; tg decodes the last positions of the context.
-    assert CacheConfig(64, 1, (0, 8), (4,)).tests() == [("pp8", 8, 0, 0), ("tg4@64", 0, 4, 60)]
+    assert CacheConfig(64, 1, (0, 8), (4,)).tests() == [("pp8", 8, 0, 0), ("tg4 @ d60", 0, 4, 60)]
 
 
 def test_options_are_validated_once_per_run(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -39,7 +39,8 @@ def _row(test: str) -> BenchRow:
         n_kv_head=32,
         head_dim=128,
         type_w="fp32",
-        type_k="fp32",
+        type_k="f32",
+        type_v="f32",
         bits=16,
         n_batch=1,
         n_ctx=4096,
@@ -58,10 +59,10 @@ def test_fields_are_the_test_time_then_environment_then_row_fields() -> None:
 
 
 def test_records_are_flat_in_fields_order() -> None:
-    report = BenchReport(_environment(), [_row("pp512"), _row("tg32@4096")], BenchOptions(), "2024-01-01T00:00:00Z")
+    report = BenchReport(_environment(), [_row("pp512"), _row("tg32 @ d4064")], BenchOptions(), "2024-01-01T00:00:00Z")
     records = report.records()
     assert [tuple(r) for r in records] == [FIELDS, FIELDS]
-    assert [r["test"] for r in records] == ["pp512", "tg32@4096"]
+    assert [r["test"] for r in records] == ["pp512", "tg32 @ d4064"]
     assert records[1]["test_time"] == "2024-01-01T00:00:00Z" and records[1]["backends"] == "CPU"
     assert records[0]["samples_ts"] == [1.0, 2.0]  # lists stay lists; csv joins them
     assert records[0] == {

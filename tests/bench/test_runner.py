@@ -37,7 +37,7 @@ def test_mha_gqa_mqa_rows_have_their_kv_heads_and_kv_in_ratio() -> None:
         assert row.kv_bytes * (row.n_head // row.n_kv_head) == mha
     # GQA/MQA shrink wk and wv, nothing else.
     kv_weights = 2 * TINY.n_layers * TINY.dim * TINY.head_dim * 4  # per KV head, fp32
-    assert by_attn["MHA"].weight_bytes - by_attn["GQA"].weight_bytes == 6 * kv_weights
+    assert by_attn["MHA"].model_size - by_attn["GQA"].model_size == 6 * kv_weights
 
 
 def test_cross_product_of_list_options() -> None:
@@ -46,7 +46,7 @@ def test_cross_product_of_list_options() -> None:
     # generation lengths are separate tests, not crossed with each other.
     keys = [(r.attn, r.n_ctx, r.n_batch, r.test) for r in report.rows]
     assert len(keys) == len(set(keys)) == 32
-    assert {k[3] for k in keys} == {"pp4", "pp8", "tg2@32", "tg3@32", "tg2@64", "tg3@64"}
+    assert {k[3] for k in keys} == {"pp4", "pp8", "tg2 @ d30", "tg3 @ d29", "tg2 @ d62", "tg3 @ d61"}
     assert [r.attn for r in report.rows] == ["MHA"] * 16 + ["MQA"] * 16  # one model build per variant
     assert all(r.status == "ok" for r in report.rows)
 
@@ -81,7 +81,7 @@ def test_decode_runs_one_token_per_step_with_the_cache_filled_to_ctx(monkeypatch
     assert prefill == [(2, 8, 0)] * 4  # 1 warm-up + 3 repeats
     assert decode == [(2, 1, pos) for _ in range(4) for pos in range(59, 64)]  # positions ctx-5 .. ctx-1
     tg = report.rows[1]
-    assert (tg.test, tg.n_depth, tg.n_gen) == ("tg5@64", 59, 5)
+    assert (tg.test, tg.n_depth, tg.n_gen) == ("tg5 @ d59", 59, 5)
     assert tg.avg_ts == pytest.approx(statistics.mean(2 * 5 * 1e9 / ns for ns in tg.samples_ns))
 
 
@@ -92,7 +92,7 @@ def test_bandwidth_is_bytes_read_per_step_times_steps_per_second() -> None:
     embedding = args.vocab_size * args.dim * 4
     kv_per_position = 2 * args.n_layers * args.n_heads * args.head_dim * 4
     mean_filled = 60 + (4 + 1) / 2  # positions attended, averaged over the 4 steps
-    per_step = tg.weight_bytes - embedding + args.dim * 4 + kv_per_position * mean_filled
+    per_step = tg.model_size - embedding + args.dim * 4 + kv_per_position * mean_filled
     assert tg.bandwidth_gbs == pytest.approx(per_step * tg.avg_ts / 1e9)
     assert tg.bandwidth_frac == pytest.approx(tg.bandwidth_gbs / report.environment.peak_bandwidth_gbs)
     assert report.rows[0].bandwidth_gbs is None  # prefill is compute-bound; no bandwidth figure
@@ -101,8 +101,8 @@ def test_bandwidth_is_bytes_read_per_step_times_steps_per_second() -> None:
 def test_weight_and_peak_memory() -> None:
     report = run()
     for row in report.rows:
-        assert row.weight_bytes == layout.param_count(TINY) * 4
-        assert row.peak_bytes >= row.weight_bytes + row.kv_bytes  # RSS high-water mark covers both
+        assert row.model_size == layout.param_count(TINY) * 4
+        assert row.peak_bytes >= row.model_size + row.kv_bytes  # RSS high-water mark covers both
 
 
 # ----------------------------------------------------------------------------- OOM rows
@@ -121,11 +121,11 @@ def test_injected_oom_becomes_a_row_and_the_run_continues(monkeypatch: pytest.Mo
     status = [(r.n_ctx, r.test, r.status) for r in report.rows]
     assert status == [
         (64, "pp8", "ok"),
-        (64, "tg4@64", "ok"),
+        (64, "tg4 @ d60", "ok"),
         (128, "pp8", "oom"),
-        (128, "tg4@128", "oom"),
+        (128, "tg4 @ d124", "oom"),
         (256, "pp8", "ok"),
-        (256, "tg4@256", "ok"),
+        (256, "tg4 @ d252", "ok"),
     ]
     oom = report.rows[2]
     assert oom.avg_ts is None and oom.samples_ts == [] and "out of memory" in oom.error
@@ -161,7 +161,7 @@ def test_other_errors_are_not_swallowed(monkeypatch: pytest.MonkeyPatch) -> None
 def test_quantized_rows_hold_fewer_weight_bytes() -> None:
     pytest.importorskip("bitsandbytes")
     report = run(bits=[16, 8, 4], dtypes=["bf16"], gen_tokens=[2], prompt_tokens=[4], repeat=1, warmup=0)
-    held = {row.bits: row.weight_bytes for row in report.rows}
+    held = {row.bits: row.model_size for row in report.rows}
     assert all(row.status == "ok" and row.avg_ts > 0 for row in report.rows)
     assert held[16] > held[8] > held[4]
 
@@ -199,7 +199,7 @@ def test_cuda_measured_kv_bytes_equal_the_formula() -> None:
     for row in report.rows:
         assert row.status == "ok"
         assert row.kv_bytes == row.kv_bytes_formula  # delta of the CUDA allocator's requested bytes
-        assert row.peak_bytes >= row.weight_bytes + row.kv_bytes
+        assert row.peak_bytes >= row.model_size + row.kv_bytes
 
 
 @pytest.mark.gpu
@@ -215,3 +215,49 @@ def test_cuda_real_oom_becomes_a_row() -> None:
     )
     report = bench.run_bench(opts, device=torch.device("cuda"))
     assert [r.status for r in report.rows] == ["ok", "ok", "oom", "oom"]
+
+
+# ----------------------------------------------------------------------------- estimates, bits, % peak
+
+
+def test_a_cut_model_gets_full_model_estimates_outside_the_records() -> None:
+    four = ModelArgs(dim=64, n_layers=4, n_heads=8, vocab_size=320, multiple_of=32, max_seq_len=256)
+    report = run(args=four, layers=[1], repeat=2)
+    assert [r.n_layer for r in report.rows] == [1, 1] and len(report.estimates) == 2
+    for measured, est in zip(report.rows, report.estimates, strict=True):
+        assert est.status == "estimate" and est.test == measured.test and est.n_layer == est.n_layer_model == 4
+        assert est.model_n_params == layout.param_count(four)
+        assert est.model_size == layout.param_count(four) * 4  # fp32: every weight of all 4 layers
+        assert est.kv_bytes_formula == estimate.kv_cache_bytes(four, 64, 1, "fp32") == 4 * measured.kv_bytes_formula
+        assert est.kv_bytes is None and est.samples_ns == [] and est.peak_bytes is None
+        assert est.avg_ts == pytest.approx(measured.avg_ts / 4)
+        assert est.avg_ns == pytest.approx(measured.avg_ns * 4)
+    tg = report.estimates[1]
+    assert tg.ms_per_token == pytest.approx(report.rows[1].ms_per_token * 4)
+    assert all(r["status"] != "estimate" for r in report.records())  # json/csv: measurements only
+    assert run().estimates == []  # nothing cut, nothing estimated
+
+
+def test_bits_and_kv_types_follow_the_dtype() -> None:
+    report = run(dtypes=["fp32", "bf16"])
+    assert {(r.type_w, r.bits, r.type_k, r.type_v) for r in report.rows} == {
+        ("fp32", 32, "f32", "f32"),
+        ("bf16", 16, "bf16", "bf16"),
+    }
+
+
+def test_percent_peak_never_exceeds_100() -> None:
+    import dataclasses
+
+    from llamactl.bench.runner import cap_peak_bandwidth
+
+    report = run(repeat=2)
+    assert all(0 < r.bandwidth_frac <= 1 for r in report.rows if r.n_gen)
+    assert report.environment.peak_bandwidth_source.startswith("probe: best of 5 runs")
+    env = dataclasses.replace(report.environment, peak_bandwidth_gbs=0.0001)  # a probe that read too little
+    rows = [dataclasses.replace(r) for r in report.rows]
+    cap_peak_bandwidth(env, rows)
+    tg = rows[1]
+    assert env.peak_bandwidth_source == "decode" and env.peak_bandwidth_gbs == round(tg.bandwidth_gbs, 1)
+    assert tg.bandwidth_frac == pytest.approx(min(1.0, tg.bandwidth_gbs / env.peak_bandwidth_gbs))
+    assert tg.bandwidth_frac <= 1

@@ -16,11 +16,11 @@ from safetensors import safe_open
 from llamactl.checkpoint import open_checkpoint
 from llamactl.checkpoint.gguf import GGUFReader
 from llamactl.checkpoint.gguf_quants import GGML_TYPES, UNSUPPORTED_NAMES, dequantize
-from llamactl.checkpoint.gguf_write import LLAMA2_CHAT_TEMPLATE
 from llamactl.checkpoint.quantized import DequantizedView
 from llamactl.convert import convert, plan_convert, run_convert
 from llamactl.errors import UsageError
 from llamactl.loading import load_model
+from llamactl.templates.llama2 import HF_TEMPLATE as LLAMA2_CHAT_TEMPLATE
 from tests._ckpt import (
     hf_reference_model,
     load_pth_dir,
@@ -249,7 +249,7 @@ def test_smollm2_demo_file(tmp_path_factory: pytest.TempPathFactory) -> None:
     assert (a.max_seq_len, a.rope_theta, a.norm_eps) == (8192, 100000.0, 1e-5)
     storage = reader.storage()  # type: ignore[attr-defined]
     assert storage["tensor_types"] == {"Q4_1": 210, "F32": 61, "Q8_0": 1} and storage["tied_embeddings"]
-    assert reader.tokenizer_path is None  # gpt2 vocabulary: the tokenizer package's job
+    assert reader.tokenizer_path is not None and reader.tokenizer_path.name == "tokenizer.json"  # gpt2: tokenizers
     oracle = _gguf_oracle(path)
     wanted = {"tok_embeddings.weight", "layers.0.attention.wq.weight", "layers.29.feed_forward.w2.weight"}
     for name, tensor in reader.iter_tensors():
@@ -407,13 +407,13 @@ def test_gguf_to_gguf_keeps_the_vocabulary_it_does_not_understand(tmp_path: Path
     vocab = {
         "tokenizer.ggml.model": "gpt2",
         "tokenizer.ggml.pre": "smollm",
-        "tokenizer.ggml.tokens": [f"t{i}" for i in range(args.vocab_size)],
+        "tokenizer.ggml.tokens": ["t", "0", "1", "t1", "t10"] + [f"w{i}" for i in range(args.vocab_size - 5)],
         "tokenizer.ggml.merges": ["t 1", "t1 0"],
         "tokenizer.ggml.bos_token_id": 1,
         "tokenizer.chat_template": "{% for m in messages %}{{ m['content'] }}{% endfor %}",
     }
     src = write_reference_gguf(tmp_path / "bpe.gguf", args, random_meta_state(args), extra=vocab)
-    assert open_checkpoint(src).tokenizer_path is None  # not a SentencePiece vocabulary
+    assert open_checkpoint(src).tokenizer_path.name == "tokenizer.json"  # type: ignore[union-attr]  # byte-level BPE
     out = convert(src, tmp_path / "bpe-q8.gguf", "gguf", gguf_type="q8_0")
     before, after = gguf.GGUFReader(src).fields, gguf.GGUFReader(out).fields
     for key in vocab:

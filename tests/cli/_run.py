@@ -41,3 +41,32 @@ def assert_one_line_error(outcome: Outcome, *fragments: str, code: int = 1) -> N
     for fragment in fragments:
         assert fragment in lines[0], (fragment, lines[0])
     assert outcome.stdout == ""
+
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def run_process(
+    *args: str,
+    input: str | None = None,
+    env: dict[str, str] | None = None,
+    cwd: Path | None = None,
+    timeout: float = 120,
+) -> Outcome:
+    """The real CLI in a child process (`python -m llamactl`): its own stdin (not a terminal), exit
+    status, signal handling and start-up, with LLAMACTL_HOME and plugins as the test set them."""
+    import os
+    import subprocess
+    import sys
+
+    full_env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", COLUMNS="200") | (env or {})
+    proc = subprocess.run(
+        [sys.executable, "-m", "llamactl", *args],
+        input=input if input is not None else "",
+        capture_output=True,
+        text=True,
+        env=full_env,
+        cwd=cwd,
+        timeout=timeout,
+    )
+    return Outcome(proc.returncode, proc.stdout, proc.stderr)

@@ -38,12 +38,13 @@ LLAMA_BENCH_FIELDS = (
     "build_commit",
     "test_time",
     "type_k",
+    "type_v",
     "n_depth",
+    "model_size",
 )
 OUR_FIELDS = (
     "kv_bytes",
     "kv_bytes_formula",
-    "weight_bytes",
     "peak_bytes",
     "bandwidth_gbs",
     "bandwidth_frac",
@@ -81,7 +82,7 @@ def test_default_run_falls_back_to_the_cpu_and_prints_a_table() -> None:
     assert "device: CPU" in out.stdout and "torch " in out.stdout
     lines = out.stdout.splitlines()
     pp = next(line for line in lines if "pp512" in line)
-    tg = next(line for line in lines if "tg32@4096" in line)
+    tg = next(line for line in lines if "tg32 @ d4064" in line)
     assert "7b" in pp and "2/32" in pp and "MHA" in pp and "fp32" in pp
     # KV column: 2 layers × 32 heads × 4 × 4096 × 4 bytes × 2 = 8 MiB
     assert "8.0" in tg.split("|")[12]
@@ -115,11 +116,57 @@ def test_json_schema_is_stable_and_uses_llama_bench_names() -> None:
     assert kv["MHA"][1] == 4 * kv["GQA"][1] == 32 * kv["MQA"][1]
 
 
+def llama_bench_test_name(n_prompt: int, n_gen: int, n_depth: int) -> str:
+    """How llama-bench's markdown printer names a test (tools/llama-bench/llama-bench.cpp)."""
+    if n_prompt > 0 and n_gen == 0:
+        name = f"pp{n_prompt}"
+    elif n_gen > 0 and n_prompt == 0:
+        name = f"tg{n_gen}"
+    else:
+        name = f"pp{n_prompt}+tg{n_gen}"
+    return name + (f" @ d{n_depth}" if n_depth > 0 else "")
+
+
+def test_a_llama_bench_parser_reads_our_json() -> None:
+    """The fields a llama-bench JSON reader uses, with llama-bench's types and meanings."""
+    out = run_cli("bench", "--ctx", "64", "--dtype", "fp32,bf16", "--json", *FAST)
+    assert out.exit_code == 0, out.stderr
+    for r in json.loads(out.stdout):
+        for name in ("model_size", "model_n_params", "n_threads", "n_prompt", "n_gen", "n_depth", "n_batch"):
+            assert isinstance(r[name], int), name
+        assert r["model_size"] == r["model_n_params"] * (4 if r["type_w"] == "fp32" else 2)
+        assert r["n_threads"] == torch.get_num_threads()
+        assert r["type_k"] == r["type_v"] == {"fp32": "f32", "bf16": "bf16"}[r["type_w"]]  # ggml_type_name
+        assert r["bits"] == {"fp32": 32, "bf16": 16}[r["type_w"]]
+        assert r["test"] == llama_bench_test_name(r["n_prompt"], r["n_gen"], r["n_depth"])
+        assert r["n_depth"] + r["n_gen"] == r["n_ctx"] or r["n_prompt"]
+        tokens = r["n_prompt"] + r["n_gen"]  # llama-bench's t/s: tokens of the test / sample time
+        assert r["samples_ts"] == pytest.approx([tokens * 1e9 / ns for ns in r["samples_ns"]])
+        assert r["avg_ts"] == pytest.approx(sum(r["samples_ts"]) / len(r["samples_ts"]))
+
+
+def test_table_says_how_the_peak_was_measured_and_explains_its_columns() -> None:
+    out = run_cli("bench", "--ctx", "64", *FAST)
+    assert out.exit_code == 0, out.stderr
+    assert "(best of 5 runs each of a copy, a sum and a matrix-vector product over 256 MiB)" in out.stdout
+    tail = out.stdout.rstrip().splitlines()[-4:]
+    assert tail[0] == "pp16: prefill of a 16-token prompt (llama-bench's name)"
+    assert tail[1].startswith("tg4 @ d60: 4 tokens decoded one at a time after 60 already in the KV cache")
+    assert "% peak: that ÷ the peak bandwidth in the header" in tail[2] and "over 2 runs" in tail[2]
+    assert tail[3].startswith("estimate: the full 32-layer model")  # the CPU default cuts to 2 layers
+    assert "| 7b    | 32/32 (estimate) |" in out.stdout
+
+
 def test_jsonl_is_one_record_per_line() -> None:
     out = run_cli("bench", "--ctx", "64,128", "-o", "jsonl", *FAST)
     assert out.exit_code == 0, out.stderr
     records = [json.loads(line) for line in out.stdout.splitlines()]
-    assert [(r["n_ctx"], r["test"]) for r in records] == [(64, "pp16"), (64, "tg4@64"), (128, "pp16"), (128, "tg4@128")]
+    assert [(r["n_ctx"], r["test"]) for r in records] == [
+        (64, "pp16"),
+        (64, "tg4 @ d60"),
+        (128, "pp16"),
+        (128, "tg4 @ d124"),
+    ]
     assert all(tuple(r) == bench.FIELDS for r in records)
 
 
@@ -128,7 +175,12 @@ def test_csv_has_the_schema_header_and_parses() -> None:
     assert out.exit_code == 0, out.stderr
     rows = list(csv.DictReader(io.StringIO(out.stdout)))
     assert tuple(rows[0]) == bench.FIELDS
-    assert [(r["n_batch"], r["test"]) for r in rows] == [("1", "pp16"), ("1", "tg4@64"), ("2", "pp16"), ("2", "tg4@64")]
+    assert [(r["n_batch"], r["test"]) for r in rows] == [
+        ("1", "pp16"),
+        ("1", "tg4 @ d60"),
+        ("2", "pp16"),
+        ("2", "tg4 @ d60"),
+    ]
     for r in rows:
         samples = [float(x) for x in r["samples_ts"].split(";")]
         assert len(samples) == 2
@@ -142,8 +194,12 @@ def test_markdown_table() -> None:
     table = [line for line in out.stdout.splitlines() if line.startswith("|")]
     assert table[0].startswith("| model | layers | attn | kv heads |")
     assert table[1].startswith("|---|")
-    assert len(table) == 4
+    assert len(table) == 6  # pp and tg measured with 1 layer, then both estimated for all 80
     assert "| 70b | 1/80 | GQA | 2 |" in table[2]
+    assert "| 70b | 80/80 (estimate) | GQA | 2 |" in table[4] and "(estimate)" in table[5]
+    legend = out.stdout.split(table[-1], 1)[1]
+    assert "pp16: prefill of a 16-token prompt" in legend and "tg4 @ d60: 4 tokens decoded" in legend
+    assert "estimate: the full 80-layer model" in legend
 
 
 def test_vs_transformers_adds_the_ratio() -> None:
@@ -188,8 +244,9 @@ def test_injected_oom_is_a_row_in_the_table(monkeypatch: pytest.MonkeyPatch) -> 
     out = run_cli("bench", "--ctx", "64,128,256", *FAST)
     assert out.exit_code == 0, out.stderr
     oom = [line for line in out.stdout.splitlines() if "OOM" in line]
-    assert len(oom) == 2 and all("@128" in line or "pp16" in line for line in oom)
-    assert sum("tg4@" in line for line in out.stdout.splitlines()) == 3
+    assert len(oom) == 2 and all("d124" in line or "pp16" in line for line in oom)
+    measured = [line for line in out.stdout.splitlines() if "| tg4 @" in line and "estimate" not in line]
+    assert len(measured) == 3
 
 
 def test_options_are_validated_once(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -212,7 +269,7 @@ def test_options_are_validated_once(monkeypatch: pytest.MonkeyPatch) -> None:
         (("--ctx", "256", "--prompt-tokens", "512"), ("prompt_tokens 512: longer than ctx 256",), 2),
         (("-o", "xml"), ("--output xml",), 2),
         (("--dtype", "fp8"), ("dtype fp8",), 2),
-        (("--preset", "8b"), ("unknown preset '8b'",), 1),
+        (("--preset", "8b"), ("unknown preset '8b'",), 2),
         (("--device", "cuda"), ("device cuda: no CUDA device is available",), 2),
         (("--device", "tpu"), ("device 'tpu'",), 2),
         (("some/model", "--attn", "gqa"), ("attn gqa: only for presets",), 2),
@@ -260,12 +317,12 @@ def test_benchmarks_a_checkpoint_in_either_format(fmt: str, tmp_path: Path) -> N
     out = run_cli("bench", str(path), "--device", "cpu", "--ctx", "64", "-o", "json", *FAST)
     assert out.exit_code == 0, out.stderr
     records = json.loads(out.stdout)
-    assert [r["test"] for r in records] == ["pp16", "tg4@64"]
+    assert [r["test"] for r in records] == ["pp16", "tg4 @ d60"]
     for r in records:
         assert (r["model_type"], r["model_filename"]) == (fmt, str(path))
         assert (r["n_layer"], r["n_head"], r["n_kv_head"]) == (args.n_layers, args.n_heads, args.kv_heads)
         assert r["kv_bytes"] == r["kv_bytes_formula"] == estimate.kv_cache_bytes(args, 64, 1, "fp32")
-        assert r["weight_bytes"] == layout.param_count(args) * 4
+        assert r["model_size"] == layout.param_count(args) * 4
 
 
 def test_benchmarks_a_checkpoint_quantized_on_load(tmp_path: Path) -> None:
@@ -278,7 +335,7 @@ def test_benchmarks_a_checkpoint_quantized_on_load(tmp_path: Path) -> None:
         "bench", str(path), "--device", "cpu", "--ctx", "64", "--bits", "16,8,4", "--dtype", "bf16", "-o", "json", *FAST
     )
     assert out.exit_code == 0, out.stderr
-    held = {r["bits"]: r["weight_bytes"] for r in json.loads(out.stdout)}
+    held = {r["bits"]: r["model_size"] for r in json.loads(out.stdout)}
     assert held[16] > held[8] > held[4]
 
 

@@ -147,7 +147,10 @@ def test_bad_input(tiny, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Non
     home = tmp_path / "home"
     (home / "models" / "llama-2-7b-chat").mkdir(parents=True)
     monkeypatch.setenv("LLAMACTL_HOME", str(home))
-    assert_one_line_error(run_cli("chat", "7b-chat", "-p", "x"), "7b-chat", "llama-2-7b-chat")
+    # A known name missing from the store (a look-alike entry does not count) says what to pull.
+    assert_one_line_error(
+        run_cli("chat", "7b-chat", "-p", "x"), "7b-chat", "llamactl pull meta-llama/Llama-2-7b-chat-hf"
+    )
     if LLAMA2_TOKENIZER.is_file():
         assert_one_line_error(
             run_cli("chat", str(path), "-p", "x", "--tokenizer", str(LLAMA2_TOKENIZER)), "vocabulary of 320"

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from llamactl.tokenizer import load_tokenizer
-from tests._chat_util import FIXTURES, LLAMA2_TOKENIZER, STORIES, hf_greedy, hf_twin, tiny_checkpoint
+from tests._chat_util import FIXTURES, LLAMA2_TOKENIZER, STORIES, hf_greedy, hf_twin, need, tiny_checkpoint
 from tests.cli._run import assert_one_line_error, run_cli, tree_digest
 
 
@@ -21,8 +21,7 @@ def tiny(tmp_path_factory: pytest.TempPathFactory):
 
 
 def test_stories260k_reproduces_llama2c_golden_output() -> None:
-    if not (STORIES / "consolidated.00.pth").is_file():
-        pytest.skip("../shared/fixtures/stories260K is absent")
+    need(STORIES / "consolidated.00.pth")
     golden = re.search(r"prints exactly:\n\n```\n(.*?)\n```", (FIXTURES / "README.md").read_text(), re.S).group(1)
     out = run_cli("generate", str(STORIES), "", "--temperature", "0", "--max-new-tokens", "200", "--device", "cpu")
     assert out.exit_code == 0, out.stderr
@@ -57,7 +56,16 @@ def test_json_and_seed_reproducibility(tiny) -> None:
     assert records[0]["content"] == records[1]["content"] != records[2]["content"]
     first = records[0]
     assert first["seed"] == 5 and first["tokens_out"] == 16 and first["stop_reason"] == "length"
-    assert first["sampling"] == {"temperature": 0.6, "top_p": 0.9, "top_k": 50, "max_new_tokens": 16}
+    assert first["sampling"] == {
+        "temperature": 0.6,
+        "top_p": 0.9,
+        "top_k": 50,
+        "min_p": 0.0,
+        "repeat_penalty": 1.0,
+        "repeat_last_n": 64,
+        "stop": [],
+        "max_new_tokens": 16,
+    }
     assert first["tokens_in"] == len(load_tokenizer(path / "tokenizer.model").encode("The cat", bos=True))
     assert first["device"] == "cpu" and first["dtype"] == "float32"
 
@@ -75,8 +83,7 @@ def test_directory_that_is_not_a_model(tmp_path: Path) -> None:
 
 
 def test_tokenizer_contradicting_the_model(tiny) -> None:
-    if not LLAMA2_TOKENIZER.is_file():
-        pytest.skip("../shared/fixtures/llama2-tokenizer.model is absent")
+    need(LLAMA2_TOKENIZER)
     path, _ = tiny
     before = tree_digest(path)
     out = run_cli("generate", str(path), "hi", "--tokenizer", str(LLAMA2_TOKENIZER))
@@ -90,7 +97,7 @@ def test_missing_tokenizer(tiny, tmp_path: Path) -> None:
     bare.mkdir()
     for f in ("params.json", "consolidated.00.pth"):
         (bare / f).write_bytes((path / f).read_bytes())
-    assert_one_line_error(run_cli("generate", str(bare), "hi"), "no tokenizer.model", "--tokenizer")
+    assert_one_line_error(run_cli("generate", str(bare), "hi"), "no tokenizer.model or tokenizer.json", "--tokenizer")
 
 
 def test_prompt_longer_than_the_context(tiny) -> None:

@@ -195,7 +195,7 @@ def test_gguf_to_hf_and_meta(tmp_path: Path, gguf_file: Path) -> None:
 def test_store_import_move_and_link(tmp_path: Path, gguf_file: Path) -> None:
     moved = gguf_file.with_name("moved.gguf")
     moved.write_bytes(gguf_file.read_bytes())
-    assert run_cli("import", str(moved), "moved").exit_code == 0
+    assert run_cli("import", str(moved), "moved", "--move").exit_code == 0
     assert not moved.exists() and (models_home() / "moved" / "moved.gguf").is_file()
     assert run_cli("import", "--link", str(gguf_file), "linked").exit_code == 0
     entries = {e["name"]: e for e in json.loads(run_cli("list", "--json").stdout)}
@@ -208,9 +208,13 @@ def test_store_import_move_and_link(tmp_path: Path, gguf_file: Path) -> None:
     assert direct["files"][0]["sha256"] == shown["files"][0]["sha256"]
     assert run_cli("rm", "linked", "--yes").exit_code == 0
     assert gguf_file.is_file() and not (models_home() / "linked").exists()
+    before = gguf_file.read_bytes()
+    copied = json.loads(run_cli("import", str(gguf_file), "copied", "--json").stdout)
+    assert copied["mode"] == "copy" and gguf_file.read_bytes() == before
+    assert (models_home() / "copied" / gguf_file.name).read_bytes() == before
     assert_one_line_error(run_cli("import", str(tmp_path / "nope.gguf"), "x"), "nope.gguf")
     (tmp_path / "notes.txt").write_text("hi")
-    assert_one_line_error(run_cli("import", str(tmp_path / "notes.txt"), "x"), "is a file", code=2)
+    assert_one_line_error(run_cli("import", str(tmp_path / "notes.txt"), "x"), "is a file", code=1)
 
 
 def test_generate_tokenize_chat_bench_run_on_a_gguf(stories_gguf: Path, stories_dir: Path) -> None:

@@ -71,7 +71,7 @@ def test_info_on_full_size_checkpoints_matches_published_figures(
     params = PUBLISHED_PARAMETERS[preset]
     assert report["parameters"] == params
     assert report["vocab_size"] == 32000  # from the embedding: params.json says -1
-    assert report["files"] == mp and report["format"] == "meta" and report["dtype"] == "bfloat16"
+    assert report["weight_files"] == mp and report["format"] == "meta" and report["dtype"] == "bfloat16"
     assert report["memory"]["weights_fp16"] == 2 * params
     assert report["memory"]["kv_cache_per_token"] == kv_per_token  # 2 x layers x kv heads x 128 x 2 bytes
     assert report["memory"]["kv_cache_at_ctx"] == kv_per_token * 4096

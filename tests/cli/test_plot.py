@@ -21,14 +21,15 @@ ROW = BenchRow(
     n_kv_head=32,
     head_dim=128,
     type_w="fp32",
-    type_k="fp32",
+    type_k="f32",
+    type_v="f32",
     bits=16,
     n_batch=1,
     n_ctx=4096,
     n_prompt=0,
     n_gen=32,
     n_depth=4064,
-    test="tg32@4096",
+    test="tg32 @ d4064",
 )
 
 

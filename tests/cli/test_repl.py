@@ -191,3 +191,70 @@ def test_transcript_in_a_pty(tiny, tmp_path: Path) -> None:
     child.expect(pexpect.EOF)
     child.close()
     assert child.exitstatus == 0
+
+
+def row(key: str, value: str) -> str:
+    """A /show row as a regex (the key is bold on a terminal)."""
+    return key + r" *(?:\x1b\[0m)? +" + value
+
+
+@pytest.mark.slow
+def test_aliases_settings_and_numbers_that_agree_in_a_pty(tiny, tmp_path: Path) -> None:
+    path, _ = tiny
+    saved = tmp_path / "d.json"
+    child, pexpect = spawn(path, tmp_path / "home", "-t", "0", "-n", "8")
+    child.expect_exact(">>> ")
+    child.sendline("/?")  # = /help
+    child.expect_exact("/system TEXT")
+    child.expect_exact(">>> ")
+    child.sendline("/set system Be brief.")
+    child.expect_exact("system prompt set: Be brief.")
+    child.sendline("/set verbose")
+    child.expect_exact("timings after every answer")
+    child.sendline("Hello there")
+    child.expect(r"8 tokens .*context (\d+)/2048")
+    status_used = int(child.match.group(1))
+    child.expect(r"prompt eval count: +\d+ token\(s\)")
+    child.expect(r"eval rate: +[\d.]+ tokens/s")
+    child.expect_exact(">>> ")
+    child.sendline("/stats")
+    child.expect(r"context +(\d+) used")
+    assert int(child.match.group(1)) == status_used  # the status line and /stats: one number
+    child.expect_exact(">>> ")
+    for line, note in [
+        ("/set min_p 0.1", "min_p = 0.1"),
+        ("/set repeat-penalty 1.1", "repeat_penalty = 1.1"),
+        ("/set stop ###", "stop = ['###']"),
+        ("/set quiet", "short summary after every answer"),
+    ]:
+        child.sendline(line)
+        child.expect_exact(note)
+        child.expect_exact(">>> ")
+    child.sendline("/show parameters")
+    child.expect(row("min_p", r"0\.1"))
+    child.expect(row("repeat_penalty", r"1\.1"))
+    child.expect(row("stop", "'###'"))
+    child.expect_exact(">>> ")
+    child.sendline("/show template")
+    child.expect_exact("llama-2-chat")
+    child.expect_exact(">>> ")
+    child.sendline("/show info")
+    child.expect(row("format", "meta"))
+    child.expect_exact(">>> ")
+    child.sendline(f"/save {saved}")
+    child.expect(r"saved (\d+) messages")
+    saved_count = int(child.match.group(1))
+    child.sendline("/clear")  # = /reset
+    child.expect_exact("new conversation")
+    child.sendline(f"/load {saved}")
+    child.expect(r"loaded (\d+) messages")
+    assert int(child.match.group(1)) == saved_count == len(json.loads(saved.read_text())) == 3
+    child.sendline("/stat")
+    child.expect_exact("unknown command /stat; did you mean /stats?")
+    child.sendline("/shwo")
+    child.expect_exact("did you mean /show?")
+    child.expect_exact(">>> ")
+    child.sendline("/bye")
+    child.expect(pexpect.EOF)
+    child.close()
+    assert child.exitstatus == 0

@@ -29,8 +29,10 @@ def test_empty_store() -> None:
 
 
 def test_import_list_show_rm(meta_dir: Path) -> None:
+    before = tree_digest(meta_dir)
     out = run_cli("import", str(meta_dir), "tiny")
-    assert out.exit_code == 0 and out.stdout.startswith("imported tiny: ") and not meta_dir.exists()
+    assert out.exit_code == 0 and out.stdout.startswith(f"copied {meta_dir.resolve()} into the store as tiny")
+    assert tree_digest(meta_dir) == before  # a default import leaves the source as it was
     human = run_cli("list").stdout.splitlines()
     assert human[0].split() == ["NAME", "FORMAT", "PARAMS", "DTYPE", "SIZE", "PATH"]
     params = sum(t.numel() for t in random_meta_state(tiny_args()).values())

@@ -8,14 +8,13 @@ from pathlib import Path
 import pytest
 import sentencepiece as spm
 
-from tests._chat_util import LLAMA2_TOKENIZER, tiny_checkpoint
+from tests._chat_util import LLAMA2_TOKENIZER, need, tiny_checkpoint
 from tests.cli._run import assert_one_line_error, run_cli
 
 
 @pytest.fixture(scope="module")
 def sp() -> spm.SentencePieceProcessor:
-    if not LLAMA2_TOKENIZER.is_file():
-        pytest.skip("../shared/fixtures/llama2-tokenizer.model is absent")
+    need(LLAMA2_TOKENIZER)
     return spm.SentencePieceProcessor(model_file=str(LLAMA2_TOKENIZER))
 
 

@@ -79,7 +79,7 @@ def test_bench_interrupted_prints_the_rows_it_has(model: Path, tmp_path: Path) -
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (("convert", "x"), "llamactl: error: Missing argument 'dst'. (see 'llamactl convert --help')"),
+        (("convert", "x"), "llamactl: error: Missing argument 'DST'. (see 'llamactl convert --help')"),
         (("info", "--bogus"), "llamactl: error: No such option: --bogus (see 'llamactl info --help')"),
         (
             ("generate", "x", "-n", "many"),

@@ -12,15 +12,14 @@ import sentencepiece as spm
 from llamactl.templates import SPECIAL_TAGS, DialogError, Message
 from llamactl.templates.llama2 import B_INST, B_SYS, E_INST, E_SYS, LLAMA2_CHAT, encode_dialog, encode_history
 from llamactl.tokenizer import Tokenizer, load_tokenizer
-from tests._chat_util import LLAMA2_TOKENIZER
+from tests._chat_util import LLAMA2_TOKENIZER, need
 
 BOS, EOS = 1, 2
 
 
 @pytest.fixture(scope="module")
 def sp() -> spm.SentencePieceProcessor:
-    if not LLAMA2_TOKENIZER.is_file():
-        pytest.skip("../shared/fixtures/llama2-tokenizer.model is absent")
+    need(LLAMA2_TOKENIZER)
     return spm.SentencePieceProcessor(model_file=str(LLAMA2_TOKENIZER))
 
 

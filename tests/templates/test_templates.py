@@ -31,9 +31,11 @@ def test_the_builtin_template_comes_from_the_registry() -> None:
 
 
 def test_unknown_names_list_the_registered_ones() -> None:
-    with pytest.raises(UnknownTemplateError, match="unknown chat template 'nope'; choose one of: llama-2-chat") as info:
+    with pytest.raises(
+        UnknownTemplateError, match="unknown chat template 'nope'; choose one of: chatml, llama-2-chat"
+    ) as info:
         get_template("nope")
-    assert info.value.choices == ["llama-2-chat"] and info.value.exit_code == 2
+    assert info.value.choices == ["chatml", "llama-2-chat"] and info.value.exit_code == 2
 
 
 def test_a_plain_function_is_a_template() -> None:

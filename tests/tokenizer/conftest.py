@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from llamactl.tokenizer import SentencePieceTokenizer
-from tests._chat_util import LLAMA2_TOKENIZER, train_tiny_tokenizer
+from tests._chat_util import LLAMA2_TOKENIZER, need, train_tiny_tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -15,6 +15,5 @@ def tiny(tmp_path_factory: pytest.TempPathFactory) -> SentencePieceTokenizer:
 
 @pytest.fixture(scope="module")
 def llama2() -> SentencePieceTokenizer:
-    if not LLAMA2_TOKENIZER.is_file():
-        pytest.skip("../shared/fixtures/llama2-tokenizer.model is absent")
+    need(LLAMA2_TOKENIZER)
     return SentencePieceTokenizer(LLAMA2_TOKENIZER)

@@ -66,5 +66,5 @@ def test_open_tokenizer_checks_the_vocabulary_against_the_model(tiny: Tokenizer,
     assert open_tokenizer(None, tiny.path, tmp_path, tiny.vocab_size).vocab_size == tiny.vocab_size
     with pytest.raises(TokenizerError, match="vocabulary of 512"):
         open_tokenizer(tiny.path, None, tmp_path, 512)
-    with pytest.raises(TokenizerError, match=r"no tokenizer\.model next to the weights"):
+    with pytest.raises(TokenizerError, match=r"no tokenizer\.model or tokenizer\.json next to the weights"):
         open_tokenizer(None, None, tmp_path, 512)

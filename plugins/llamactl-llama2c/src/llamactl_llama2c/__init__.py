@@ -58,4 +58,9 @@ def llama2c_export(
 def register_commands(app: typer.Typer) -> None:
     from llamactl.cli._common import cli_command
 
-    app.command("llama2c-export")(cli_command(llama2c_export))
+    examples = [
+        "llamactl llama2c-export stories stories260K.bin",
+        "llamactl llama2c-export 7b out.bin --max-seq-len 2048",
+    ]
+    epilog = "Examples:\n\n" + "\n\n".join(f"  {line}" for line in examples)
+    app.command("llama2c-export", epilog=epilog)(cli_command(llama2c_export))
