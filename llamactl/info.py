@@ -14,7 +14,7 @@ from typing import Any
 
 from llamactl import dtypes, estimate
 from llamactl.checkpoint import CheckpointReader
-from llamactl.checkpoint.base import main_dtype
+from llamactl.checkpoint.base import main_dtype, trained_context
 from llamactl.home import disk_bytes, model_files
 from llamactl.layout import TensorInfo
 from llamactl.quantize import QuantSpec, storage
@@ -51,9 +51,13 @@ class ModelInfo:
     quantization: dict[str, Any] | None
     ctx: int
     memory: dict[str, int] = field(default_factory=dict)
+    tp: int = 1  # the memory_per_rank figures are for this many tensor-parallel ranks
+    memory_per_rank: dict[str, int] = field(default_factory=dict)
+    gpus: dict[str, dict[str, int | None]] = field(default_factory=dict)  # GPU size -> scheme -> fewest --tp
     storage: dict[str, Any] | None = None  # GGUF: container, tensor_types, bits_per_weight...
     chat_template: str = "llama-2-chat"  # the template chat uses without --template
     chat_template_source: str = ""  # which one that is, in words
+    trained_context: int | None = None  # None: the files do not say (max_seq_len is then a default)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -74,14 +78,46 @@ def quantization_summary(reader: CheckpointReader, infos: list[TensorInfo]) -> d
     }
 
 
-def memory_estimates(infos: list[TensorInfo], ctx: int, args: Any) -> dict[str, int]:
-    """Weights at 16-bit and per scheme, the KV cache per token and at `ctx` (fp16)."""
+def memory_estimates(infos: list[TensorInfo], ctx: int, args: Any, tp: int = 1) -> dict[str, int]:
+    """Weights at 16-bit and per scheme, the KV cache per token and at `ctx` (fp16).
+
+    `tp` > 1: what each of `tp` tensor-parallel ranks holds (1/tp of every split tensor and
+    of the KV heads; norms replicated).
+    """
+    infos = estimate.rank_infos(infos, tp)
     memory = {"weights_fp16": estimate.weight_bytes(infos)}
     for scheme in ESTIMATED_SCHEMES:
         spec = QuantSpec(scheme)
         memory[f"weights_{scheme}"] = estimate.weight_bytes(infos, _Sized(spec))
-    kv_token = estimate.kv_cache_bytes(args, 1)
+    kv_token = estimate.kv_cache_bytes(args, 1, tp=tp)
     return memory | {"kv_cache_per_token": kv_token, "kv_cache_at_ctx": kv_token * ctx}
+
+
+# GPU memory sizes `info` says the fewest --tp for (24 GB consumer, 40 / 80 GB data-centre).
+GPU_SIZES = {"24GB": 24 << 30, "40GB": 40 << 30, "80GB": 80 << 30}
+
+
+def gpus_needed(infos: list[TensorInfo], ctx: int, args: Any) -> dict[str, dict[str, int | None]]:
+    """For each GPU size and weight storage: the fewest --tp whose weights + KV @ ctx fit one GPU."""
+    choices = estimate.tp_choices(args)
+    per_tp: dict[int, dict[str, int]] = {}  # each --tp's estimates, computed once
+
+    def memory(tp: int) -> dict[str, int]:
+        if tp not in per_tp:
+            per_tp[tp] = memory_estimates(infos, ctx, args, tp)
+        return per_tp[tp]
+
+    out: dict[str, dict[str, int | None]] = {}
+    for gpu, size in GPU_SIZES.items():
+        out[gpu] = {}
+        for scheme in ("fp16", *ESTIMATED_SCHEMES):
+            key = f"weights_{scheme}"
+
+            def need(tp: int, key: str = key) -> int:
+                return memory(tp)[key] + memory(tp)["kv_cache_at_ctx"]
+
+            out[gpu][scheme] = estimate.smallest_tp(need, choices, size)
+    return out
 
 
 @dataclass(frozen=True)
@@ -119,9 +155,10 @@ def _dtype(reader: CheckpointReader, infos: list[TensorInfo], storage: dict[str,
     return _torch_name(main_dtype(infos))
 
 
-def model_info(reader: CheckpointReader, ctx: int | None = None) -> ModelInfo:
-    """Describe a checkpoint without loading its weights."""
+def model_info(reader: CheckpointReader, ctx: int | None = None, tp: int = 1) -> ModelInfo:
+    """Describe a checkpoint without loading its weights (`tp`: also per tensor-parallel rank)."""
     args = reader.args
+    estimate.check_tp(args, tp)
     ctx = ctx or args.max_seq_len
     infos = reader.tensor_infos()
     storage = storage_of(reader)
@@ -138,6 +175,7 @@ def model_info(reader: CheckpointReader, ctx: int | None = None) -> ModelInfo:
         hidden_dim=args.hidden_dim,
         vocab_size=args.vocab_size,
         max_seq_len=args.max_seq_len,
+        trained_context=trained_context(reader),
         rope_theta=args.rope_theta,
         norm_eps=args.norm_eps,
         dtype=_dtype(reader, infos, storage),
@@ -152,6 +190,9 @@ def model_info(reader: CheckpointReader, ctx: int | None = None) -> ModelInfo:
         memory=memory_estimates(infos, ctx, args),
         storage=storage,
         **_template_fields(reader),
+        tp=tp,
+        memory_per_rank=memory_estimates(infos, ctx, args, tp) if tp > 1 else {},
+        gpus=gpus_needed(infos, ctx, args),
     )
 
 

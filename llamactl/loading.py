@@ -8,20 +8,26 @@ same path through a `QuantizedView`.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import json
 import os
+import sys
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from types import TracebackType
 from typing import Any
 
 import torch
 
+from llamactl import dtypes
 from llamactl.checkpoint import CheckpointReader, open_checkpoint
 from llamactl.checkpoint.base import trained_context
 from llamactl.checkpoint.quantized import QuantizedView
 from llamactl.config import ModelArgs
 from llamactl.devices import resolve
 from llamactl.engine import DecodeStep, EagerStep, choose_step
+from llamactl.engine import tp as parallel
 from llamactl.errors import CheckpointError, LlamactlError
 from llamactl.layout import is_quantizable, module_path, rotary_heads
 from llamactl.model import Transformer
@@ -31,7 +37,12 @@ from llamactl.tokenizer import Tokenizer, open_tokenizer
 
 @dataclass
 class LoadedModel:
-    """A model ready to run, where it came from, and the decode step chosen for it (`step`)."""
+    """A model ready to run, where it came from, and the decode step chosen for it (`step`).
+
+    Tensor parallel (`load_model(tp=N)`): `group` is rank 0's place in the run and
+    `rank_weight_bytes` what each rank holds; `close()` (or leaving a `with` block) ends the
+    other ranks. A plain model needs neither.
+    """
 
     model: Transformer
     args: ModelArgs
@@ -39,7 +50,34 @@ class LoadedModel:
     device: torch.device
     dtype: torch.dtype
     step: DecodeStep | None = None
+    group: parallel.Group | None = None
+    rank_weight_bytes: list[int] = field(default_factory=list)
     trained_context: int | None = None  # what the checkpoint says it was trained at (None: unknown)
+
+    @property
+    def tp(self) -> int:
+        return self.group.world if self.group is not None else 1
+
+    def close(self, code: int = 0) -> None:
+        """End the other tensor-parallel ranks (they exit with `code`); nothing for a plain model."""
+        if self.group is not None:
+            self.group.close(code)
+
+    def __enter__(self) -> LoadedModel:
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
+        from llamactl.errors import Terminated
+
+        if kind is None:
+            code = 0
+        elif issubclass(kind, Terminated):
+            code = 143
+        elif issubclass(kind, KeyboardInterrupt):
+            code = 130
+        else:  # typer.Exit and LlamactlError carry their own; anything else is a failure
+            code = getattr(exc, "exit_code", 1) if isinstance(getattr(exc, "exit_code", 1), int) else 1
+        self.close(code)
 
     def watch_context(self, on_pass: Callable[[int, int], None]) -> None:
         """Call `on_pass(position, trained_context)` once, when a position at or past the trained
@@ -85,14 +123,17 @@ def build_model(
     device: torch.device,
     dtype: torch.dtype,
     max_seq_len: int | None = None,
+    group: parallel.Group | None = None,
 ) -> Transformer:
     """Construct on the meta device, then assign streamed tensors: no second copy in RAM.
 
     `dtype` is that of every unquantized tensor (embeddings, norms, head) and of activations.
+    With a tensor-parallel `group`, `reader` yields this rank's shard (a RankView) and the
+    model is that rank's ShardedTransformer.
     """
     args = dataclasses.replace(reader.args, max_seq_len=max_seq_len or reader.args.max_seq_len)
     with torch.device("meta"):
-        model = Transformer(args)
+        model = Transformer(args) if group is None else parallel.ShardedTransformer(args, group)
     state: dict[str, torch.Tensor] = {}
     replaced: set[str] = set()
     for name, entry in reader.iter_tensors():
@@ -122,6 +163,7 @@ def load_model(
     max_seq_len: int | None = None,
     quant: QuantSpec | None = None,
     step: str = "auto",
+    tp: int = 1,
 ) -> LoadedModel:
     """Open a checkpoint (name, path or an open reader) and load it for inference.
 
@@ -129,14 +171,107 @@ def load_model(
     without writing anything; weights are quantized from the checkpoint's own precision.
     `step` is the decode step chosen for the loaded model, once its weights are in place and
     fused (llamactl.engine.choose_step: "auto", "eager", "cuda-graph").
+
+    `tp=N > 1`: tensor parallel over N ranks (llamactl.engine.tp). Started from a plain
+    process, this one becomes rank 0 and starts ranks 1..N-1 on this machine; under torchrun
+    it joins torchrun's ranks, and on every rank but 0 this call serves rank 0 until it is
+    done and then ends the process (SystemExit), so the caller's code runs on rank 0 only.
+    Close the result (`with load_model(...) as loaded:`) to end the other ranks.
     """
     reader = open_checkpoint(model) if isinstance(model, (str, os.PathLike)) else model  # opened once
     placement = resolve(device, dtype if dtype is not None else native_dtype(quant or reader.quant))
+    if tp != 1:  # a plain load stays plain, under torchrun too (every rank its own whole model)
+        return _load_parallel(reader, placement.device, placement.dtype, max_seq_len, quant, step, tp)
     source = QuantizedView(reader, quant, device=placement.device) if quant is not None else reader
     net = build_model(source, placement.device, placement.dtype, max_seq_len).fuse_projections()
     loaded = LoadedModel(net, net.args, reader, placement.device, placement.dtype, choose_step(net, step))
     loaded.trained_context = trained_context(reader)
     return loaded
+
+
+_SPEC_ENV = "LLAMACTL_TP_SPEC"  # how a leader tells the ranks it starts what to load
+
+
+def _load_parallel(
+    reader: CheckpointReader,
+    device: torch.device,
+    dtype: torch.dtype,
+    max_seq_len: int | None,
+    quant: QuantSpec | None,
+    step: str,
+    tp: int,
+) -> LoadedModel:
+    """Every rank loads its own shard; rank 0 returns, the others follow it and exit."""
+    from llamactl.checkpoint.rank_view import RankView
+
+    parallel.check_divisible(reader.args, tp)  # before any process is started
+    RankView(reader, 0, tp)  # refuses a checkpoint stored quantized, before any process is started
+    if parallel.distributed_env() is not None:
+        group = parallel.join(tp, device)
+    else:
+        spec = {
+            "path": str(reader.path),
+            "device": device.type,
+            "dtype": dtypes.name_of(dtype),
+            "max_seq_len": max_seq_len,
+            "quant": dataclasses.asdict(quant) if quant is not None else None,
+        }
+        group = parallel.start(tp, device, parallel.worker_command(), {_SPEC_ENV: json.dumps(spec)})
+    try:
+        view = RankView(reader, group.rank, tp)
+        source = QuantizedView(view, quant, device=group.device, row_split=tp) if quant is not None else view
+        net = build_model(source, group.device, dtype, max_seq_len, group).fuse_projections()
+        assert isinstance(net, parallel.ShardedTransformer)
+        net.connect()
+        held = [row[0] for row in group.gather_ints([parallel.weight_bytes(net)])]  # also: every rank loaded
+        chosen = choose_step(net, step) if group.leads else None
+    except BaseException:
+        if group.leads:
+            group.abort()
+        raise
+    if not group.leads:
+        code = parallel.follow(net)
+        group.closed = True
+        with contextlib.suppress(Exception):
+            torch.distributed.destroy_process_group()
+        raise SystemExit(code)
+    loaded = LoadedModel(net, net.args, reader, group.device, dtype, chosen, group, held)
+    loaded.trained_context = trained_context(reader)
+    return loaded
+
+
+def serve_rank() -> None:
+    """Entry point of a rank a leader started (`parallel.worker_command`): load, follow, exit.
+
+    Its stderr goes to a log the leader reads: the one line it prints on a failure is what
+    the leader reports.
+    """
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the leader decides when a turn is cancelled
+    rank = os.environ.get("RANK", "?")
+    try:
+        spec = json.loads(os.environ[_SPEC_ENV])
+        from llamactl.quantize import QuantSpec
+
+        quant = QuantSpec(**spec["quant"]) if spec["quant"] else None
+        load_model(
+            spec["path"],
+            device=spec["device"],
+            dtype=spec["dtype"],
+            max_seq_len=spec["max_seq_len"],
+            quant=quant,
+            tp=int(os.environ["WORLD_SIZE"]),
+        )
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else 1
+    except BaseException as exc:
+        first = (str(exc).strip().splitlines() or [""])[0]
+        print(f"tensor-parallel rank {rank} failed: {type(exc).__name__}: {first}", file=sys.stderr, flush=True)
+        code = 1
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def native_dtype(quant: QuantSpec | None) -> str | None:
@@ -178,6 +313,7 @@ def load_for_generation(
     dtype: str | torch.dtype | None = None,
     ctx: int | None = None,
     quant: QuantSpec | None = None,
+    tp: int = 1,
 ) -> tuple[LoadedModel, Tokenizer]:
     """Model and matching tokenizer; the checkpoint is opened once and the tokenizer is
     checked before any weight is read."""
@@ -185,4 +321,4 @@ def load_for_generation(
         raise LlamactlError(f"context of {ctx} tokens: it must hold at least 2 tokens")
     reader = open_checkpoint(model)
     tok = open_tokenizer(tokenizer, reader.tokenizer_path, reader.path, reader.args.vocab_size)
-    return load_model(reader, device=device, dtype=dtype, max_seq_len=ctx, quant=quant), tok
+    return load_model(reader, device=device, dtype=dtype, max_seq_len=ctx, quant=quant, tp=tp), tok

@@ -354,7 +354,9 @@ class Transformer(nn.Module):
         dtype = dtype or self.tok_embeddings.weight.dtype
         device = self.tok_embeddings.weight.device
         for layer in self.layers:
-            layer.attention.cache = KVCache(batch, length, self.args.kv_heads, self.args.head_dim, dtype, device)
+            # The attention's own KV heads: a tensor-parallel shard holds n_kv_heads / N of them.
+            attention = layer.attention
+            attention.cache = KVCache(batch, length, attention.n_kv_heads, self.args.head_dim, dtype, device)
         return sum(layer.attention.cache.nbytes for layer in self.layers)
 
     def clear_cache(self) -> None:

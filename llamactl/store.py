@@ -1,11 +1,14 @@
 """The model store: checkpoints under `$LLAMACTL_HOME/models/<name>/`, managed by name.
 
-A store entry is a directory (or a symlink to one, made by `import --link`). A GGUF file is
-imported as a directory holding that one file (moved in, or a symlink to it with `--link`),
-so every entry is a directory and `rm` of a linked GGUF removes only the link. Nothing else
-is kept about a model except what its files say, plus two small side files: the sha256
-cache (`$LLAMACTL_HOME/cache/sha256.json`, keyed by real path, size and mtime so a hash is
-computed once) and, for pulled models, `.llamactl-source.json` naming the repository.
+A store entry is a directory (or a symlink to one, made by `import --link`). `import` copies by
+default (reflinks or hard links where the filesystem allows, so it costs no second copy of the
+bytes) and leaves the source as it was; `--move` moves it in. A GGUF file is imported as a
+directory holding that one file (copied, moved, or a symlink to it with `--link`), so every
+entry is a directory and `rm` of a linked GGUF removes only the link. Nothing else is kept
+about a model except what its files say, plus small side files: the sha256 cache
+(`$LLAMACTL_HOME/cache/sha256.json`, keyed by real path, size and mtime so a hash is computed
+once), `.llamactl-source.json` naming a pulled model's repository, and `.llamactl-model.json`
+with what the files cannot say (a Meta model's trained context, from `import --ctx`).
 """
 
 from __future__ import annotations

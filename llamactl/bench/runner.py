@@ -68,7 +68,8 @@ def run_bench(
     try:
         for key in plan.models:
             estimates += _bench_model(plan, key, env, progress, rows)
-    except KeyboardInterrupt as exc:  # the rows finished so far, for the caller to print
+    except KeyboardInterrupt as exc:
+        cap_peak_bandwidth(env, rows)
         exc.partial_report = BenchReport(env, rows, plan.options, test_time)  # type: ignore[attr-defined]
         raise
     cap_peak_bandwidth(env, rows)
@@ -80,7 +81,8 @@ def cap_peak_bandwidth(env: Environment, rows: list[BenchRow]) -> None:
     device's peak is at least that fast, so the peak is raised to it (and says so)."""
     fastest = max((r.bandwidth_gbs for r in rows if r.bandwidth_gbs is not None), default=0.0)
     if fastest > env.peak_bandwidth_gbs:
-        env.peak_bandwidth_gbs, env.peak_bandwidth_source = round(fastest, 1), "decode"
+        # Unrounded: a tiny model decodes at < 0.05 GB/s.
+        env.peak_bandwidth_gbs, env.peak_bandwidth_source = fastest, "decode"
     for row in rows:
         if row.bandwidth_gbs is not None and env.peak_bandwidth_gbs:
             row.bandwidth_frac = min(1.0, row.bandwidth_gbs / env.peak_bandwidth_gbs)
@@ -93,20 +95,18 @@ def _bench_model(
     when it does not even fit); returns the full-model estimates when --layers cut it."""
     progress(f"building {plan.options.model or key.preset} ({key.attn}) on {plan.device.type}")
     built: BuiltModel | None = None
-    mine: list[BenchRow] = []
+    start = len(rows)
     try:
         built = build_model(plan, key)
         runner = _ModelRunner(built, plan, env, progress)
         for cfg in plan.configs:
-            done = runner.run(cfg)
-            mine += done
-            rows += done  # at once: an interrupt later still finds them
-        return full_model_estimates(mine, built)
+            rows.extend(runner.run(cfg))
+        return full_model_estimates(rows[start:], built)
     except Exception as exc:  # a model too big for the device: OOM rows
         if not is_oom(exc):
             raise
-        del rows[len(rows) - len(mine) :]  # as before: the whole model is OOM rows
-        rows += _oom_rows(plan, key, exc)
+        del rows[start:]  # a model that fits only partly is reported as not fitting, as a whole
+        rows.extend(_oom_rows(plan, key, exc))
         return []
     finally:
         del built

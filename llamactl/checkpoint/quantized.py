@@ -33,6 +33,7 @@ class QuantizedView(ReaderView):
     quant: QuantSpec
     skip: Sequence[str] = ()
     device: torch.device | str | None = None
+    row_split: int = 1  # the source holds 1/row_split of each wq / wk's rows (a tensor-parallel shard)
     to_quantize: set[str] = field(init=False)
     skipped: list[str] = field(init=False)
     unmatched_skip: list[str] = field(init=False)
@@ -66,6 +67,7 @@ class QuantizedView(ReaderView):
         for name, tensor in self.source.iter_tensors():
             if name in self.to_quantize:
                 heads = layout.rotary_heads(name, self.args)
+                heads = heads // self.row_split if heads else heads  # a shard's rows hold its own heads
                 yield name, impl.quantize(tensor, self.quant, heads, self.device)  # type: ignore[arg-type]
             else:
                 yield name, tensor

@@ -7,7 +7,7 @@ import signal
 import sys
 from types import FrameType
 
-from llamactl.errors import INTERRUPTED, TERMINATED, Terminated
+from llamactl.errors import INTERRUPTED, TERMINATED, Terminated, printable
 
 
 def _interrupted_at_startup() -> None:
@@ -93,7 +93,9 @@ def _run_plain(app: typer.Typer) -> int:
                 print_json_error(line, int(getattr(exc, "exit_code", 2)))
             print(f"llamactl: error: {line}", file=sys.stderr)
         return int(getattr(exc, "exit_code", 2))
-    except typer.Abort:
+    except typer.Abort as exc:
+        if isinstance(exc.__cause__, KeyboardInterrupt):  # click turns a Ctrl-C into Abort
+            _interrupted_at_startup()
         print("llamactl: aborted", file=sys.stderr)
         return 1
     return code if isinstance(code, int) else 0

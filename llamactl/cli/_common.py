@@ -148,6 +148,11 @@ def human_count(n: int | None) -> str:
     return str(n)
 
 
+def context_note(trained: int | None) -> str:
+    """Whether a context is the trained one or only assumed (a Meta params.json has none): info, show."""
+    return "trained" if trained is not None else "assumed: the checkpoint does not say; import --ctx N records it"
+
+
 def human_bytes(n: float) -> str:
     """1536 -> '1.5 KiB' (binary units, as memory is reported)."""
     for unit in ("B", "KiB", "MiB", "GiB", "TiB"):

@@ -9,7 +9,6 @@ import torch.
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
@@ -17,7 +16,7 @@ import typer
 
 from llamactl.cli import _complete
 from llamactl.cli._common import loading_status, warn
-from llamactl.errors import ModelNotFoundError, TokenizerError, UsageError
+from llamactl.errors import TokenizerError, UsageError
 
 if TYPE_CHECKING:
     from llamactl.loading import LoadedModel
@@ -84,6 +83,14 @@ Logprobs = Annotated[
         "--logprobs", min=0, max=20, help="With --json: log-probabilities of the N most likely tokens at each step."
     ),
 ]
+TensorParallel = Annotated[
+    int,
+    typer.Option(
+        "--tp",
+        min=1,
+        help="Tensor parallel over N ranks (N GPUs, or N CPU processes); starts its own ranks, or joins torchrun's.",
+    ),
+]
 PullYes = Annotated[
     bool,
     typer.Option(
@@ -93,28 +100,6 @@ PullYes = Annotated[
         "(without --yes: asked on a terminal, an error elsewhere).",
     ),
 ]
-
-
-def ensure_model(model: str, yes: bool = False) -> None:
-    """A known name (7b, 7b-chat, ...) missing from the store: offer to pull it, as `ollama run` does.
-
-    On a terminal (stdin and stderr) the user is asked; `--yes` pulls without asking; anywhere
-    else the error says the exact `llamactl pull` to run. Other names and paths pass through
-    untouched (their own errors come from loading).
-    """
-    from llamactl.pull import missing_known_model, pull_hint
-
-    repo = missing_known_model(model)
-    if repo is None:
-        return
-    if not yes:
-        if not (sys.stdin.isatty() and sys.stderr.isatty()):
-            raise ModelNotFoundError(f"{model}: not in the store yet; {pull_hint(model, repo)}")
-        if not typer.confirm(f"{model} is not in the store. Pull {repo} from the Hugging Face Hub?", err=True):
-            raise ModelNotFoundError(f"{model}: not pulled; {pull_hint(model, repo)}")
-    from llamactl.cli.store import pull_and_report
-
-    pull_and_report(repo, model, on_stderr=True)
 
 
 def sampling_from(
@@ -235,9 +220,15 @@ def load_from_options(
     ctx: int | None,
     quant: QuantSpec | None = None,
     yes: bool = False,
+    tp: int = 1,
 ) -> tuple[LoadedModel, Tokenizer]:
     """The model and tokenizer the options name, with a spinner on a terminal; a known name not
-    in the store is offered for pulling first (`ensure_model`)."""
+    in the store is offered for pulling first (`ensure_model`).
+
+    With `tp` > 1 the result holds the other ranks: use it as a context manager (`with
+    loaded:`), which ends them with the command's exit code.
+    """
+    from llamactl.cli.store import ensure_model
     from llamactl.dtypes import parse_float_dtype
     from llamactl.loading import load_for_generation
     from llamactl.tokenizer import MissingTokenizerError
@@ -245,7 +236,7 @@ def load_from_options(
     ensure_model(model, yes)
     try:
         with loading_status(model):
-            loaded, tok = load_for_generation(model, tokenizer, device, parse_float_dtype(dtype), ctx, quant)
+            loaded, tok = load_for_generation(model, tokenizer, device, parse_float_dtype(dtype), ctx, quant, tp)
     except MissingTokenizerError as exc:
         raise TokenizerError(
             f"{exc.model_path}: no tokenizer.model or tokenizer.json next to the weights; pass --tokenizer FILE"

@@ -114,11 +114,28 @@ def bench(
         str | None, typer.Option(help="Compare with 'transformers' (LlamaForCausalLM, same weights, interleaved).")
     ] = None,
     seed: Annotated[int, typer.Option(help="Seed for random weights and tokens.")] = 0,
+    tp: Annotated[
+        int | None,
+        typer.Option(
+            "--tp",
+            min=1,
+            help="Tensor parallel over N ranks: speed, memory per rank, collective share (--tp 1: same method, one process).",
+        ),
+    ] = None,
 ) -> None:
     """Benchmark prefill and decode speed and memory (like llama-bench, plus KV cache and bandwidth)."""
     fmt = "json" if json_output else output.lower()
     if fmt not in FORMATS:
         raise UsageError(f"--output {output}: expected one of {', '.join(FORMATS)}")
+    if tp is not None:
+        if model is None:
+            raise UsageError("--tp needs a MODEL checkpoint: each rank loads its own share of it")
+        if bits != "16" or scheme or vs or plot or attn or layers:
+            raise UsageError(
+                "--tp benchmarks the checkpoint as stored: --bits, --scheme, --vs, --plot, --attn and --layers do not apply"
+            )
+        _tp_bench(model, tp, ctx, prompt_tokens, gen_tokens, repeat, warmup, device, dtype, seed, fmt)
+        return
     opts = BenchOptions(
         model=model,
         presets=_words("--preset", preset),
@@ -158,6 +175,63 @@ def bench(
 
         plot_report(report, plot)
         stderr.print(f"plot written to {plot}")
+
+
+def _tp_bench(
+    model: str,
+    tp: int,
+    ctx: str,
+    prompt_tokens: str,
+    gen_tokens: str | None,
+    repeat: int | None,
+    warmup: int,
+    device: str | None,
+    dtype: str | None,
+    seed: int,
+    fmt: str,
+) -> None:
+    from llamactl.bench.tp import run_tp_bench
+
+    def one(flag: str, text: str) -> int:
+        values = _ints(flag, text)
+        if len(values) != 1:
+            raise UsageError(f"{flag} {text}: --tp runs one configuration; give one value")
+        return values[0]
+
+    report = run_tp_bench(
+        model,
+        tp,
+        ctx=one("--ctx", ctx),
+        n_prompt=one("--prompt-tokens", prompt_tokens),
+        n_gen=one("--gen-tokens", gen_tokens) if gen_tokens is not None else 32,
+        repeat=repeat or 3,
+        warmup=warmup,
+        device=device,
+        dtype=dtype,
+        seed=seed,
+    )
+    if fmt in ("json", "jsonl"):
+        sys.stdout.write(json.dumps(report.to_dict(), indent=2 if fmt == "json" else None) + "\n")
+        return
+    if fmt != "table":
+        raise UsageError(f"--output {fmt}: --tp prints table or json")
+    mib = _MIB
+    lines = [
+        f"llamactl bench --tp {report.tp}: {report.model}",
+        f"{report.backend} on {report.device}, {report.dtype}, ctx {report.n_ctx}, "
+        f"{report.threads_per_rank or '-'} threads per rank, {report.repeat} repeats",
+        f"pp{report.n_prompt}: {report.pp_ts:.2f} t/s   tg{report.n_gen}: {report.tg_ts:.2f} t/s   "
+        f"collectives: {report.comm_share_decode:.1%} of decode time ({report.comm_calls_per_token:g} per token)",
+        f"per rank   weights MiB (formula; --tp 1 formula {report.weight_bytes_tp1_formula / mib:,.2f})   "
+        f"KV MiB (formula; --tp 1 formula {report.kv_bytes_tp1_formula / mib:,.2f})",
+    ]
+    for rank, (w, kv) in enumerate(zip(report.weight_bytes, report.kv_bytes)):
+        lines.append(
+            f"rank {rank}     {w / mib:,.2f} ({report.weight_bytes_formula / mib:,.2f})"
+            f"   {kv / mib:,.2f} ({report.kv_bytes_formula / mib:,.2f})"
+        )
+    lines += [f"note: {note}" for note in report.notes]
+    sys.stdout.write("\n".join(lines) + "\n")
 
 
 def _cpu_note(opts: BenchOptions) -> str:

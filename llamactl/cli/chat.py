@@ -34,6 +34,7 @@ from llamactl.cli._options import (
     Stop,
     Temperature,
     TemplateOpt,
+    TensorParallel,
     TokenizerOpt,
     TopK,
     TopP,
@@ -51,7 +52,10 @@ from llamactl.templates import load_dialog
 
 if TYPE_CHECKING:
     from llamactl.loading import LoadedModel
+    from llamactl.sampling import SamplingParams
     from llamactl.session import ChatSession
+    from llamactl.templates import ChatTemplate, Message
+    from llamactl.tokenizer import Tokenizer
 
 
 def chat(
@@ -85,6 +89,7 @@ def chat(
     template: TemplateOpt = None,
     tokenizer: TokenizerOpt = None,
     ctx: Ctx = None,
+    tp: TensorParallel = 1,
     json_out: JsonOpt = False,
     yes: PullYes = False,
 ) -> None:
@@ -109,12 +114,30 @@ def chat(
     inputs: list[str] = []
     if not interactive:
         inputs = _script_inputs(prompt, each_line)
-    loaded, tok = load_from_options(
-        model, tokenizer, device, dtype, ctx, quant_from_options(bits, scheme, quant_type), yes=yes
-    )
+    quant = quant_from_options(bits, scheme, quant_type)
+    loaded, tok = load_from_options(model, tokenizer, device, dtype, ctx, quant, yes=yes, tp=tp)
+    with loaded:  # ends the other tensor-parallel ranks, whatever happens
+        chat_template = model_template(template, loaded.reader, tok)
+        _converse(
+            loaded, tok, model, sampling, chat_template, messages, overflow, system, interactive, inputs, json_out
+        )
+
+
+def _converse(
+    loaded: LoadedModel,
+    tok: Tokenizer,
+    model: str,
+    sampling: SamplingParams,
+    chat_template: ChatTemplate,
+    messages: list[Message],
+    overflow: str,
+    system: str | None,
+    interactive: bool,
+    inputs: list[str],
+    json_out: bool,
+) -> None:
     from llamactl.session import ChatSession
 
-    chat_template = model_template(template, loaded.reader, tok)
     session = ChatSession(
         loaded.model,
         tok,
@@ -214,7 +237,7 @@ def _repl(session: ChatSession, loaded: LoadedModel, name: str) -> None:
         format=loaded.reader.format,
         shape=f"{args.n_layers} layers, dim {args.dim}, {args.attention_kind} {args.n_heads}/{args.kv_heads} heads",
         context=session.context or args.max_seq_len,
-        device=str(loaded.device),
+        device=str(loaded.device) if loaded.tp == 1 else f"{loaded.device.type} × {loaded.tp} ranks (--tp)",
         dtype=str(loaded.dtype).removeprefix("torch."),
     )
     history = chat_history_file()

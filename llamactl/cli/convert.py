@@ -47,8 +47,10 @@ def convert(
 ) -> None:
     """Convert a checkpoint between formats, merging or re-splitting shards, streaming tensor by tensor."""
     from llamactl.checkpoint.sharding import parse_size
+    from llamactl.cli.store import ensure_model
     from llamactl.convert import plan_convert, run_convert
 
+    ensure_model(src, offer=False)
     plan = plan_convert(
         src,
         dst,

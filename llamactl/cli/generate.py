@@ -27,6 +27,7 @@ from llamactl.cli._options import (
     Seed,
     Stop,
     Temperature,
+    TensorParallel,
     TokenizerOpt,
     TopK,
     TopP,
@@ -90,6 +91,7 @@ def generate(
             "default: plain completion.",
         ),
     ] = None,
+    tp: TensorParallel = 1,
     json_out: JsonOpt = False,
     yes: PullYes = False,
 ) -> None:
@@ -111,9 +113,15 @@ def generate(
         logprobs=logprobs,
     )
     check_template_name(template)
-    loaded, tok = load_from_options(
-        model, tokenizer, device, dtype, ctx, quant_from_options(bits, scheme, quant_type), yes=yes
-    )
+    quant = quant_from_options(bits, scheme, quant_type)
+    loaded, tok = load_from_options(model, tokenizer, device, dtype, ctx, quant, yes=yes, tp=tp)
+    with loaded:  # ends the other tensor-parallel ranks, whatever happens
+        _complete(loaded, tok, prompt, sampling, template, json_out)
+
+
+def _complete(
+    loaded: LoadedModel, tok: Tokenizer, prompt: str, sampling: SamplingParams, template: str | None, json_out: bool
+) -> None:
     from llamactl.generate import Completion
 
     prompt_ids = None

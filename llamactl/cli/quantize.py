@@ -80,11 +80,12 @@ def quantize(
     if no_eval and eval_file is not None:
         raise UsageError("--eval and --no-eval contradict each other")
     assert spec is not None  # one of --bits / --scheme was given
+    from llamactl.cli.store import ensure_model
+
+    ensure_model(src)
     if dst is None:
-        from llamactl.cli._options import ensure_model
         from llamactl.store import derived_entry
 
-        ensure_model(src)
         dst = derived_entry(src, spec.scheme)
     plan = plan_convert(src, dst, quant=spec, skip=skip or (), force=force, device=device)
     view = plan.quantized

@@ -17,8 +17,17 @@ from rich.progress import (
 )
 
 from llamactl.cli import _complete
-from llamactl.cli._common import cli_command, fail, human_bytes, human_count, print_json, print_pairs, stderr
-from llamactl.errors import UsageError
+from llamactl.cli._common import (
+    cli_command,
+    context_note,
+    fail,
+    human_bytes,
+    human_count,
+    print_json,
+    print_pairs,
+    stderr,
+)
+from llamactl.errors import ModelNotFoundError, UsageError
 from llamactl.home import models_home
 from llamactl.info import describe_storage
 from llamactl.plugins import hookimpl
@@ -117,7 +126,10 @@ def _print_show(data: dict[str, Any]) -> None:
             "shape",
             f"dim {info['dim']}, {info['n_layers']} layers, FFN {info['hidden_dim']}, vocab {info['vocab_size']}",
         ),
-        ("context", f"{info['max_seq_len']} (rope theta {info['rope_theta']:g})"),
+        (
+            "context",
+            f"{info['max_seq_len']} ({context_note(info['trained_context'])}, rope theta {info['rope_theta']:g})",
+        ),
         ("parameters", f"{info['parameters']:,} ({human_count(info['parameters'])})"),
         ("dtype", info["dtype"]),
         ("quantization", data["quantization"] or "none"),
@@ -151,6 +163,7 @@ def show_command(
     json_output: Annotated[bool, typer.Option("--json", help=JSON_HELP)] = False,
 ) -> None:
     """Everything about a model: config, tokenizer, chat template, files with sizes and sha256."""
+    ensure_model(model, offer=False)
     with _Bar("hashing") as bar:
         bar.start(hash_work(model), 0, 0)
         data = show_model(model, progress=bar.advance)
@@ -279,6 +292,30 @@ def pull_and_report(
             f"({result.files} files, {human_bytes(result.size)}): {result.path}",
             file=sys.stderr if on_stderr else sys.stdout,
         )
+
+
+def ensure_model(model: str, yes: bool = False, offer: bool = True) -> None:
+    """A known name (7b, 7b-chat, ...) missing from the store: offer to pull it, as `ollama run` does.
+
+    On a terminal (stdin and stderr) the user is asked; `--yes` pulls without asking; anywhere
+    else, or without `offer` (info, show, convert), the error says the exact `llamactl pull` to
+    run. Other names and paths pass through untouched (their own errors come from loading).
+    """
+    from llamactl.pull import missing_known_model, pull_hint
+
+    repo = missing_known_model(model)
+    if repo is None:
+        return
+    if not yes:
+        if not (offer and sys.stdin.isatty() and sys.stderr.isatty()):
+            from llamactl.checkpoint import list_model_names
+
+            names = list_model_names()
+            there = f" (it has: {', '.join(names)})" if names else ""
+            raise ModelNotFoundError(f"{model}: not in the store yet{there}; {pull_hint(model, repo)}")
+        if not typer.confirm(f"{model} is not in the store. Pull {repo} from the Hugging Face Hub?", err=True):
+            raise ModelNotFoundError(f"{model}: not pulled; {pull_hint(model, repo)}")
+    pull_and_report(repo, model, on_stderr=True)
 
 
 @hookimpl

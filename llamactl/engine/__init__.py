@@ -8,6 +8,8 @@ loop takes a step as an argument and never looks at how it runs.
 - `EagerStep` (eager.py): the model called directly; works everywhere.
 - `CudaGraphStep` (cuda_graph.py): the static-shape step captured once as a CUDA graph and
   replayed; CUDA only, plain (unquantized, fused) projections only.
+- Tensor parallel (tp.py): not a step but a model, `ShardedTransformer`, one rank's shard whose
+  forward mirrors itself to the other ranks; it decodes through the eager step.
 
 `choose_step(model, kind)` picks one: "eager", "cuda-graph", or "auto" (the default), which
 is eager unless `LLAMACTL_CUDA_GRAPHS=1` asks for graphs and the model can be graphed. The

@@ -27,6 +27,10 @@ logger = logging.getLogger(__name__)
 
 def graphable(model: Transformer) -> str | None:
     """Why `model` cannot be decoded through a CUDA graph, or None when it can."""
+    from llamactl.engine.tp import ShardedTransformer
+
+    if isinstance(model, ShardedTransformer):
+        return "tensor-parallel models decode eagerly (collectives are not captured)"
     if model.tok_embeddings.weight.device.type != "cuda":
         return "needs a model on a CUDA device"
     plain = [model.output] + [m for layer in model.layers for m in (layer.attention.wo, layer.feed_forward.w2)]

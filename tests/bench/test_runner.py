@@ -258,6 +258,6 @@ def test_percent_peak_never_exceeds_100() -> None:
     rows = [dataclasses.replace(r) for r in report.rows]
     cap_peak_bandwidth(env, rows)
     tg = rows[1]
-    assert env.peak_bandwidth_source == "decode" and env.peak_bandwidth_gbs == round(tg.bandwidth_gbs, 1)
+    assert env.peak_bandwidth_source == "decode" and env.peak_bandwidth_gbs == pytest.approx(tg.bandwidth_gbs)
     assert tg.bandwidth_frac == pytest.approx(min(1.0, tg.bandwidth_gbs / env.peak_bandwidth_gbs))
     assert tg.bandwidth_frac <= 1

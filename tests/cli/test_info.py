@@ -94,3 +94,23 @@ def test_info_unknown_name_lists_models(tmp_path: Path, monkeypatch: pytest.Monk
     monkeypatch.setenv("LLAMACTL_HOME", str(tmp_path / "home"))
     (tmp_path / "home" / "models" / "7b-chat").mkdir(parents=True)
     assert_one_line_error(run_cli("info", "13b-chat"), "13b-chat", "7b-chat")
+
+
+@pytest.mark.slow
+def test_info_tp_shows_memory_per_gpu_and_the_gpus_70b_needs(tmp_path: Path) -> None:
+    path = _sparse_meta(tmp_path / "70b", "70b", 8)
+    outcome = run_cli("info", str(path), "--json", "--ctx", "4096", "--tp", "8")
+    assert outcome.exit_code == 0, outcome.stderr
+    report = json.loads(outcome.stdout)
+    params = PUBLISHED_PARAMETERS["70b"]
+    norms = (2 * 80 + 1) * 8192 * 2  # replicated on every rank; everything else is cut in 8
+    per = report["memory_per_rank"]
+    assert report["tp"] == 8
+    assert per["weights_fp16"] == (2 * params - norms) // 8 + norms
+    assert per["kv_cache_at_ctx"] == 327_680 * 4096 // 8  # 1 of the 8 KV heads per rank
+    # 70B fp16 (128 GiB): --tp 2 on 80 GB GPUs, --tp 8 on 24 GB ones, or 4-bit on one 80 GB GPU.
+    assert report["gpus"]["80GB"] == {"fp16": 2, "int8": 1, "nf4": 1}
+    assert report["gpus"]["24GB"] == {"fp16": 8, "int8": 4, "nf4": 2}
+    human = run_cli("info", str(path), "--tp", "8")
+    assert "per GPU, --tp 8" in human.stdout and "fp16 --tp 2, int8 1 GPU, nf4 1 GPU" in human.stdout
+    assert_one_line_error(run_cli("info", str(path), "--tp", "3"), "--tp 3: n_heads 64 is not divisible by 3", code=2)
