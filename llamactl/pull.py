@@ -27,6 +27,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any, Protocol
 
 from llamactl import jsonio
+from llamactl.atomic import rename_noreplace
 from llamactl.errors import (
     CheckpointError,
     DestinationError,
@@ -484,7 +485,8 @@ def pull_model(
     }
     (staging / SOURCE_FILE).write_text(json.dumps(source, indent=1) + "\n", encoding="utf-8")
     (staging / STATE_FILE).unlink()
-    if dest.exists() or dest.is_symlink():  # someone took the name meanwhile
-        raise DestinationError(f"{dest}: appeared while pulling; the download stays in {staging}")
-    os.rename(staging, dest)
+    try:
+        rename_noreplace(staging, dest)  # atomic: never over an entry someone made meanwhile
+    except FileExistsError:
+        raise DestinationError(f"{dest}: appeared while pulling; the download stays in {staging}") from None
     return PullResult(name, dest, repo_id, commit, len(wanted), total, downloaded)

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from llamactl import jsonio
+from llamactl.atomic import rename_noreplace
 from llamactl.checkpoint import list_model_names, open_checkpoint, resolve_model
 from llamactl.errors import DestinationError, LlamactlError, ModelNotFoundError, UsageError
 from llamactl.home import disk_bytes, hash_cache_file, model_files, models_home
@@ -345,7 +346,10 @@ def _build_entry(src: Path, dest: Path, mode: str, record: dict[str, Any]) -> st
             how = "+".join(sorted(hows)) or "copy"
         if record:
             write_model_meta(tmp, **record)
-        os.rename(tmp, dest)
+        try:
+            rename_noreplace(tmp, dest)  # atomic: never over an entry someone made meanwhile
+        except FileExistsError:
+            raise DestinationError(f"{dest}: appeared while importing; left it alone") from None
     except BaseException:
         if renamed:
             with contextlib.suppress(OSError):  # put the moved source back where it was

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
+from llamactl import jsonio
 from llamactl.config import BOUNDS, ModelArgs
 from llamactl.errors import CheckpointError, printable
 from llamactl.layout import TensorInfo, expected_shapes
@@ -106,7 +107,7 @@ def read_model_meta(directory: Path) -> dict[str, Any]:
     if not file.is_file():
         return {}
     try:
-        data = json.loads(file.read_text(encoding="utf-8"))
+        data = jsonio.loads(file.read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
         raise CheckpointError(f"{file}: unreadable ({exc})") from None
     if not isinstance(data, dict):

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from llamactl import jsonio
 from llamactl.errors import CheckpointError, printable
 
 if TYPE_CHECKING:
@@ -319,7 +320,7 @@ def read_tokenizer_json(path: Path, n_vocab: int) -> BpeVocab:
     from llamactl.tokenizer.hf import read_tokenizer_config
 
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        data = jsonio.loads(path.read_text(encoding="utf-8"))
         model, added = data["model"], data.get("added_tokens") or []
         vocab, merges = dict(model["vocab"]), list(model.get("merges") or [])
     except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError) as exc:

@@ -26,6 +26,7 @@ try:  # the imports below are most of start-up time: a Ctrl-C lands here more of
     from llamactl import __version__
     from llamactl.cli._common import print_json_error, said
     from llamactl.cli._help import PANELS, TOOLS, TidyCommand, TidyGroup, epilog
+    from llamactl.errors import printable
 except KeyboardInterrupt:
     _interrupted_at_startup()
 

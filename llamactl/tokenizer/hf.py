@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from llamactl import jsonio
 from llamactl.errors import TokenizerError
 
 JSON_FILE = "tokenizer.json"
@@ -61,7 +62,7 @@ def read_tokenizer_config(directory: Path) -> TokenizerConfig:
     data: dict[str, Any] = {}
     if path.is_file():
         try:
-            loaded = json.loads(path.read_text(encoding="utf-8"))
+            loaded = jsonio.loads(path.read_text(encoding="utf-8"))
         except (OSError, UnicodeDecodeError, ValueError) as exc:
             raise TokenizerError(f"{path}: not readable JSON ({exc})") from None
         data = loaded if isinstance(loaded, dict) else {}
@@ -88,7 +89,7 @@ def read_tokenizer_config(directory: Path) -> TokenizerConfig:
 def _generation_stop_ids(directory: Path) -> tuple[int, ...]:
     """generation_config.json's eos_token_id (an int or a list); () when absent or unreadable."""
     try:
-        data = json.loads((directory / GENERATION_FILE).read_text(encoding="utf-8"))
+        data = jsonio.loads((directory / GENERATION_FILE).read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, ValueError):
         return ()
     value = data.get("eos_token_id") if isinstance(data, dict) else None

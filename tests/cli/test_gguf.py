@@ -167,15 +167,18 @@ def test_full_disk_leaves_no_partial_gguf(tmp_path: Path, stories_dir: Path, mon
     from llamactl.checkpoint import gguf_write
 
     calls = {"n": 0}
-    original = gguf_write._encode
 
-    def encode_until_full(tensor, info):  # type: ignore[no-untyped-def]
-        calls["n"] += 1
-        if calls["n"] > 3:
-            raise OSError(errno.ENOSPC, "No space left on device")
-        return original(tensor, info)
+    def until_full(original):  # type: ignore[no-untyped-def]
+        def write(*args, **kwargs):  # type: ignore[no-untyped-def]
+            calls["n"] += 1  # the fourth tensor written (plain or encoded) finds the disk full
+            if calls["n"] > 3:
+                raise OSError(errno.ENOSPC, "No space left on device")
+            return original(*args, **kwargs)
 
-    monkeypatch.setattr(gguf_write, "_encode", encode_until_full)
+        return write
+
+    monkeypatch.setattr(gguf_write, "_encode", until_full(gguf_write._encode))
+    monkeypatch.setattr(gguf_write, "write_tensor", until_full(gguf_write.write_tensor))
     dst = tmp_path / "s.gguf"
     assert_one_line_error(run_cli("convert", str(stories_dir), str(dst), "--to", "gguf"), "no space left on device")
     assert os.listdir(tmp_path) == []

@@ -65,21 +65,21 @@ def test_bench_interrupted_prints_the_rows_it_has(model: Path, tmp_path: Path) -
     out = tmp_path / "rows.jsonl"
     bench = f"--ctx 1024,768,512 --gen-tokens 200 --prompt-tokens 16 --repeat 1 --warmup 0 -o jsonl > {out}"
     child = _spawn("sh", "-c", f"exec {sys.executable} -m llamactl bench {model} {bench}", home=tmp_path)
-    child.expect_exact("tg200@768")  # the status line (stderr is the terminal; stdout the file)
+    child.expect_exact("tg200 @ d568")  # ctx 768's decode, on the status line (stderr is the terminal)
     child.kill(signal.SIGINT)
     child.expect("llamactl: interrupted")
     child.expect(__import__("pexpect").EOF)
     child.close()
     assert child.exitstatus == 130
     rows = [json.loads(line) for line in out.read_text().splitlines()]
-    assert [(r["n_ctx"], r["test"]) for r in rows] == [(1024, "pp16"), (1024, "tg200@1024")]
+    assert [(r["n_ctx"], r["test"]) for r in rows] == [(1024, "pp16"), (1024, "tg200 @ d824")]
     assert all(r["avg_ts"] > 0 for r in rows)
 
 
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (("convert", "x"), "llamactl: error: Missing argument 'dst'. (see 'llamactl convert --help')"),
+        (("convert", "x"), "llamactl: error: Missing argument 'DST'. (see 'llamactl convert --help')"),
         (("info", "--bogus"), "llamactl: error: No such option: --bogus (see 'llamactl info --help')"),
         (
             ("generate", "x", "-n", "many"),
