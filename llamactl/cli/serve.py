@@ -27,6 +27,7 @@ from llamactl.cli._options import (
     Seed,
     Temperature,
     TemplateOpt,
+    TensorParallel,
     Threads,
     TokenizerOpt,
     TopK,
@@ -76,6 +77,7 @@ def serve(
     tokenizer: TokenizerOpt = None,
     ctx: Ctx = None,
     threads: Threads = None,
+    tp: TensorParallel = 1,
     json_out: Annotated[bool, typer.Option("--json", help="Log one JSON object per request on stderr.")] = False,
     yes: PullYes = False,
 ) -> None:
@@ -84,7 +86,7 @@ def serve(
     Sampling options are the defaults for requests that leave them out.
     """
     from llamactl.server import require_dependencies
-    from llamactl.server.run import bind, is_loopback, run_server, url_of
+    from llamactl.server.run import bind, is_loopback
 
     require_dependencies()
     if api_key is not None and not api_key.strip():
@@ -95,9 +97,29 @@ def serve(
     defaults = sampling_from(temperature, top_p, top_k, seed, max_new_tokens)
     check_template_name(template)
     quant = quant_from_options(bits, scheme, quant_type)
-    # Tensor parallel (--tp N) plugs in here: a loader that starts the ranks and returns rank 0's
-    # model with a decode step driving them all; ModelWorker needs nothing else.
-    loaded, tok = load_from_options(model, tokenizer, device, dtype, ctx, quant, yes=yes, threads=threads)
+    # With --tp N this process is rank 0: its model mirrors every call to the other ranks, so the
+    # worker thread drives them all; `with loaded` ends them when the server stops.
+    loaded, tok = load_from_options(model, tokenizer, device, dtype, ctx, quant, yes=yes, threads=threads, tp=tp)
+    with loaded:
+        _serve(loaded, tok, model, name, template, queue, defaults, api_key, max_body, json_out, sock)
+
+
+def _serve(
+    loaded: Any,
+    tok: Any,
+    model: str,
+    name: str | None,
+    template: str | None,
+    queue: int,
+    defaults: Any,
+    api_key: str | None,
+    max_body: int,
+    json_out: bool,
+    sock: Any,
+) -> None:
+    """Serve one loaded model on the bound socket until SIGINT / SIGTERM."""
+    from llamactl.server.run import run_server, url_of
+
     chat_template = model_template(template, loaded.reader, tok)
     from llamactl.server.app import ServedModel, ServerSettings, create_app
     from llamactl.server.worker import ModelWorker

@@ -124,3 +124,22 @@ def test_missing_server_packages_are_one_line_with_the_install_hint(monkeypatch:
     monkeypatch.setattr(llamactl.server, "REQUIRED", ("fastapi", "no_such_package_for_serve"))
     out = run_cli("serve", "any-model", "--port", "0")
     assert_one_line_error(out, "llamactl serve needs no_such_package_for_serve: pip install 'llamactl[serve]'")
+
+
+@pytest.mark.slow
+def test_tp_2_serves_what_one_process_serves(tmp_path: Path) -> None:
+    """--tp 2 (two gloo ranks, this server rank 0): the greedy answer equals `generate`'s, and
+    SIGTERM ends both ranks."""
+    model = need(STORIES)
+    srv = Server(model, "--name", "s", "--tp", "2", home=tmp_path / "home")
+    try:
+        client = openai.OpenAI(base_url=srv.url + "/v1", api_key="x", max_retries=0, timeout=60)
+        answer = client.completions.create(model="s", prompt="Once upon a time", max_tokens=24, temperature=0)
+        srv.proc.send_signal(signal.SIGTERM)
+        code = srv.proc.wait(30)
+    finally:
+        srv.stop()
+    assert code == 143, srv.stderr()
+    plain = run_cli("generate", str(model), "Once upon a time", "-n", "24", "-t", "0")
+    assert answer.choices[0].text == plain.stdout.removesuffix("\n")
+    assert "Traceback" not in srv.stderr()
