@@ -92,6 +92,14 @@ def _piece_type(sp: object, i: int) -> int:
     return NORMAL
 
 
+def _special_id_kvs(
+    bos: int | None, eos: int | None, unk: int | None, pad: int | None
+) -> dict[str, tuple[object, str]]:
+    """The special-token id KVs both vocabulary kinds carry (only those the vocabulary has)."""
+    ids = {"bos_token_id": bos, "eos_token_id": eos, "unknown_token_id": unk, "padding_token_id": pad}
+    return {f"tokenizer.ggml.{key}": (value, "UINT32") for key, value in ids.items() if value is not None}
+
+
 def gguf_kvs(vocab: SpmVocab) -> dict[str, tuple[object, str]]:
     """GGUF KVs for a llama vocabulary: key -> (value, GGUFValueType name, or 'ARRAY:<item type>')."""
     kvs: dict[str, tuple[object, str]] = {
@@ -101,14 +109,7 @@ def gguf_kvs(vocab: SpmVocab) -> dict[str, tuple[object, str]]:
         "tokenizer.ggml.scores": (vocab.scores, "ARRAY:FLOAT32"),
         "tokenizer.ggml.token_type": (vocab.types, "ARRAY:INT32"),
     }
-    for key, value in (
-        ("bos_token_id", vocab.bos_id),
-        ("eos_token_id", vocab.eos_id),
-        ("unknown_token_id", vocab.unk_id),
-        ("padding_token_id", vocab.pad_id),
-    ):
-        if value is not None:
-            kvs[f"tokenizer.ggml.{key}"] = (value, "UINT32")
+    kvs.update(_special_id_kvs(vocab.bos_id, vocab.eos_id, vocab.unk_id, vocab.pad_id))
     kvs["tokenizer.ggml.add_bos_token"] = (True, "BOOL")
     kvs["tokenizer.ggml.add_eos_token"] = (False, "BOOL")
     kvs["tokenizer.ggml.add_space_prefix"] = (vocab.add_space_prefix, "BOOL")
@@ -370,14 +371,7 @@ def bpe_gguf_kvs(vocab: BpeVocab) -> dict[str, tuple[object, str]]:
         "tokenizer.ggml.token_type": (vocab.types, "ARRAY:INT32"),
         "tokenizer.ggml.merges": (vocab.merges, "ARRAY:STRING"),
     }
-    for key, value in (
-        ("bos_token_id", vocab.bos_id),
-        ("eos_token_id", vocab.eos_id),
-        ("unknown_token_id", vocab.unk_id),
-        ("padding_token_id", vocab.pad_id),
-    ):
-        if value is not None:
-            kvs[f"tokenizer.ggml.{key}"] = (value, "UINT32")
+    kvs.update(_special_id_kvs(vocab.bos_id, vocab.eos_id, vocab.unk_id, vocab.pad_id))
     kvs["tokenizer.ggml.add_bos_token"] = (vocab.add_bos, "BOOL")
     kvs["tokenizer.ggml.add_space_prefix"] = (False, "BOOL")
     return kvs
