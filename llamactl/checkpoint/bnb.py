@@ -17,23 +17,15 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from llamactl import layout
-from llamactl.checkpoint.base import CheckpointReader, check_against_args, output_chat_template
-from llamactl.checkpoint.formats import CheckpointFormat, WriteOptions, WritePlan
-from llamactl.checkpoint.hf import (
-    CONFIG_FILE,
-    HFReader,
-    plan_hf,
-    quantization_method,
-    write_hf,
-    write_tokenizer_files,
-)
+from llamactl.checkpoint.formats import CheckpointFormat
+from llamactl.checkpoint.hf import CONFIG_FILE, quantization_method
+from llamactl.checkpoint.hf_quantized import QuantizedHFReader, quantized_format
 from llamactl.checkpoint.safetensors_io import read_bytes, read_header
 from llamactl.checkpoint.tensor_io import Extent, Files
-from llamactl.config import args_from_hf_config, read_json
 from llamactl.errors import CheckpointError, printable
 from llamactl.layout import TensorInfo
 from llamactl.plugins import hookimpl
-from llamactl.quantize import QuantizedTensor, QuantSpec
+from llamactl.quantize import QuantizedTensor
 from llamactl.quantize.bnb_layout import QS_KEY, state_shape
 
 if TYPE_CHECKING:
@@ -58,7 +50,7 @@ def module_parts(names: list[str]) -> dict[str, list[str]]:
 
 
 @dataclass
-class BnbReader(HFReader):
+class BnbReader(QuantizedHFReader):
     """A bitsandbytes HF checkpoint in the canonical layout; quantized modules stay quantized."""
 
     format: str = "bnb"
@@ -66,25 +58,9 @@ class BnbReader(HFReader):
     parts: dict[str, TensorInfo] = field(default_factory=dict)  # every stored entry, quantized parts too
     part_extents: dict[str, Extent] = field(default_factory=dict)
 
-    @classmethod
-    def open(cls, path: Path) -> BnbReader:
-        config_path = path / CONFIG_FILE
-        config = read_json(config_path)
-        args = args_from_hf_config(config, config_path)
-        reader = cls(path=path, args=args, files=[], config=config)
-        reader.context_known = "max_position_embeddings" in config
-        reader.quant = QuantSpec.from_hf_config(config.get("quantization_config"), str(config_path))
-        reader._index_files()
-        for file in reader.files:
-            if file.suffix != ".safetensors":
-                raise CheckpointError(f"{file}: a quantized checkpoint must be stored as safetensors")
-        reader.parts, reader.part_extents = dict(reader.stored), dict(reader.extents)
-        reader.modules = module_parts(list(reader.parts))
-        reader.infos = reader._quantized_infos()
-        check_against_args(reader.infos, args, str(path), CONFIG_FILE)
-        return reader
-
     def _quantized_infos(self) -> list[TensorInfo]:
+        self.parts, self.part_extents = dict(self.stored), dict(self.extents)
+        self.modules = module_parts(list(self.parts))
         grouped = {name for parts in self.modules.values() for name in parts}
         plain = {name: info for name, info in self.stored.items() if name not in grouped}
         self.stored = plain  # HFReader's canonical infos see the unquantized tensors only
@@ -123,36 +99,12 @@ class BnbReader(HFReader):
                 yield meta, QuantizedTensor(self.quant, shapes[module + ".weight"], entries, row_heads=heads)
 
 
-def skip_modules(reader: CheckpointReader) -> list[str] | None:
-    """`llm_int8_skip_modules`: None unless some block projections were left unquantized."""
-    skipped = [i.name for i in reader.tensor_infos() if layout.is_quantizable(i.name) and i.scheme is None]
-    if not skipped:
-        return None
-    return ["lm_head", *((layout.meta_to_hf(n) or n).removesuffix(".weight") for n in skipped)]
-
-
-def plan_format(reader: CheckpointReader, options: WriteOptions) -> WritePlan:
-    if reader.quant is None or reader.quant.method != "bitsandbytes":
-        raise CheckpointError(f"{reader.path}: a bnb checkpoint needs a bitsandbytes scheme (int8, nf4, fp4)")
-    return plan_hf(reader.tensor_infos(), options.max_shard_bytes, options.dtype, reader.quant)
-
-
-def write_format(out_dir: Path, reader: CheckpointReader, plan: WritePlan, options: WriteOptions) -> None:
-    assert reader.quant is not None
-    extra = {"quantization_config": reader.quant.to_hf_config(skip_modules(reader))}
-    write_hf(out_dir, plan, reader, options.on_tensor, extra)
-    if reader.tokenizer_path is not None:
-        write_tokenizer_files(out_dir, reader.tokenizer_path, reader.args, output_chat_template(reader))
-
-
-FORMAT = CheckpointFormat(
+FORMAT = quantized_format(
     "bnb",
+    "bitsandbytes",
     detect_bnb,
     BnbReader.open,
-    plan_format,
-    write_format,
     "Hugging Face + bitsandbytes int8/nf4/fp4 (transformers loads it)",
-    schemes=("bitsandbytes",),
 )
 
 

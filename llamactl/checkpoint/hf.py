@@ -116,17 +116,22 @@ class HFReader(ReaderBase):
         args = args_from_hf_config(config, config_path)
         reader = cls(path=path, args=args, files=[], config=config)
         reader.context_known = "max_position_embeddings" in config
-        cls._refuse_quantized(config, config_path)
+        reader.quant = cls._quantization(config, config_path)
         reader._index_files()
-        reader.infos = reader._canonical_infos()
+        reader.infos = reader._tensor_infos()
         check_against_args(reader.infos, args, str(path), CONFIG_FILE)
         return reader
 
     @staticmethod
-    def _refuse_quantized(config: dict[str, Any], where: Path) -> None:
-        """Quantized checkpoints are `checkpoint.bnb`'s or `checkpoint.native`'s; others are refused."""
+    def _quantization(config: dict[str, Any], where: Path) -> QuantSpec | None:
+        """None: a plain checkpoint. Quantized ones are `checkpoint.bnb`'s or `checkpoint.native`'s
+        (`checkpoint.hf_quantized`); a `quantization_config` neither reads is refused here."""
         if config.get("quantization_config") is not None:
             QuantSpec.from_hf_config(config["quantization_config"], str(where))
+        return None
+
+    def _tensor_infos(self) -> list[TensorInfo]:
+        return self._canonical_infos()
 
     def _index_files(self) -> None:
         mapping = weight_map(self.path)

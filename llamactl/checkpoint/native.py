@@ -24,21 +24,15 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from llamactl import layout
-from llamactl.checkpoint.base import CheckpointReader, check_against_args, output_chat_template
-from llamactl.checkpoint.formats import CheckpointFormat, WriteOptions, WritePlan
-from llamactl.checkpoint.hf import (
-    CONFIG_FILE,
-    HFReader,
-    plan_hf,
-    quantization_method,
-    write_hf,
-    write_tokenizer_files,
-)
-from llamactl.config import ModelArgs, args_from_hf_config, read_json
+from llamactl.checkpoint.base import CheckpointReader
+from llamactl.checkpoint.formats import CheckpointFormat
+from llamactl.checkpoint.hf import CONFIG_FILE, quantization_method
+from llamactl.checkpoint.hf_quantized import QuantizedHFReader, quantized_format
+from llamactl.config import ModelArgs
 from llamactl.errors import CheckpointError, printable
 from llamactl.layout import TensorInfo
 from llamactl.plugins import hookimpl
-from llamactl.quantize import QuantizedTensor, QuantSpec
+from llamactl.quantize import QuantizedTensor
 from llamactl.quantize.native_layout import WEIGHT, logical_shape
 from llamactl.quantize.spec import NATIVE_METHOD
 
@@ -51,27 +45,11 @@ def detect_native(path: Path) -> bool:
 
 
 @dataclass
-class NativeReader(HFReader):
+class NativeReader(QuantizedHFReader):
     """A native q8 / q4 checkpoint in the canonical layout; quantized projections stay blocks."""
 
     format: str = "native"
     quantized: dict[str, str] = field(default_factory=dict)  # HF name -> Meta name of each block entry
-
-    @classmethod
-    def open(cls, path: Path) -> NativeReader:
-        config_path = path / CONFIG_FILE
-        config = read_json(config_path)
-        args = args_from_hf_config(config, config_path)
-        reader = cls(path=path, args=args, files=[], config=config)
-        reader.context_known = "max_position_embeddings" in config
-        reader.quant = QuantSpec.from_hf_config(config.get("quantization_config"), str(config_path))
-        reader._index_files()
-        for file in reader.files:
-            if file.suffix != ".safetensors":
-                raise CheckpointError(f"{file}: a quantized checkpoint must be stored as safetensors")
-        reader.infos = reader._quantized_infos()
-        check_against_args(reader.infos, args, str(path), CONFIG_FILE)
-        return reader
 
     def _quantized_infos(self) -> list[TensorInfo]:
         assert self.quant is not None
@@ -111,12 +89,6 @@ class NativeReader(HFReader):
             yield "output.weight", tensor  # type: ignore[misc]
 
 
-def unquantized_modules(reader: CheckpointReader) -> list[str] | None:
-    """`modules_to_not_convert`: HF modules of block projections left unquantized (None: none)."""
-    kept = [i.name for i in reader.tensor_infos() if layout.is_quantizable(i.name) and i.scheme is None]
-    return [(layout.meta_to_hf(n) or n).removesuffix(".weight") for n in kept] or None
-
-
 @dataclass
 class _HFRows:
     """A reader whose quantized entries all arrive in HF's row order (what the hf writer stores)."""
@@ -139,28 +111,13 @@ class _HFRows:
             yield name, entry
 
 
-def plan_format(reader: CheckpointReader, options: WriteOptions) -> WritePlan:
-    if reader.quant is None or reader.quant.method != "native":
-        raise CheckpointError(f"{reader.path}: a native checkpoint needs a native scheme (q8, q4)")
-    return plan_hf(reader.tensor_infos(), options.max_shard_bytes, options.dtype, reader.quant)
-
-
-def write_format(out_dir: Path, reader: CheckpointReader, plan: WritePlan, options: WriteOptions) -> None:
-    assert reader.quant is not None
-    extra = {"quantization_config": reader.quant.to_hf_config(unquantized_modules(reader))}
-    write_hf(out_dir, plan, _HFRows(reader), options.on_tensor, extra)  # type: ignore[arg-type]
-    if reader.tokenizer_path is not None:
-        write_tokenizer_files(out_dir, reader.tokenizer_path, reader.args, output_chat_template(reader))
-
-
-FORMAT = CheckpointFormat(
+FORMAT = quantized_format(
+    "native",
     "native",
     detect_native,
     NativeReader.open,
-    plan_format,
-    write_format,
     "Hugging Face layout + llamactl q8/q4 (GGUF Q8_0/Q4_0 blocks; llamactl loads it as is)",
-    schemes=("native",),
+    stored_rows=_HFRows,  # type: ignore[arg-type]
 )
 
 

@@ -129,10 +129,9 @@ def _report(
     unmatched: list[str],
     unfit: list[str],
 ) -> dict[str, Any]:
-    from llamactl.checkpoint.bnb import skip_modules
-    from llamactl.checkpoint.native import unquantized_modules
+    from llamactl.checkpoint.hf_quantized import unquantized_modules
 
-    kept = unquantized_modules(written) if spec.method == "native" else skip_modules(written)
+    kept = unquantized_modules(written)
     return {
         "src": str(src),
         "dst": str(dst),

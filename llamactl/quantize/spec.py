@@ -112,7 +112,8 @@ class QuantSpec:
             "bnb_4bit_use_double_quant": self.double_quant if four else False,
             "llm_int8_enable_fp32_cpu_offload": False,
             "llm_int8_has_fp16_weight": False,
-            "llm_int8_skip_modules": list(skip_modules) if skip_modules else None,
+            # Setting the list replaces transformers' default (the head), so the head is named too.
+            "llm_int8_skip_modules": ["lm_head", *skip_modules] if skip_modules else None,
             "llm_int8_threshold": self.threshold,
             "load_in_4bit": four,
             "load_in_8bit": not four,
