@@ -38,7 +38,7 @@ def prefill(model: Transformer, ids: Sequence[int], start: int, chunk: int = 512
     ids = list(ids)
     for offset in range(0, len(ids), chunk):
         tokens = torch.tensor([ids[offset : offset + chunk]], dtype=torch.long, device=device)  # [1,T]
-        logits = model(tokens, start + offset)[0, -1]
+        logits = model(tokens, start + offset, last_only=True)[0, -1]
     return logits
 
 

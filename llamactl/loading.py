@@ -175,7 +175,8 @@ def load_model(
     `tp=N > 1`: tensor parallel over N ranks (llamactl.engine.tp). Started from a plain
     process, this one becomes rank 0 and starts ranks 1..N-1 on this machine; under torchrun
     it joins torchrun's ranks, and on every rank but 0 this call serves rank 0 until it is
-    done and then ends the process (SystemExit), so the caller's code runs on rank 0 only.
+    done and then ends the process (os._exit, streams flushed), so the caller's code runs on
+    rank 0 only.
     Close the result (`with load_model(...) as loaded:`) to end the other ranks.
     """
     reader = open_checkpoint(model) if isinstance(model, (str, os.PathLike)) else model  # opened once
@@ -184,6 +185,7 @@ def load_model(
         return _load_parallel(reader, placement.device, placement.dtype, max_seq_len, quant, step, tp)
     source = QuantizedView(reader, quant, device=placement.device) if quant is not None else reader
     net = build_model(source, placement.device, placement.dtype, max_seq_len).fuse_projections()
+    quantize_head(net, quant or reader.quant, placement.device)
     loaded = LoadedModel(net, net.args, reader, placement.device, placement.dtype, choose_step(net, step))
     loaded.trained_context = trained_context(reader)
     return loaded
@@ -222,6 +224,7 @@ def _load_parallel(
         source = QuantizedView(view, quant, device=group.device, row_split=tp) if quant is not None else view
         net = build_model(source, group.device, dtype, max_seq_len, group).fuse_projections()
         assert isinstance(net, parallel.ShardedTransformer)
+        quantize_head(net, quant, group.device)
         net.connect()
         held = [row[0] for row in group.gather_ints([parallel.weight_bytes(net)])]  # also: every rank loaded
         chosen = choose_step(net, step) if group.leads else None
@@ -234,7 +237,12 @@ def _load_parallel(
         group.closed = True
         with contextlib.suppress(Exception):
             torch.distributed.destroy_process_group()
-        raise SystemExit(code)
+        # Python's own teardown after a gloo group sometimes aborts in a C++ destructor
+        # ("terminate called without an active exception": 1 torchrun run in 4 here), so the
+        # rank ends as serve_rank's do: streams flushed, no teardown.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
     loaded = LoadedModel(net, net.args, reader, group.device, dtype, chosen, group, held)
     loaded.trained_context = trained_context(reader)
     return loaded
@@ -284,6 +292,33 @@ def native_dtype(quant: QuantSpec | None) -> str | None:
     return quant.compute_dtype if quant is not None and quant.method == "native" else None
 
 
+HEAD_SCHEME = "q8"
+
+
+def quantize_head(model: Transformer, spec: QuantSpec | None, device: torch.device | str) -> bool:
+    """Run the output head on a q8 kernel when the block projections are native q8 / q4.
+
+    A q4 decode step of a 110M-shaped model read as many bytes for the bf16 head (vocab x dim)
+    as for all 84 block projections together; llama.cpp's quantizer keeps the head at 6-8 bits
+    too (Q6_K for Q4_0 files, Q8_0 for Q8_0). Only the loaded model changes: a checkpoint
+    stores the head as it was, and tied embeddings keep their float table for the lookup.
+    A tensor-parallel rank's head (its vocab rows) is quantized before `connect()` hooks it;
+    q8 blocks run along the input, so the shards compose to the whole head's blocks exactly.
+    False (nothing done) for other schemes or a head q8 cannot store.
+    """
+    if spec is None or spec.method != "native" or type(model.output) is not torch.nn.Linear:
+        return False
+    head = dataclasses.replace(spec, scheme=HEAD_SCHEME)
+    weight = model.output.weight.data
+    if not fits(head, tuple(weight.shape)):
+        return False
+    impl = backend(head)
+    dev = torch.device(device)
+    impl.prepare(dev)
+    model.output = impl.linear(impl.quantize(weight, head, None, dev), dev)
+    return True
+
+
 def quantize_model(
     model: Transformer, spec: QuantSpec, device: torch.device | str | None = None, skip: Sequence[str] = ()
 ) -> int:
@@ -303,6 +338,8 @@ def quantize_model(
         heads = rotary_heads(name, model.args)
         model.set_submodule(module_path(name), impl.linear(impl.quantize(param.data, spec, heads, dev), dev))
         count += 1
+    if not matches_skip("output.weight", skip):
+        quantize_head(model, spec, dev)
     return count
 
 

@@ -138,6 +138,8 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor
     b, t, h, d = q.shape
     kv_heads = k.shape[1]
     g = h // kv_heads
+    if t == 1 and q.device.type == "cpu" and q.dtype in (torch.bfloat16, torch.float16):
+        return _one_query_cpu(q, k, v, mask)
     if mask is not None and mask.dtype != q.dtype:
         mask = mask.to(q.dtype)  # SDPA wants the query's dtype
     if rows == 1:  # [B,H,T,D] against [B,K,S,D]
@@ -146,6 +148,25 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor
     rows = q.view(b, t, kv_heads, g, d).transpose(1, 2).reshape(b, kv_heads, t * g, d)
     out = F.scaled_dot_product_attention(rows, k, v, attn_mask=mask)  # [B,K,T*G,D]
     return out.view(b, kv_heads, t, g, d).transpose(1, 2).reshape(b, t, h * d)
+
+
+def _one_query_cpu(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """A decode step's attention on the CPU in 16-bit: q [B,1,H,D] over k, v [B,K,S,D] -> [B,1,H*D].
+
+    SDPA's CPU kernel is slow for one 16-bit query: 378 against 153 us over 320 keys and 3865
+    against 1441 over 2048 (12 heads of 64, bf16, 2 threads). Two matmuls instead, with the
+    scores and softmax in fp32 (keys widened once), so the error stays SDPA's (max 0.011 against
+    0.007 on unit-scale values; bf16 scores would be 0.03). The G query heads sharing a kv head
+    are rows of it, as in `attend`; the mask (None, or [1,S]) broadcasts over them.
+    """
+    b, _, h, d = q.shape
+    kv_heads = k.shape[1]
+    rows = q.reshape(b, kv_heads, h // kv_heads, d).float() * d**-0.5  # [B,K,G,D]
+    scores = rows @ k.float().transpose(-1, -2)  # [B,K,G,S]
+    if mask is not None:
+        scores = scores + mask.float()
+    out = scores.softmax(-1).to(v.dtype) @ v  # [B,K,G,D]
+    return out.reshape(b, 1, h * d)
 
 
 # ------------------------------------------------------------------ fused projections
@@ -369,8 +390,14 @@ class Transformer(nn.Module):
         cache = self.layers[0].attention.cache if len(self.layers) else None
         return cache.k.shape[2] if cache is not None else 0
 
-    def forward(self, tokens: torch.Tensor, start: int | torch.Tensor = 0, kv_len: int | None = None) -> torch.Tensor:
+    def forward(
+        self, tokens: torch.Tensor, start: int | torch.Tensor = 0, kv_len: int | None = None, last_only: bool = False
+    ) -> torch.Tensor:
         """Logits [B,T,V] (fp32) for tokens [B,T] at positions start..start+T-1.
+
+        `last_only`: logits [B,1,V] of the last position alone. A prefill needs no others, and
+        the head (vocab x dim per position) is a fifth of a 110M model's prefill arithmetic;
+        llama.cpp and transformers' `logits_to_keep=1` skip it the same way.
 
         `start`: an int, or a [1] long tensor on the device (a CUDA graph replays the same
         tensor with a new value). `kv_len`: the cache positions attention reads, 0..kv_len-1;
@@ -384,6 +411,8 @@ class Transformer(nn.Module):
         with sdpa_kernel(_SDPA_BACKENDS):
             for layer in self.layers:
                 h = layer(h, window)
+        if last_only:
+            h = h[:, -1:]  # [B,1,dim]
         return self.output(self.norm(h)).float()
 
     def _window(self, tokens: torch.Tensor, start: int | torch.Tensor, kv_len: int | None) -> Window:

@@ -24,6 +24,17 @@ def test_logits_match_transformers(kv_heads: int) -> None:
     assert (ours - theirs).abs().max().item() <= 1e-4
 
 
+def test_last_only_logits_equal_transformers_logits_to_keep() -> None:
+    args = tiny_args()
+    state = random_meta_state(args, seed=3)
+    tokens = torch.randint(0, args.vocab_size, (2, 11), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        ours = _model(args, state)(tokens, last_only=True)
+        theirs = hf_reference_model(args, state)(tokens, logits_to_keep=1).logits
+    assert ours.shape == theirs.shape == (2, 1, args.vocab_size)
+    assert (ours - theirs).abs().max().item() <= 1e-4
+
+
 @pytest.mark.parametrize("kv_heads", [4, 2, 1], ids=["mha", "gqa", "mqa"])
 def test_kv_cached_incremental_forward_equals_full(kv_heads: int) -> None:
     args = tiny_args(n_kv_heads=kv_heads)
@@ -49,6 +60,33 @@ def test_half_precision_runs_close_to_fp32(dtype: torch.dtype) -> None:
     assert low.dtype == torch.float32  # logits always come back in fp32
     assert torch.equal(low.argmax(-1), ref.argmax(-1)) or (low - ref).abs().max() < 0.1
     assert _model(args, state, dtype).freqs_cis.dtype == torch.complex64  # rotary table never rounded
+
+
+@pytest.mark.parametrize("kv_heads", [4, 2, 1], ids=["mha", "gqa", "mqa"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_one_query_cpu_attention_equals_sdpa_in_fp32(kv_heads: int, dtype: torch.dtype) -> None:
+    """A 16-bit decode step's attention (two matmuls, fp32 scores) against torch's SDPA in fp32,
+    the G query heads of a kv head expanded as Meta's repeat_kv does; masked slots ignored."""
+    from llamactl.model import attend
+
+    gen = torch.Generator().manual_seed(kv_heads)
+    b, h, s, d = 2, 4, 37, 16
+    q = torch.randn(b, 1, h, d, generator=gen) * 2
+    k, v = torch.randn(b, kv_heads, s, d, generator=gen) * 2, torch.randn(b, kv_heads, s, d, generator=gen)
+    mask = torch.zeros(1, s)
+    mask[0, 30:] = float("-inf")  # cache slots not written yet
+    q16, k16, v16 = q.to(dtype), k.to(dtype), v.to(dtype)
+    rep = h // kv_heads
+    want = torch.nn.functional.scaled_dot_product_attention(
+        q16.float().transpose(1, 2),
+        k16.float().repeat_interleave(rep, dim=1),
+        v16.float().repeat_interleave(rep, dim=1),
+        attn_mask=mask,
+    ).transpose(1, 2)
+    for m in (mask, None):
+        got = attend(q16, k16[:, :, :30] if m is None else k16, v16[:, :, :30] if m is None else v16, m, 1)
+        assert got.dtype == dtype and got.shape == (b, 1, h * d)
+        assert (got.float() - want.reshape(b, 1, h * d)).abs().max() <= 0.02
 
 
 def test_setup_cache_size_follows_formula() -> None:

@@ -68,7 +68,9 @@ def build_model(plan: BenchPlan, key: ModelKey) -> BuiltModel:
 
         loaded = load_model(opts.model, device=device, dtype=dtype, quant=quant, step=step_kind(opts))
         args = loaded.args
-        shape = ModelShape(args, args.n_layers, Path(opts.model).name, str(opts.model), dtype, key.bits, key.scheme)
+        held = quant or loaded.reader.quant  # a checkpoint stored quantized runs at its own width
+        bits, scheme = (held.bits, held.scheme) if held is not None else (key.bits, key.scheme)
+        shape = ModelShape(args, args.n_layers, Path(opts.model).name, str(opts.model), dtype, bits, scheme)
         assert loaded.step is not None
         return BuiltModel(loaded.model, shape, loaded.step)
     shape = describe_model(plan, key)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import gc
+import os
 import platform
 import subprocess
 import time
@@ -19,6 +20,7 @@ import torch
 
 from llamactl import __version__
 from llamactl.bench.rows import Environment
+from llamactl.threads import WAIT_POLICY, start_load
 
 # --------------------------------------------------------------------------- environment
 
@@ -46,6 +48,8 @@ def describe_environment(device: torch.device, cpu_fallback: bool = False) -> En
         ram_bytes=psutil.virtual_memory().total,
         peak_bandwidth_gbs=peak_bandwidth_gbs(device),
         cpu_fallback=cpu_fallback,
+        omp_wait_policy=os.environ.get(WAIT_POLICY, "default"),
+        busy_cores_at_start=start_load().busy,
         peak_bandwidth_source=(
             f"probe: best of {probe_runs(device)} runs each of a copy, a sum and a matrix-vector product "
             f"over {probe_bytes(device) >> 20} MiB"

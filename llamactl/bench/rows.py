@@ -38,6 +38,8 @@ class Environment:
     ram_bytes: int
     peak_bandwidth_gbs: float
     cpu_fallback: bool = False
+    omp_wait_policy: str = "default"  # OMP_WAIT_POLICY as torch loaded it ("default": libgomp's own)
+    busy_cores_at_start: int = 0  # cores other processes kept busy when llamactl started
     # How the peak was found: the probe's best runs ("probe: best of 5 runs ..."), or "decode"
     # when a decode measured faster than that, which then is the peak (so % peak <= 100).
     peak_bandwidth_source: str = "probe"

@@ -206,7 +206,7 @@ def full_model_estimates(rows: list[BenchRow], built: BuiltModel) -> list[BenchR
 
 
 def _prefill(model: Transformer, tokens: torch.Tensor) -> None:
-    model(tokens, 0)  # tokens [batch, n_prompt] -> logits [batch, n_prompt, vocab], cache filled
+    model(tokens, 0, last_only=True)  # tokens [batch, n_prompt] -> logits [batch, 1, vocab], cache filled
 
 
 def _decode(step: DecodeStep, first: torch.Tensor, start: int, n_gen: int) -> None:

@@ -56,8 +56,8 @@ class HFTwin:
         self.device = device
 
     def prefill(self, tokens: torch.Tensor) -> None:
-        """One forward pass over tokens [batch, n_prompt], filling a fresh cache."""
-        self.model(input_ids=tokens, use_cache=True)
+        """One forward pass over tokens [batch, n_prompt], filling a fresh cache (last logits only, as ours)."""
+        self.model(input_ids=tokens, use_cache=True, logits_to_keep=1)
 
     def filled_cache(self, batch: int, depth: int, dtype: torch.dtype, generator: torch.Generator) -> Any:
         """A DynamicCache already holding `depth` random positions in every layer."""

@@ -101,13 +101,24 @@ def _run_plain(app: typer.Typer) -> int:
     return code if isinstance(code, int) else 0
 
 
+MODEL_COMMANDS = frozenset({"chat", "generate", "bench", "serve", "quantize"})
+
+
+def _runs_a_model(argv: list[str]) -> bool:
+    """Whether the command line names a command that runs a model (and is not asking for help)."""
+    words = [arg for arg in argv if not arg.startswith("-")]
+    return bool(words) and words[0] in MODEL_COMMANDS and not {"--help", "-h"} & set(argv)
+
+
 def main() -> None:
     """Console-script entry point."""
     from llamactl.threads import apply_openmp_defaults
 
-    apply_openmp_defaults()  # before anything imports torch: OpenMP reads it once, at load
+    # Before anything imports torch: OpenMP reads its wait policy once, at load. Only commands
+    # that run a model pay the 50 ms look at the CPUs (never --help, list or completions).
     signal.signal(signal.SIGTERM, _terminate)  # unwind like Ctrl-C: temporary outputs are removed
     try:
+        apply_openmp_defaults(check_load=_runs_a_model(sys.argv[1:]))
         app = build_app()
     except KeyboardInterrupt:
         _interrupted_at_startup()

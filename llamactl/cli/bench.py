@@ -306,7 +306,8 @@ def _header_lines(report: BenchReport) -> list[str]:
         f"llamactl {env.llamactl_version}{commit}, torch {env.torch_version}{cuda}",
         f"device: {device}; peak bandwidth {env.peak_bandwidth_gbs:.0f} GB/s ({_peak_source(env.peak_bandwidth_source)})",
         f"cpu: {env.cpu_info}, {env.cpu_cores} cores / {env.cpu_threads} threads, "
-        f"{env.n_threads} torch threads, RAM {_gib(env.ram_bytes)}",
+        f"{env.n_threads} torch threads, RAM {_gib(env.ram_bytes)}, OpenMP wait {env.omp_wait_policy}"
+        + (f" ({env.busy_cores_at_start} core(s) busy at start)" if env.busy_cores_at_start else ""),
     ]
     reduced = sorted({(r.n_layer, r.n_layer_model) for r in report.rows if r.n_layer != r.n_layer_model})
     if reduced:

@@ -415,14 +415,16 @@ class ShardedTransformer(Transformer):
             layer.feed_forward.w2.register_forward_hook(reduce)
         return self
 
-    def forward(self, tokens: torch.Tensor, start: int | torch.Tensor = 0, kv_len: int | None = None) -> torch.Tensor:
+    def forward(
+        self, tokens: torch.Tensor, start: int | torch.Tensor = 0, kv_len: int | None = None, last_only: bool = False
+    ) -> torch.Tensor:
         if not self.group.leads:
-            return super().forward(tokens, start, kv_len)
+            return super().forward(tokens, start, kv_len, last_only)
         b, t = tokens.shape
         with held_signals():
-            self.group.send(_FORWARD, b, t, int(start), -1 if kv_len is None else kv_len)
+            self.group.send(_FORWARD, b, t, int(start), -1 if kv_len is None else kv_len, int(last_only))
             self.group.broadcast(tokens.to(dtype=torch.long).contiguous())
-            return super().forward(tokens, start, kv_len)
+            return super().forward(tokens, start, kv_len, last_only)
 
     def setup_cache(self, batch: int = 1, max_seq_len: int | None = None, dtype: torch.dtype | None = None) -> int:
         if self.group.leads:
@@ -472,7 +474,7 @@ def follow(model: ShardedTransformer) -> int:
     group = model.group
     fault = _fault()
     while True:
-        cmd, a, b, c, d, _ = group.receive()
+        cmd, a, b, c, d, e = group.receive()
         if cmd == _EXIT:
             return a
         if cmd == _FORWARD:
@@ -480,7 +482,7 @@ def follow(model: ShardedTransformer) -> int:
             group.broadcast(tokens)
             if fault is not None and fault == (group.rank, c):
                 raise RuntimeError(f"injected fault at position {c} ({FAULT_ENV})")
-            model(tokens, c, None if d < 0 else d)
+            model(tokens, c, None if d < 0 else d, bool(e))  # the head's gather needs the leader's shape
         elif cmd == _SETUP:
             model.setup_cache(a, None if b < 0 else b, _DTYPES[c] if c >= 0 else None)
         elif cmd == _CLEAR:

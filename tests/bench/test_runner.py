@@ -70,9 +70,11 @@ def test_decode_runs_one_token_per_step_with_the_cache_filled_to_ctx(monkeypatch
     calls: list[tuple[int, int, int]] = []
     real_forward = Transformer.forward
 
-    def spy(self: Transformer, tokens: torch.Tensor, start: int = 0) -> torch.Tensor:
+    def spy(self: Transformer, tokens: torch.Tensor, start: int = 0, last_only: bool = False) -> torch.Tensor:
         calls.append((tokens.shape[0], tokens.shape[1], start))
-        return real_forward(self, tokens, start)
+        logits = real_forward(self, tokens, start, last_only=last_only)
+        assert last_only is (tokens.shape[1] > 1) and logits.shape[1] == 1  # prefill: the last position's only
+        return logits
 
     monkeypatch.setattr(Transformer, "forward", spy)
     report = run(ctx=[64], prompt_tokens=[8], gen_tokens=[5], batch=[2], warmup=1, repeat=3)

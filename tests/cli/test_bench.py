@@ -339,6 +339,17 @@ def test_benchmarks_a_checkpoint_quantized_on_load(tmp_path: Path) -> None:
     assert held[16] > held[8] > held[4]
 
 
+def test_a_checkpoint_stored_quantized_reports_its_own_width(tmp_path: Path) -> None:
+    from tests._ckpt import random_meta_state, tiny_args, write_meta_checkpoint
+
+    args = tiny_args(gqa=True, multiple_of=32)
+    path = write_meta_checkpoint(tmp_path / "m", args, random_meta_state(args))
+    assert run_cli("quantize", str(path), str(tmp_path / "q4"), "--bits", "4", "--no-eval").exit_code == 0
+    out = run_cli("bench", str(tmp_path / "q4"), "--device", "cpu", "--ctx", "64", "-o", "json", *FAST)
+    assert out.exit_code == 0, out.stderr
+    assert {(r["bits"], r["scheme"]) for r in json.loads(out.stdout)} == {(4, "q4")}
+
+
 def test_scheme_axis_runs_native_and_bitsandbytes_side_by_side(tmp_path: Path) -> None:
     """--bits 4 is q4; --scheme adds named schemes (nf4: bitsandbytes) to the same run."""
     pytest.importorskip("bitsandbytes")

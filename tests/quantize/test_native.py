@@ -208,9 +208,38 @@ def test_stories_greedy_equals_dequantized_reference(stories_dir: Path, scheme: 
     for dtype in ("fp32", None):  # None: the native default, bf16 throughout
         fast = load_model(stories_dir, device="cpu", dtype=dtype, quant=QuantSpec(scheme))
         assert fast.dtype == torch.float32 if dtype else fast.dtype == torch.bfloat16
-        kernels = {m.kernel for m in fast.model.modules() if isinstance(m, NativeLinear)}
+        kernels = {m.kernel for m in fast.model.layers.modules() if isinstance(m, NativeLinear)}
         assert kernels == {"int8-fbgemm" if scheme == "q8" else "int4-cpu"}
+        head = fast.model.output  # q8 whatever the blocks' scheme, as llama.cpp's quantizer does
+        assert isinstance(head, NativeLinear) and (head.scheme, head.kernel) == ("q8", "int8-fbgemm")
+        assert isinstance(reference.model.output, NativeLinear) and reference.model.output.kernel == "dequantized"
         got, logits = _greedy(fast, prompt, steps)
         assert got == want
         spread = want_logits.abs().max()
         assert (logits - want_logits).abs().max() <= (0.05 if dtype else 0.1) * spread
+
+
+def test_head_runs_q8_tied_embeddings_stay_float_and_other_schemes_keep_it() -> None:
+    """The head's q8 logits are the dequantize-then-matmul of gguf's own Q8_0 blocks of it."""
+    from llamactl.model import Transformer
+    from tests._ckpt import tiny_args
+
+    torch.manual_seed(0)
+    model = Transformer(tiny_args()).eval()
+    model.output.weight = model.tok_embeddings.weight  # tied, as SmolLM2 and Llama 3.2
+    table = model.tok_embeddings.weight.detach().clone()
+    assert quantize_model(model, QuantSpec("q4")) == 12  # w2 (in 176, no multiple of 32) stays
+    head = model.output
+    assert isinstance(head, NativeLinear) and head.scheme == "q8"
+    assert torch.equal(model.tok_embeddings.weight, table)  # the lookup still reads the float table
+    x = torch.randn(3, table.shape[1])
+    blocks = gguf.quants.quantize(table.numpy(), gguf.GGMLQuantizationType.Q8_0)
+    reference = x @ torch.from_numpy(gguf.quants.dequantize(blocks, gguf.GGMLQuantizationType.Q8_0)).t()
+    assert torch.allclose(head(x).float(), reference, atol=0.02 * reference.abs().max().item())
+    plain = Transformer(tiny_args()).eval()
+    quantize_model(plain, QuantSpec("q8"), skip=["output"])
+    assert type(plain.output) is torch.nn.Linear  # --skip output keeps it
+    if storage(QuantSpec("int8")).supports(QuantSpec("int8"), (64, 64)):
+        bnb = Transformer(tiny_args()).eval()
+        quantize_model(bnb, QuantSpec("int8"))
+        assert type(bnb.output) is torch.nn.Linear  # bitsandbytes: transformers' skip of lm_head
