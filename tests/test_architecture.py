@@ -9,9 +9,7 @@ from __future__ import annotations
 import subprocess
 import sys
 
-import pytest
-
-grimp = pytest.importorskip("grimp")
+import grimp
 
 
 def _graph():  # type: ignore[no-untyped-def]

@@ -18,7 +18,8 @@ def test_every_row_agrees_with_torch_and_safetensors(row: dtypes.DType) -> None:
 
 
 def test_gguf_ids_are_ggmls() -> None:
-    gguf = pytest.importorskip("gguf")
+    import gguf
+
     for row in dtypes.DTYPE_TABLE:
         if row.gguf is not None:
             assert gguf.GGMLQuantizationType(row.gguf).name == row.safetensors.replace("BOOL", "?")

@@ -161,7 +161,6 @@ def test_other_errors_are_not_swallowed(monkeypatch: pytest.MonkeyPatch) -> None
 
 
 def test_quantized_rows_hold_fewer_weight_bytes() -> None:
-    pytest.importorskip("bitsandbytes")
     report = run(bits=[16, 8, 4], dtypes=["bf16"], gen_tokens=[2], prompt_tokens=[4], repeat=1, warmup=0)
     held = {row.bits: row.model_size for row in report.rows}
     assert all(row.status == "ok" and row.avg_ts > 0 for row in report.rows)
@@ -169,7 +168,6 @@ def test_quantized_rows_hold_fewer_weight_bytes() -> None:
 
 
 def test_vs_transformers_reports_both_and_the_ratio() -> None:
-    pytest.importorskip("transformers")
     report = run(vs="transformers", dtypes=["fp32", "bf16"], attn=["gqa"], kv_heads=[2], repeat=2, warmup=1)
     for row in report.rows:
         assert row.vs == "transformers" and len(row.vs_samples_ts) == 2

@@ -14,7 +14,6 @@ from tests.bench._util import CPU, TINY
 
 
 def test_transformers_twin_holds_the_same_weights() -> None:
-    pytest.importorskip("transformers")
     args = dataclasses.replace(TINY, n_kv_heads=2)
     model = build_random_model(args, CPU, torch.float32, seed=3)
     twin = HFTwin(model, args, torch.float32, CPU)
@@ -28,7 +27,6 @@ def test_transformers_twin_holds_the_same_weights() -> None:
 
 
 def test_transformers_generate_decodes_one_token_per_step_from_the_filled_cache() -> None:
-    pytest.importorskip("transformers")
     model = build_random_model(TINY, CPU, torch.float32)
     twin = HFTwin(model, TINY, torch.float32, CPU)
     seen: list[tuple[int, int]] = []

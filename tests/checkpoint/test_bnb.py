@@ -12,11 +12,9 @@ from llamactl.checkpoint import open_checkpoint
 from llamactl.convert import plan_convert, run_convert
 from llamactl.loading import build_model, quantize_model
 from llamactl.quantize import QuantSpec
+from llamactl.quantize.bnb import QuantizedLinear
 from llamactl.quantize.quality import QuantStats
 from tests._quantize_util import bnb_config, bnb_spec, hf_load, hf_src, meta_src, quantize_to, read_safetensors
-
-bnb = pytest.importorskip("bitsandbytes")
-from llamactl.quantize.bnb import QuantizedLinear  # noqa: E402
 
 CPU = torch.device("cpu")
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")

@@ -227,7 +227,8 @@ def test_real_llama2_tokenizer_rebuilt_from_gguf_encodes_identically(tmp_path: P
 
 def test_rebuilt_model_fields_are_sentencepieces_own(tmp_path: Path, tiny_tokenizer: Path) -> None:
     """The hand-encoded protobuf parsed by sentencepiece's generated module."""
-    pb2 = pytest.importorskip("sentencepiece.sentencepiece_model_pb2")
+    from sentencepiece import sentencepiece_model_pb2 as pb2
+
     args = tiny_args()
     path = write_reference_gguf(tmp_path / "ref.gguf", args, random_meta_state(args), tokenizer=tiny_tokenizer)
     rebuilt = open_checkpoint(path).tokenizer_path

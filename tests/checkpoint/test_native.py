@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import gguf
 import numpy as np
 import pytest
 import torch
@@ -21,7 +22,6 @@ from llamactl.rotary import permute_for_hf
 from tests._ckpt import random_meta_state
 from tests._quantize_util import bnb_args, meta_src, quantize_to, read_safetensors
 
-gguf = pytest.importorskip("gguf")
 GGML = {"q8": gguf.GGMLQuantizationType.Q8_0, "q4": gguf.GGMLQuantizationType.Q4_0}
 
 

@@ -12,8 +12,6 @@ from llamactl.errors import CheckpointError
 from llamactl.quantize import QuantizedTensor, QuantSpec
 from tests._quantize_util import meta_src, quantize_to
 
-pytest.importorskip("bitsandbytes")
-
 
 def test_view_quantizes_the_block_projections_minus_skipped(tmp_path: Path) -> None:
     reader = open_checkpoint(meta_src(tmp_path / "src"))

@@ -203,7 +203,6 @@ def test_markdown_table() -> None:
 
 
 def test_vs_transformers_adds_the_ratio() -> None:
-    pytest.importorskip("transformers")
     out = run_cli("bench", "--ctx", "64", "--vs", "transformers", "-o", "json", *FAST)
     assert out.exit_code == 0, out.stderr
     for record in json.loads(out.stdout):
@@ -213,7 +212,6 @@ def test_vs_transformers_adds_the_ratio() -> None:
 
 
 def test_plot_writes_a_png(tmp_path: Path) -> None:
-    pytest.importorskip("matplotlib")
     target = tmp_path / "bench.png"
     out = run_cli("bench", "--ctx", "64,128", "--attn", "mha,mqa", "--plot", str(target), "-o", "json", *FAST)
     assert out.exit_code == 0, out.stderr
@@ -278,8 +276,6 @@ def test_options_are_validated_once(monkeypatch: pytest.MonkeyPatch) -> None:
     ],
 )
 def test_bad_input_is_one_line(args: tuple[str, ...], fragments: tuple[str, ...], code: int) -> None:
-    if "--plot" in args:
-        pytest.importorskip("matplotlib")
     assert_one_line_error(run_cli("bench", *args), *fragments, code=code)
 
 
@@ -326,7 +322,6 @@ def test_benchmarks_a_checkpoint_in_either_format(fmt: str, tmp_path: Path) -> N
 
 
 def test_benchmarks_a_checkpoint_quantized_on_load(tmp_path: Path) -> None:
-    pytest.importorskip("bitsandbytes")
     from tests._ckpt import random_meta_state, tiny_args, write_meta_checkpoint
 
     args = tiny_args(gqa=True)
@@ -352,7 +347,6 @@ def test_a_checkpoint_stored_quantized_reports_its_own_width(tmp_path: Path) -> 
 
 def test_scheme_axis_runs_native_and_bitsandbytes_side_by_side(tmp_path: Path) -> None:
     """--bits 4 is q4; --scheme adds named schemes (nf4: bitsandbytes) to the same run."""
-    pytest.importorskip("bitsandbytes")
     from tests._ckpt import random_meta_state, tiny_args, write_meta_checkpoint
 
     args = tiny_args(gqa=True, multiple_of=32)  # FFN 192: every projection fits q4's blocks

@@ -85,7 +85,8 @@ def test_yes_pulls_a_known_name_without_asking_then_answers(hub: FakeHub, tmp_pa
 
 
 def _spawn(args: list[str], env: dict[str, str]):  # type: ignore[no-untyped-def]
-    pexpect = pytest.importorskip("pexpect")
+    import pexpect
+
     full = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", TERM="xterm") | env
     child = pexpect.spawn(sys.executable, ["-m", "llamactl", *args], env=full, encoding="utf-8", timeout=60)
     return child, pexpect
@@ -261,9 +262,21 @@ def test_ctrl_c_during_start_up_exits_130_without_a_traceback(meta_dir: Path) ->
     then at later points of importing, loading plugins and building the app."""
     env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
     landed = 0
-    for delay in (0.0, 0.05, 0.2, 0.4):
+    # info's own start-up is short, and on a loaded host the pipe lets it run ahead of this reader:
+    # generate (torch loads after typer) is the run whose start-up outlasts any lag.
+    runs = [("info", delay) for delay in (0.0, 0.05, 0.2, 0.4)] + [("generate", 0.3)]
+    for command, delay in runs:
         proc = subprocess.Popen(
-            [sys.executable, "-X", "importtime", "-m", "llamactl", "info", str(meta_dir)],
+            [
+                sys.executable,
+                "-X",
+                "importtime",
+                "-m",
+                "llamactl",
+                command,
+                str(meta_dir),
+                *(["x", "-n", "1"] if command == "generate" else []),
+            ],
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,

@@ -38,7 +38,6 @@ ROW = BenchRow(
     [("chart.svg", "must end in .png"), ("missing/chart.png", "does not exist"), ("dir.png", "is a directory")],
 )
 def test_a_plot_path_that_cannot_be_written_is_refused(tmp_path: Path, name: str, message: str) -> None:
-    pytest.importorskip("matplotlib")
     (tmp_path / "dir.png").mkdir()
     with pytest.raises(DestinationError, match=message):
         check_plot_path(tmp_path / name)

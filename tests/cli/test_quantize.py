@@ -13,8 +13,6 @@ from typer.testing import CliRunner
 from llamactl.cli import build_app
 from tests._quantize_util import hf_src, meta_src, read_safetensors
 
-pytest.importorskip("bitsandbytes")
-
 
 def run(*args: str) -> tuple[int, str, str]:
     result = CliRunner().invoke(build_app(), list(args))

@@ -114,7 +114,8 @@ def tiny(tmp_path_factory: pytest.TempPathFactory):
 
 
 def spawn(path: Path, home: Path, *args: str):
-    pexpect = pytest.importorskip("pexpect")
+    import pexpect
+
     env = dict(os.environ, PYTHONPATH=str(ROOT), LLAMACTL_HOME=str(home), TERM="xterm", COLUMNS="200")
     child = pexpect.spawn(
         sys.executable,

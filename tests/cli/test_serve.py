@@ -12,14 +12,14 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
+import openai
 import pytest
 
 from tests._chat_util import STORIES, need
 from tests.cli._run import assert_one_line_error, run_cli
 from tests.server._server import Server, server_env
 
-openai = pytest.importorskip("openai")
-httpx = pytest.importorskip("httpx")
 pytestmark = pytest.mark.timeout(120)
 
 _PROBE = """

@@ -250,7 +250,8 @@ def test_ctrl_c_mid_decode_exits_130_everywhere(models: dict[str, Path]) -> None
 @pytest.mark.slow
 def test_repl_with_tp_in_a_pty(models: dict[str, Path], tmp_path: Path) -> None:
     """Rank 0 reads the terminal; Ctrl-C cuts a turn on every rank; the next turn still works; exit ends all."""
-    pexpect = pytest.importorskip("pexpect")
+    import pexpect
+
     env = dict(
         os.environ, PYTHONPATH=str(ROOT), LLAMACTL_HOME=str(tmp_path / "home"), TERM="xterm", OMP_NUM_THREADS="1"
     )

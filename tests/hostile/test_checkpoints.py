@@ -53,7 +53,6 @@ def test_forged_safetensors_header(hf_dir: Path, tmp_path: Path, case: str) -> N
 
 @pytest.fixture(scope="module")
 def nf4_dir(hf_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    pytest.importorskip("bitsandbytes")
     from llamactl.convert import plan_convert, run_convert
     from llamactl.quantize import QuantSpec
 

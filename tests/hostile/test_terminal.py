@@ -28,7 +28,8 @@ def model(tmp_path_factory: pytest.TempPathFactory, tiny_tokenizer: Path) -> Pat
 
 
 def _spawn(*args: str, home: Path):  # -> pexpect.spawn
-    pexpect = pytest.importorskip("pexpect")
+    import pexpect
+
     env = dict(os.environ, PYTHONPATH=str(ROOT), LLAMACTL_HOME=str(home), TERM="xterm", COLUMNS="200")
     return pexpect.spawn(args[0], list(args[1:]), env=env, encoding="utf-8", timeout=60, dimensions=(50, 200))
 

@@ -4,15 +4,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import bitsandbytes as bnb
 import pytest
 import torch
 
 from llamactl.quantize import QuantSpec
+from llamactl.quantize.bnb import dequantize_parts, quantize_tensor
 from llamactl.rotary import permute_for_hf
 from tests._quantize_util import meta_src, quantize_to, read_safetensors
-
-bnb = pytest.importorskip("bitsandbytes")
-from llamactl.quantize.bnb import dequantize_parts, quantize_tensor  # noqa: E402
 
 CPU = torch.device("cpu")
 

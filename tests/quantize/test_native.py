@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import gguf
 import numpy as np
 import pytest
 import torch
@@ -25,7 +26,6 @@ from llamactl.quantize.tensor import QuantizedTensor
 from llamactl.rotary import permute_for_hf
 from llamactl.sampling import greedy
 
-gguf = pytest.importorskip("gguf")
 CPU = torch.device("cpu")
 GGML = {"q8": gguf.GGMLQuantizationType.Q8_0, "q4": gguf.GGMLQuantizationType.Q4_0}
 TOLERANCE = {"q8": 2e-2, "q4": 1e-2}  # exact-value kernels (int4-cpu, int8-split) meet 1e-2 too

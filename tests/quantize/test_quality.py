@@ -16,8 +16,6 @@ from llamactl.quantize import QuantSpec
 from llamactl.quantize.quality import QuantStats
 from tests._quantize_util import bnb_args, hf_load, meta_src, read_safetensors
 
-pytest.importorskip("bitsandbytes")
-
 
 def test_report_numbers_checked_independently(tmp_path: Path, tiny_tokenizer: Path) -> None:
     args = bnb_args()

@@ -8,13 +8,13 @@ import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 
+import httpx
+import openai
 import pytest
 
 from tests._chat_util import STORIES, need
 from tests.server._server import Server
 
-openai = pytest.importorskip("openai")
-httpx = pytest.importorskip("httpx")
 pytestmark = pytest.mark.timeout(120)
 
 KEY = "sk-test-4f1c"

@@ -10,6 +10,7 @@ import signal
 from collections.abc import Iterator
 from pathlib import Path
 
+import openai
 import pytest
 import sentencepiece as spm
 
@@ -17,7 +18,6 @@ from tests._chat_util import LLAMA2_TOKENIZER, need, random_model, tiny_args, wr
 from tests.cli._run import run_cli
 from tests.server._server import Server
 
-openai = pytest.importorskip("openai")
 pytestmark = pytest.mark.timeout(120)
 
 NAME = "tiny-llama2"

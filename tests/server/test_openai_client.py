@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from pathlib import Path
 
+import openai
 import pytest
 import sentencepiece as spm
 
@@ -17,7 +18,6 @@ from tests._chat_util import STORIES, need
 from tests.cli._run import run_cli
 from tests.server._server import Server
 
-openai = pytest.importorskip("openai")
 pytestmark = pytest.mark.timeout(120)
 
 CTX = "512"
