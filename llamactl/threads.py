@@ -29,7 +29,7 @@ BUSY_ENV = "LLAMACTL_BUSY_CORES"  # the check's result (a count), for child proc
 
 @dataclass(frozen=True)
 class CpuLoad:
-    """What the start-up check saw: physical cores, and how many other processes kept busy."""
+    """What the start-up check saw: physical cores, and how many of them other processes kept busy."""
 
     physical: int
     busy: int

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 from pathlib import Path
 
 import pytest
@@ -61,3 +62,8 @@ def hf_gqa(tmp_path: Path, tiny_tokenizer: Path) -> Path:
 
 
 torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
+
+# A suite started as a background job (`cmd &` in a script) inherits SIGINT ignored, and so would
+# every child process it starts, which then shrug off the Ctrl-C the signal tests send.
+if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)

@@ -20,6 +20,7 @@ from llamactl.checkpoint.hf import HFReader, plan_hf, write_hf, write_tokenizer_
 from llamactl.errors import CheckpointError
 from llamactl.layout import TensorInfo
 from llamactl.quantize import QuantSpec
+from llamactl.quantize.spec import SCHEMES
 
 
 @dataclass
@@ -58,7 +59,8 @@ def quantized_format(
 
     def plan(reader: CheckpointReader, options: WriteOptions) -> WritePlan:
         if reader.quant is None or reader.quant.method != method:
-            raise CheckpointError(f"{reader.path}: a {name} checkpoint needs a {method} scheme")
+            schemes = ", ".join(scheme for scheme, (_, of) in SCHEMES.items() if of == method)
+            raise CheckpointError(f"{reader.path}: a {name} checkpoint needs a {method} scheme ({schemes})")
         return plan_hf(reader.tensor_infos(), options.max_shard_bytes, options.dtype, reader.quant)
 
     def write(out_dir: Path, reader: CheckpointReader, plan: WritePlan, options: WriteOptions) -> None:

@@ -114,10 +114,10 @@ def main() -> None:
     """Console-script entry point."""
     from llamactl.threads import apply_openmp_defaults
 
-    # Before anything imports torch: OpenMP reads its wait policy once, at load. Only commands
-    # that run a model pay the 50 ms look at the CPUs (never --help, list or completions).
     signal.signal(signal.SIGTERM, _terminate)  # unwind like Ctrl-C: temporary outputs are removed
     try:
+        # Before anything imports torch: OpenMP reads its wait policy once, at load. Only commands
+        # that run a model pay the 50 ms look at the CPUs (never --help, list or completions).
         apply_openmp_defaults(check_load=_runs_a_model(sys.argv[1:]))
         app = build_app()
     except KeyboardInterrupt:
