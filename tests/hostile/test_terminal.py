@@ -64,16 +64,17 @@ def test_repl_message_ctrl_c_ctrl_d_in_quick_succession_exits_0(model: Path, tmp
 def test_bench_interrupted_prints_the_rows_it_has(model: Path, tmp_path: Path) -> None:
     """SIGINT once the second configuration runs: the first configuration's rows are printed."""
     out = tmp_path / "rows.jsonl"
-    bench = f"--ctx 1024,768,512 --gen-tokens 200 --prompt-tokens 16 --repeat 1 --warmup 0 -o jsonl > {out}"
+    # Long decodes: the status line redraws a few times a second, and a short one can come and go unseen.
+    bench = f"--ctx 2048,1536,1024 --gen-tokens 800 --prompt-tokens 16 --repeat 1 --warmup 0 -o jsonl > {out}"
     child = _spawn("sh", "-c", f"exec {sys.executable} -m llamactl bench {model} {bench}", home=tmp_path)
-    child.expect_exact("tg200 @ d568")  # ctx 768's decode, on the status line (stderr is the terminal)
+    child.expect_exact("tg800 @ d736")  # ctx 1536's decode, on the status line (stderr is the terminal)
     child.kill(signal.SIGINT)
     child.expect("llamactl: interrupted")
     child.expect(__import__("pexpect").EOF)
     child.close()
     assert child.exitstatus == 130
     rows = [json.loads(line) for line in out.read_text().splitlines()]
-    assert [(r["n_ctx"], r["test"]) for r in rows] == [(1024, "pp16"), (1024, "tg200 @ d824")]
+    assert [(r["n_ctx"], r["test"]) for r in rows] == [(2048, "pp16"), (2048, "tg800 @ d1248")]
     assert all(r["avg_ts"] > 0 for r in rows)
 
 
