@@ -5,7 +5,8 @@ position `pos` (writing their keys/values into the model's cache) and returns th
 logits, valid until the next call (a graphed step returns its output buffer). The generation
 loop takes a step as an argument and never looks at how it runs.
 
-- `EagerStep` (eager.py): the model called directly; works everywhere.
+- `EagerStep` (eager.py): the model called directly; works everywhere. On the CPU its plain
+  linear layers are first swapped for oneDNN-packed ones (packed.py: twice the GEMV bandwidth).
 - `CudaGraphStep` (cuda_graph.py): the static-shape step captured once as a CUDA graph and
   replayed; CUDA only, plain (unquantized, fused) projections only.
 - Tensor parallel (tp.py): not a step but a model, `ShardedTransformer`, one rank's shard whose
@@ -32,6 +33,8 @@ import torch
 from llamactl.engine.compiled import CompiledStep, compilable
 from llamactl.engine.cuda_graph import CudaGraphStep, graphable
 from llamactl.engine.eager import EagerStep
+from llamactl.engine.packed import pack_linears
+from llamactl.engine.tp import ShardedTransformer
 from llamactl.errors import LlamactlError
 from llamactl.model import Transformer
 
@@ -63,6 +66,8 @@ def choose_step(model: Transformer, kind: str = "auto") -> DecodeStep:
     if kind == "auto":
         kind = _auto_kind(model)
     if kind == "eager":
+        if model.tok_embeddings.weight.device.type == "cpu" and not isinstance(model, ShardedTransformer):
+            pack_linears(model)  # twice GEMV's bandwidth; a rank's linears carry collective hooks: not swapped
         return EagerStep(model)
     if kind == "compiled":
         why = compilable(model)

@@ -494,7 +494,8 @@ def follow(model: ShardedTransformer) -> int:
 
 
 def weight_bytes(model: nn.Module) -> int:
-    """Bytes of every parameter and buffer but the KV cache (quantized modules' packed data included)."""
+    """Bytes of every parameter and buffer but the KV cache, plus what modules holding their weight
+    outside parameters report as their `nbytes` (quantized kernels, oneDNN-packed linears)."""
     seen: set[int] = set()
     total = 0
     buffers = [b for name, b in model.named_buffers() if ".cache." not in name]  # the KV cache is not weights
@@ -502,7 +503,8 @@ def weight_bytes(model: nn.Module) -> int:
         if id(tensor) not in seen and tensor.device.type != "meta":
             seen.add(id(tensor))
             total += tensor.nbytes
-    return total
+    own = [m for m in model.modules() if hasattr(m, "scheme") and not any(m.parameters())]  # see bench.models
+    return total + sum(int(m.nbytes) for m in own)
 
 
 def worker_command() -> list[str]:

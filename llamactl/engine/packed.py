@@ -1,0 +1,88 @@
+"""CPU linear layers on oneDNN's prepacked weights: the same product at twice the bandwidth.
+
+torch's `F.linear` on a CPU runs a GEMV from the weight as stored; oneDNN's linear on a weight
+reordered once into its blocked layout (`mkldnn._reorder_linear_weight`) reads it about twice
+as fast. 4096x768 weights, 2 threads, one token: bf16 131 -> 62 us, fp32 168 -> 79 us (prefill
+of 256 tokens: fp32 9.5 -> 3.7 ms, bf16 2.1 -> 1.8 ms), results equal (fp32 bit for bit).
+`pack_linears` swaps every plain nn.Linear of a CPU model for a `PackedLinear` holding only the
+packed weight (no second copy). The eager CPU step uses it (`engine.choose_step`); a CPU whose
+oneDNN cannot pack the dtype (fp16 without AVX512-FP16 / AVX-NE-CONVERT) keeps nn.Linear.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+from torch import nn
+
+logger = logging.getLogger(__name__)
+
+PACKED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+class PackedLinear(nn.Module):
+    """x [..., in] -> x @ W.T [..., out] through oneDNN, W held in its packed layout.
+
+    `weight` (and state_dict) give the plain [out, in] tensor back, unpacked on demand.
+    """
+
+    def __init__(self, linear: nn.Linear) -> None:
+        super().__init__()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.packed = torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach(), 1)
+        self.nbytes = linear.weight.nbytes  # what a step reads (the packed layout holds the same)
+        self.scheme = None  # bench.weight_bytes counts modules that carry their own bytes
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.packed.to_dense()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        flat = x.reshape(-1, self.in_features)
+        y = torch.ops.mkldnn._linear_pointwise(flat, self.packed, None, "none", [], "")
+        return y.view(*x.shape[:-1], self.out_features)
+
+    def _save_to_state_dict(self, destination: dict[str, Any], prefix: str, keep_vars: bool) -> None:
+        destination[prefix + "weight"] = self.weight
+
+    def extra_repr(self) -> str:
+        return f"{self.in_features}, {self.out_features}, packed (oneDNN)"
+
+
+def can_pack(dtype: torch.dtype) -> bool:
+    """Whether this CPU's oneDNN packs and runs `dtype` weights (tried once on a tiny one)."""
+    if dtype not in _WORKS:
+        try:
+            probe = nn.Linear(32, 16, bias=False, dtype=dtype)
+            PackedLinear(probe)(torch.ones(2, 32, dtype=dtype))
+            _WORKS[dtype] = dtype in PACKED_DTYPES and torch.backends.mkldnn.is_available()
+        except (RuntimeError, AttributeError) as exc:
+            logger.info("oneDNN cannot pack %s weights here (%s)", dtype, str(exc).splitlines()[0][:120])
+            _WORKS[dtype] = False
+    return _WORKS[dtype]
+
+
+_WORKS: dict[torch.dtype, bool] = {}
+
+
+def pack_linears(model: nn.Module) -> int:
+    """Swap the plain, bias-free CPU nn.Linear layers of `model` for PackedLinear; returns how many.
+
+    A head tied to the embedding table stays as it is: packing it would hold the table twice.
+    """
+    embedding = getattr(model, "tok_embeddings", None)
+    tied = embedding.weight.data_ptr() if isinstance(embedding, nn.Embedding) else None
+    chosen = [
+        (name, module)
+        for name, module in model.named_modules()
+        if type(module) is nn.Linear
+        and module.bias is None
+        and module.weight.device.type == "cpu"
+        and module.weight.data_ptr() != tied
+        and can_pack(module.weight.dtype)
+    ]
+    for name, module in chosen:
+        model.set_submodule(name, PackedLinear(module))
+    return len(chosen)

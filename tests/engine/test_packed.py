@@ -1,0 +1,51 @@
+"""oneDNN-packed CPU linears: the same logits as nn.Linear, the same state_dict, tied heads left alone."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from llamactl.engine import choose_step
+from llamactl.engine.packed import PackedLinear, can_pack, pack_linears
+from llamactl.model import Transformer
+from tests._ckpt import random_meta_state, tiny_args
+
+
+def _model(dtype: torch.dtype, tie: bool = False) -> Transformer:
+    args = tiny_args()
+    model = Transformer(args).eval()
+    model.load_state_dict(random_meta_state(args, seed=4))
+    if tie:
+        model.output.weight = model.tok_embeddings.weight
+    return model.to(dtype).fuse_projections()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_packed_model_computes_what_the_plain_one_does(dtype: torch.dtype) -> None:
+    if not can_pack(dtype):
+        pytest.skip(f"this CPU's oneDNN cannot pack {dtype} weights")
+    plain, packed = _model(dtype), _model(dtype)
+    before = packed.state_dict()
+    step = choose_step(packed, "eager")  # the eager CPU step packs
+    swapped = [m for m in packed.modules() if isinstance(m, PackedLinear)]
+    assert len(swapped) == 2 * 4 + 1  # wqkv, wo, w13, w2 per layer, and the head
+    tokens = torch.randint(0, 320, (2, 9), generator=torch.Generator().manual_seed(1))
+    with torch.inference_mode():
+        want, got = plain(tokens), packed(tokens)
+        plain.setup_cache(2, 16)
+        packed.setup_cache(2, 16)
+        plain(tokens, 0)
+        packed(tokens, 0)
+        next_want, next_got = plain(tokens[:, :1], 9), step(tokens[:, :1], 9)
+    tolerance = 0 if dtype == torch.float32 else 0.05 * want.abs().max().item()
+    assert (got - want).abs().max().item() <= tolerance + 1e-5
+    assert (next_got - next_want).abs().max().item() <= tolerance + 1e-5
+    after = packed.state_dict()  # Meta's names and tensors, unpacked on demand
+    assert after.keys() == before.keys() and all(torch.equal(after[k], before[k]) for k in before)
+
+
+def test_a_tied_head_is_not_packed_twice() -> None:
+    model = _model(torch.float32, tie=True)
+    assert pack_linears(model) == 2 * 4
+    assert type(model.output) is torch.nn.Linear
+    assert model.output.weight.data_ptr() == model.tok_embeddings.weight.data_ptr()
