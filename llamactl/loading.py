@@ -237,9 +237,8 @@ def _load_parallel(
         group.closed = True
         with contextlib.suppress(Exception):
             torch.distributed.destroy_process_group()
-        # Python's own teardown after a gloo group sometimes aborts in a C++ destructor
-        # ("terminate called without an active exception": 1 torchrun run in 4 here), so the
-        # rank ends as serve_rank's do: streams flushed, no teardown.
+        # The rank ends as serve_rank's do, streams flushed, without Python's teardown
+        # (parallel.ended_a_group says why).
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(code)

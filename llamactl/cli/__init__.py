@@ -101,6 +101,12 @@ def _run_plain(app: typer.Typer) -> int:
     return code if isinstance(code, int) else 0
 
 
+def _was_a_rank() -> bool:
+    """Whether this process joined a tensor-parallel process group (never imports torch itself)."""
+    tp = sys.modules.get("llamactl.engine.tp")
+    return tp is not None and tp.ended_a_group()
+
+
 MODEL_COMMANDS = frozenset({"chat", "generate", "bench", "serve", "quantize"})
 
 
@@ -134,12 +140,13 @@ def main() -> None:
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         if exc.code == INTERRUPTED and not said["interrupted"]:
             os.write(2, b"llamactl: interrupted\n")  # Typer's own exit 130, outside any command
-        if exc.code in (INTERRUPTED, TERMINATED):
+        if exc.code in (INTERRUPTED, TERMINATED) or (_was_a_rank() and isinstance(exc.code, (int, type(None)))):
             # A Ctrl-C that lands while CPython runs exec()'d code (dataclass and namedtuple
             # creation during a lazy import) leaves a flag that makes it re-raise SIGINT at exit
             # even though we handled it: the caller would see "killed by signal 2", not our
             # documented 130. Everything was cleaned up on the way here, so exit directly.
+            # So does a tensor-parallel rank: gloo's teardown can abort (engine.tp.ended_a_group).
             sys.stdout.flush()
             sys.stderr.flush()
-            os._exit(exc.code)  # type: ignore[arg-type]
+            os._exit(exc.code or 0)  # type: ignore[arg-type]
         raise

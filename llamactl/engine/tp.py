@@ -53,6 +53,7 @@ from llamactl.model import Transformer
 
 FAULT_ENV = "LLAMACTL_TP_FAULT"  # "RANK:POS": that follower raises at position POS (failure tests)
 _TIMEOUT = timedelta(minutes=30)  # a collective waiting this long means a rank hung
+_joined = False  # this process was a rank of a process group (see ended_a_group)
 _FORWARD, _SETUP, _CLEAR, _EXIT, _STATS = 1, 2, 3, 4, 5
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
@@ -250,6 +251,14 @@ class Group:
                 dist.destroy_process_group()
 
 
+def ended_a_group() -> bool:
+    """Whether this process was a rank. Python's own teardown after a gloo group sometimes aborts
+    in a C++ destructor ("terminate called without an active exception", SIGABRT: about 1
+    torchrun run in 4 on a follower, 1 in 30 on rank 0), so such a process ends with os._exit
+    once its work is done and its streams are flushed (the CLI's exit, loading's followers)."""
+    return _joined
+
+
 def _free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
@@ -282,6 +291,8 @@ def _rank_device(device: torch.device, local_rank: int) -> torch.device:
 def _init(rank: int, world: int, device: torch.device) -> None:
     backend = "nccl" if device.type == "cuda" else "gloo"
     kwargs = {"device_id": device} if device.type == "cuda" else {}
+    global _joined
+    _joined = True
     dist.init_process_group(backend, rank=rank, world_size=world, timeout=_TIMEOUT, **kwargs)
 
 
