@@ -30,7 +30,7 @@ from llamactl.engine import DecodeStep, EagerStep, choose_step
 from llamactl.engine import tp as parallel
 from llamactl.errors import CheckpointError, LlamactlError
 from llamactl.layout import is_quantizable, module_path, rotary_heads
-from llamactl.model import Transformer
+from llamactl.model import Attention, FeedForward, Transformer
 from llamactl.quantize import QuantizedTensor, QuantSpec, backend, fits, matches_skip
 from llamactl.tokenizer import Tokenizer, open_tokenizer
 
@@ -136,12 +136,16 @@ def build_model(
         model = Transformer(args) if group is None else parallel.ShardedTransformer(args, group)
     state: dict[str, torch.Tensor] = {}
     replaced: set[str] = set()
+    joiner = _Joiner(model, device)
     for name, entry in reader.iter_tensors():
         if isinstance(entry, QuantizedTensor):
-            _install(model, name, backend(entry.spec).linear(entry, device), reader)
+            if not is_quantizable(name):
+                raise CheckpointError(f"{reader.path}: quantized tensor {name} is not a block projection")
+            joiner.add(name, entry)
             replaced.add(module_path(name))
         else:
             state[name] = entry.to(device=device, dtype=dtype)
+    joiner.finish()
     missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
     missing = [m for m in missing if module_path(m) not in replaced and not m.startswith(tuple(replaced))]
     if missing or unexpected:
@@ -150,10 +154,44 @@ def build_model(
     return model.eval()
 
 
-def _install(model: Transformer, name: str, module: torch.nn.Module, reader: CheckpointReader) -> None:
-    if not is_quantizable(name):
-        raise CheckpointError(f"{reader.path}: quantized tensor {name} is not a block projection")
-    model.set_submodule(module_path(name), module)
+class _Joiner:
+    """Installs quantized projections, joining those of one input (wq|wk|wv, w1|w3) into one
+    kernel where the backend can: one call instead of three, and one cast of the activations
+    (110M q8 decode 85 -> 49 kernel calls per token). A group's parts are held until the last
+    arrives, so at most one layer's quantized bytes wait; a group that never completes (a skip
+    list kept a part unquantized) is installed part by part at the end."""
+
+    def __init__(self, model: Transformer, device: torch.device) -> None:
+        self.model, self.device = model, device
+        self.pending: dict[str, dict[str, QuantizedTensor]] = {}  # "layers.0.attention" -> {"wq": ...}
+
+    def add(self, name: str, tensor: QuantizedTensor) -> None:
+        parent_path, _, part = module_path(name).rpartition(".")
+        parent = self.model.get_submodule(parent_path)
+        if not isinstance(parent, (Attention, FeedForward)) or part not in parent.PARTS:
+            self._one(module_path(name), tensor)
+            return
+        group = self.pending.setdefault(parent_path, {})
+        group[part] = tensor
+        if len(group) < len(parent.PARTS):
+            return
+        del self.pending[parent_path]
+        tensors = [group[p] for p in parent.PARTS]
+        joined = backend(tensor.spec).joined_linear(tensors, self.device)
+        if joined is None:
+            for p in parent.PARTS:
+                self._one(f"{parent_path}.{p}", group[p])
+        else:
+            parent.install_fused(joined)
+
+    def finish(self) -> None:
+        for parent_path, group in self.pending.items():
+            for part, tensor in group.items():
+                self._one(f"{parent_path}.{part}", tensor)
+        self.pending.clear()
+
+    def _one(self, path: str, tensor: QuantizedTensor) -> None:
+        self.model.set_submodule(path, backend(tensor.spec).linear(tensor, self.device))
 
 
 def load_model(
@@ -331,12 +369,13 @@ def quantize_model(
     impl = backend(spec)
     impl.prepare(dev)
     count = 0
+    joiner = _Joiner(model, dev)
     for name, param in list(model.named_parameters()):
         if not is_quantizable(name) or matches_skip(name, skip) or not fits(spec, tuple(param.shape)):
             continue
-        heads = rotary_heads(name, model.args)
-        model.set_submodule(module_path(name), impl.linear(impl.quantize(param.data, spec, heads, dev), dev))
+        joiner.add(name, impl.quantize(param.data, spec, rotary_heads(name, model.args), dev))
         count += 1
+    joiner.finish()
     if not matches_skip("output.weight", skip):
         quantize_head(model, spec, dev)
     return count

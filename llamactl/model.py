@@ -228,11 +228,19 @@ class _Fusable(nn.Module):
         self.fused = True
         return True
 
+    def install_fused(self, module: nn.Module) -> None:
+        """Put `module` (x [..., in] -> the parts' outputs joined, [..., sum(part_sizes)]) in place
+        of the parts: a quantized backend's joined kernel (`Backend.joined_linear`)."""
+        self._set_children({self.FUSED: module})
+        self.fused = True
+
     def unfuse(self) -> None:
         """The inverse of fuse(): separate nn.Linear parts again, each its own tensor."""
         if not self.fused:
             return
         fused = self._modules[self.FUSED]
+        if not isinstance(getattr(fused, "weight", None), torch.Tensor):  # a packed linear gives its weight back
+            raise TypeError(f"{type(fused).__name__} joins quantized parts: it cannot be split into nn.Linear")
         weights = fused.weight.detach().split(self.part_sizes)  # type: ignore[union-attr]
         grad = fused.weight.requires_grad  # type: ignore[union-attr]
         self._set_children({name: _linear(w.clone(), grad) for name, w in zip(self.PARTS, weights)})

@@ -85,7 +85,11 @@ def _auto_kind(model: Transformer) -> str:
         return "cuda-graph"
     if os.environ.get(COMPILE_ENV) == "0" or compilable(model) is not None:
         return "eager"
-    plain = all(layer.attention.fused and layer.feed_forward.fused for layer in model.layers)
+    parts = [(layer.attention, "wqkv") for layer in model.layers] + [
+        (layer.feed_forward, "w13") for layer in model.layers
+    ]
+    # Fused, and not by a quantized kernel (those carry a `scheme`; a packed linear's is None).
+    plain = all(parent.fused and getattr(getattr(parent, name), "scheme", None) is None for parent, name in parts)
     # Measured for plain (fused, unquantized) projections only; quantized kernels stay eager.
     return "compiled" if plain and model.tok_embeddings.weight.dtype in COMPILE_PAYS else "eager"
 

@@ -11,7 +11,7 @@ the output features are gathered back into Meta's order (`out_index`), which is 
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from types import ModuleType
 from typing import Any
 
@@ -227,6 +227,9 @@ class BitsAndBytes:
         inner = _inner_module(tensor.parts, tensor.spec, tensor.shape, device)
         index = hf_to_meta_index(tensor.shape[0], tensor.row_heads).to(device) if tensor.row_heads else None
         return QuantizedLinear(inner, tensor.spec.scheme, index).eval()  # inference only: bnb's training paths differ
+
+    def joined_linear(self, tensors: Sequence[QuantizedTensor], device: torch.device) -> nn.Module | None:
+        return None  # bitsandbytes' modules hold one weight each (and transformers' layout)
 
 
 BACKEND = BitsAndBytes()

@@ -29,7 +29,7 @@ import dataclasses
 import logging
 import sys
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -301,14 +301,23 @@ class NativeLinear(nn.Module):
     kept (the backend's `dequantize` works on the QuantizedTensor).
     """
 
-    def __init__(self, tensor: QuantizedTensor, device: torch.device, kernel: str | None = None) -> None:
+    def __init__(
+        self, tensor: QuantizedTensor | Sequence[QuantizedTensor], device: torch.device, kernel: str | None = None
+    ) -> None:
+        """One weight, or several of the same input and scheme joined row-wise into one kernel
+        (`Native.joined_linear`): blocks run along the input, so rows concatenate exactly."""
         super().__init__()
-        spec = tensor.spec
+        parts = [tensor] if isinstance(tensor, QuantizedTensor) else list(tensor)
+        spec = parts[0].spec
+        if any(p.spec != spec or p.shape[1] != parts[0].shape[1] for p in parts):
+            raise ValueError("joined q8/q4 weights need one scheme and one input size")
         self.spec, self.scheme = spec, spec.scheme
-        self.out_features, self.in_features = int(tensor.shape[0]), int(tensor.shape[1])
+        self.out_features, self.in_features = sum(int(p.shape[0]) for p in parts), int(parts[0].shape[1])
         self.compute = dtypes.to_torch(spec.compute_dtype)
-        self.stored_bytes = int(tensor.parts[WEIGHT].numel())
-        impl = build_kernel(_meta_rows(tensor, device), spec, device, kernel)
+        self.stored_bytes = sum(int(p.parts[WEIGHT].numel()) for p in parts)
+        rows = torch.cat([_meta_rows(p, device) for p in parts]) if len(parts) > 1 else _meta_rows(parts[0], device)
+        impl = build_kernel(rows, spec, device, kernel)
+        del rows
         self.kernel, self._run, self.held_bytes = impl.name, impl.run, impl.nbytes
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -370,15 +379,27 @@ class Native:
         return dequantize_blocks(packed, tensor.spec, dtype)
 
     def linear(self, tensor: QuantizedTensor, device: torch.device) -> nn.Module:
-        if WEIGHT not in tensor.parts or set(tensor.parts) != {WEIGHT}:
-            raise CheckpointError(f"{tensor.spec.scheme} weight: expected one part named {WEIGHT!r}")
-        expected = packed_shape(tensor.spec, tensor.shape)
-        if tuple(tensor.parts[WEIGHT].shape) != expected or tensor.parts[WEIGHT].dtype != torch.uint8:
-            raise CheckpointError(
-                f"{tensor.spec.scheme} weight {list(tensor.shape)}: blocks must be uint8 {list(expected)}, "
-                f"found {tensor.parts[WEIGHT].dtype} {list(tensor.parts[WEIGHT].shape)}"
-            )
+        _check_blocks(tensor)
         return NativeLinear(tensor, device).eval()
+
+    def joined_linear(self, tensors: Sequence[QuantizedTensor], device: torch.device) -> nn.Module | None:
+        for tensor in tensors:
+            _check_blocks(tensor)
+        if len({t.spec for t in tensors}) != 1 or len({t.shape[1] for t in tensors}) != 1:
+            return None
+        return NativeLinear(tensors, device).eval()
+
+
+def _check_blocks(tensor: QuantizedTensor) -> None:
+    """One clear error for a q8 / q4 weight whose stored part is not what its shape implies."""
+    if WEIGHT not in tensor.parts or set(tensor.parts) != {WEIGHT}:
+        raise CheckpointError(f"{tensor.spec.scheme} weight: expected one part named {WEIGHT!r}")
+    expected = packed_shape(tensor.spec, tensor.shape)
+    if tuple(tensor.parts[WEIGHT].shape) != expected or tensor.parts[WEIGHT].dtype != torch.uint8:
+        raise CheckpointError(
+            f"{tensor.spec.scheme} weight {list(tensor.shape)}: blocks must be uint8 {list(expected)}, "
+            f"found {tensor.parts[WEIGHT].dtype} {list(tensor.parts[WEIGHT].shape)}"
+        )
 
 
 BACKEND = Native()

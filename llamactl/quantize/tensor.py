@@ -7,6 +7,7 @@ parts; everything else sees a logical shape, a byte count and a scheme name.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
 
@@ -67,6 +68,11 @@ class Backend(Protocol):
 
     def linear(self, tensor: QuantizedTensor, device: torch.device) -> nn.Module:
         """A module computing x @ W.T for the quantized W, x [..., in] -> [..., out]."""
+        ...
+
+    def joined_linear(self, tensors: Sequence[QuantizedTensor], device: torch.device) -> nn.Module | None:
+        """One module computing x @ [W1; W2; ...].T for weights of the same input (wq|wk|wv,
+        w1|w3): one kernel call instead of several. None where the method cannot join them."""
         ...
 
 

@@ -501,7 +501,7 @@ def test_q8_0_and_q4_0_files_run_at_native_width(tmp_path: Path, stories_dir: Pa
     tokens = torch.tensor([[1, 403, 407, 261, 378]])
     with torch.no_grad():
         at_width = load_model(gguf_file, device="cpu").model
-        assert type(at_width.layers[0].attention.wq).__name__ == "NativeLinear"
+        assert type(at_width.layers[0].attention.wqkv).__name__ == "NativeLinear"  # wq|wk|wv joined
         assert torch.equal(at_width(tokens), load_model(native, device="cpu").model(tokens))
         dequantized = load_model(DequantizedView(reader), device="cpu", dtype=torch.float32).model(tokens)
         assert torch.equal(load_model(plain, device="cpu", dtype=torch.float32).model(tokens), dequantized)
