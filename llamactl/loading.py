@@ -342,7 +342,11 @@ def quantize_head(model: Transformer, spec: QuantSpec | None, device: torch.devi
     A tensor-parallel rank's head (its vocab rows) is quantized before `connect()` hooks it;
     q8 blocks run along the input, so the shards compose to the whole head's blocks exactly.
     False (nothing done) for other schemes or a head q8 cannot store.
+
+    A quantized head (this one, or a checkpoint's own) hands back its logits in fp32 where it
+    has an `out_dtype` to set (NativeLinear): the model returns fp32 logits in any case.
     """
+    _fp32_logits(model)
     if spec is None or spec.method != "native" or type(model.output) is not torch.nn.Linear:
         return False
     head = dataclasses.replace(spec, scheme=HEAD_SCHEME)
@@ -353,7 +357,13 @@ def quantize_head(model: Transformer, spec: QuantSpec | None, device: torch.devi
     dev = torch.device(device)
     impl.prepare(dev)
     model.output = impl.linear(impl.quantize(weight, head, None, dev), dev)
+    _fp32_logits(model)
     return True
+
+
+def _fp32_logits(model: Transformer) -> None:
+    if hasattr(model.output, "out_dtype"):
+        model.output.out_dtype = torch.float32
 
 
 def quantize_model(

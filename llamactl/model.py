@@ -153,20 +153,19 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor
 def _one_query_cpu(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
     """A decode step's attention on the CPU in 16-bit: q [B,1,H,D] over k, v [B,K,S,D] -> [B,1,H*D].
 
-    SDPA's CPU kernel is slow for one 16-bit query: 378 against 153 us over 320 keys and 3865
-    against 1441 over 2048 (12 heads of 64, bf16, 2 threads). Two matmuls instead, with the
-    scores and softmax in fp32 (keys widened once), so the error stays SDPA's (max 0.011 against
-    0.007 on unit-scale values; bf16 scores would be 0.03). The G query heads sharing a kv head
-    are rows of it, as in `attend`; the mask (None, or [1,S]) broadcasts over them.
+    SDPA's CPU kernel and torch's batched matmuls are slow for one 16-bit query and fast in fp32:
+    widening q, k, v and running SDPA in fp32 takes 55 us over 256 keys (12 heads of 64, bf16,
+    2 threads) against 84 for 16-bit matmuls with fp32 scores and 198 for 16-bit SDPA, and is
+    SDPA's own fp32 arithmetic (the cache stays 16-bit: widening it once per step costs less
+    than holding it twice as wide). The G query heads sharing a kv head are rows of it, as in
+    `attend`; the mask (None, or [1,S]) broadcasts over them.
     """
     b, _, h, d = q.shape
     kv_heads = k.shape[1]
-    rows = q.reshape(b, kv_heads, h // kv_heads, d).float() * d**-0.5  # [B,K,G,D]
-    scores = rows @ k.float().transpose(-1, -2)  # [B,K,G,S]
-    if mask is not None:
-        scores = scores + mask.float()
-    out = scores.softmax(-1).to(v.dtype) @ v  # [B,K,G,D]
-    return out.reshape(b, 1, h * d)
+    rows = q.reshape(b, kv_heads, h // kv_heads, d).float()  # [B,K,G,D]
+    wide_mask = None if mask is None else mask.float()
+    out = F.scaled_dot_product_attention(rows, k.float(), v.float(), attn_mask=wide_mask)  # [B,K,G,D]
+    return out.to(q.dtype).reshape(b, 1, h * d)
 
 
 # ------------------------------------------------------------------ fused projections
@@ -292,13 +291,16 @@ class Attention(_Fusable):
     def forward(self, x: torch.Tensor, window: Window) -> torch.Tensor:
         """x [B,T,dim] for the tokens at window.positions -> [B,T,dim]."""
         b, t, _ = x.shape
-        if self.fused:
-            q, k, v = self.wqkv(x).split(self.part_sizes, dim=-1)
+        h, kv, d = self.n_heads, self.n_kv_heads, self.head_dim
+        if self.fused:  # q and k sit side by side in the fused output: one rotary pass for both
+            qk, v = self.wqkv(x).split([(h + kv) * d, kv * d], dim=-1)
+            q, k = apply_rope(qk.view(b, t, h + kv, d), window.freqs).split([h, kv], dim=2)  # [B,T,H|K,D]
         else:
-            q, k, v = self.wq(x), self.wk(x), self.wv(x)
-        q = apply_rope(q.view(b, t, self.n_heads, self.head_dim), window.freqs)  # [B,T,H,D]
-        k = apply_rope(k.view(b, t, self.n_kv_heads, self.head_dim), window.freqs).transpose(1, 2)  # [B,K,T,D]
-        v = v.view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)  # [B,K,T,D]
+            q = apply_rope(self.wq(x).view(b, t, h, d), window.freqs)  # [B,T,H,D]
+            k = apply_rope(self.wk(x).view(b, t, kv, d), window.freqs)  # [B,T,K,D]
+            v = self.wv(x)
+        k = k.transpose(1, 2)  # [B,K,T,D]
+        v = v.view(b, t, kv, d).transpose(1, 2)  # [B,K,T,D]
         if self.cache is not None:
             k, v = self.cache.update(window.positions, k, v, window.kv_len)  # [B,K,S,D]
         return self.wo(attend(q, k, v, window.mask, window.rows))

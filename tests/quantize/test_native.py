@@ -116,6 +116,26 @@ def test_kernels_match_dequantize_then_matmul(scheme: str, kernel: str) -> None:
         assert (got - want).abs().max() <= tolerance * want.abs().max()
 
 
+def test_q8_prefill_gives_every_token_its_own_activation_scale() -> None:
+    """fbgemm quantizes a whole input with one scale; a prefill row 10^4 times larger than the
+    others must not coarsen them (with one scale they would round to zero: a 100% error). Each
+    row's error, relative to that row, stays within 5%, as a decode step of that row alone."""
+    g = torch.Generator().manual_seed(2)
+    tensor = BACKEND.quantize(torch.randn(64, 256, generator=g) * 0.05, QuantSpec("q8"), None, CPU)
+    module = NativeLinear(tensor, CPU, "int8-fbgemm")
+    reference = BACKEND.dequantize(tensor, torch.float32)
+    x = torch.randn(6, 256, generator=g)
+    x[2] *= 1e4  # one outlier token (as a BOS position often is)
+    x[4] = 0  # and a row of zeros
+    got, want = module(x), x @ reference.T
+    alone = torch.cat([module(row) for row in x.split(1)])
+    for row in (0, 1, 2, 3, 5):
+        size = want[row].abs().max()
+        assert (got[row] - want[row]).abs().max() <= 0.05 * size
+        assert (alone[row] - want[row]).abs().max() <= 0.05 * size
+    assert torch.equal(got[4], torch.zeros(64))
+
+
 @pytest.mark.parametrize(("scheme", "kernel"), [("q8", "int8-fbgemm"), ("q8", "int8-split"), ("q4", "int4-cpu")])
 def test_a_joined_kernel_computes_its_parts_side_by_side(scheme: str, kernel: str) -> None:
     """wq|wk|wv as one kernel: each part's columns equal that part's own kernel (rows 40, 24, 24:
@@ -226,7 +246,9 @@ def test_quantize_model_leaves_unfit_shapes() -> None:
     assert count == per_layer * args.n_layers
 
 
-def _greedy(loaded, prompt: list[int], steps: int) -> tuple[list[int], torch.Tensor]:  # type: ignore[no-untyped-def]
+def _greedy(loaded, prompt: list[int], steps: int, forced: list[int] | None = None):  # type: ignore[no-untyped-def]
+    """(the greedy pick of each step, its logits [steps, V]); `forced`: feed these tokens instead
+    of the picks (teacher forcing: one near-tie then does not change every later step)."""
     model = loaded.model
     model.setup_cache(1, len(prompt) + steps + 1)
     with torch.inference_mode():
@@ -236,17 +258,22 @@ def _greedy(loaded, prompt: list[int], steps: int) -> tuple[list[int], torch.Ten
             rows.append(logits.float().view(-1))
             token = greedy(logits)
             out.append(token)
-            logits = decode_one(loaded.step, token, len(prompt) + i)
+            logits = decode_one(loaded.step, forced[i] if forced else token, len(prompt) + i)
     return out, torch.stack(rows)
 
 
 @pytest.mark.parametrize("scheme", ["q8", "q4"])
 def test_stories_greedy_equals_dequantized_reference(stories_dir: Path, scheme: str) -> None:
     """The fast path (bf16 kernels, fp32 and bf16 models) decodes the tokens the fp32
-    dequantize-then-matmul model decodes, on the real stories260K."""
+    dequantize-then-matmul model decodes, on the real stories260K, where the arithmetic allows:
+    fed the reference's tokens, every step picks the reference's token, except where the
+    reference itself rates the other pick within the stated tolerance of its own (a near-tie;
+    bf16 activations move stories260K's logits by up to 2% of their spread), at most 1 step in 10.
+    Its logits stay within 3% (fp32 model) and 5% (bf16 model) of the reference's spread."""
     prompt, steps = [1], 40
     reference = load_model(stories_dir, device="cpu", dtype="fp32", quant=QuantSpec(scheme, compute_dtype="fp32"))
     want, want_logits = _greedy(reference, prompt, steps)
+    spread = want_logits.abs().max()
     for dtype in ("fp32", None):  # None: the native default, bf16 throughout
         fast = load_model(stories_dir, device="cpu", dtype=dtype, quant=QuantSpec(scheme))
         assert fast.dtype == torch.float32 if dtype else fast.dtype == torch.bfloat16
@@ -255,10 +282,13 @@ def test_stories_greedy_equals_dequantized_reference(stories_dir: Path, scheme: 
         head = fast.model.output  # q8 whatever the blocks' scheme, as llama.cpp's quantizer does
         assert isinstance(head, NativeLinear) and (head.scheme, head.kernel) == ("q8", "int8-fbgemm")
         assert isinstance(reference.model.output, NativeLinear) and reference.model.output.kernel == "dequantized"
-        got, logits = _greedy(fast, prompt, steps)
-        assert got == want
-        spread = want_logits.abs().max()
-        assert (logits - want_logits).abs().max() <= (0.05 if dtype else 0.1) * spread
+        got, logits = _greedy(fast, prompt, steps, forced=want)
+        near = (0.01 if dtype else 0.02) * spread
+        differ = [i for i in range(steps) if got[i] != want[i]]
+        assert len(differ) <= steps // 10, (differ, got, want)
+        for i in differ:
+            assert want_logits[i, want[i]] - want_logits[i, got[i]] <= near, (i, want[i], got[i])
+        assert (logits - want_logits).abs().max() <= (0.03 if dtype else 0.05) * spread
 
 
 def test_head_runs_q8_tied_embeddings_stay_float_and_other_schemes_keep_it() -> None:
