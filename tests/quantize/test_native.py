@@ -136,6 +136,29 @@ def test_q8_prefill_gives_every_token_its_own_activation_scale() -> None:
     assert torch.equal(got[4], torch.zeros(64))
 
 
+def test_q4_long_prefill_runs_dense_and_computes_what_the_kernel_does() -> None:
+    """From DENSE_ROWS rows on, the CPU q4 weight is unpacked from tinygemm's layout for one dense
+    matmul: the dequantize-then-matmul reference within 1e-2, the kernel row by row within 1e-2."""
+    import platform
+
+    from llamactl.quantize.native import DENSE_ROWS, int4_cpu_layout_known
+
+    if platform.machine().lower() in ("x86_64", "amd64"):
+        assert int4_cpu_layout_known()  # where torch's pack is known, the fast path must not go missing
+    elif not int4_cpu_layout_known():
+        pytest.skip("this torch's CPU int4 pack has another layout: prefill stays on the kernel")
+    w = awkward_weight(rows=136)  # 136 = 128 + 8: padded to 144 rows, not a multiple of 64 -> kernel only
+    for rows in (128, 136):
+        tensor = BACKEND.quantize(w[:rows], QuantSpec("q4"), None, CPU)
+        module = NativeLinear(tensor, CPU, "int4-cpu")
+        reference = BACKEND.dequantize(tensor, torch.float32)
+        x = torch.randn(DENSE_ROWS + 3, 256, generator=torch.Generator().manual_seed(rows))
+        got, want = module(x), x @ reference.T
+        by_rows = torch.cat([module(part) for part in x.split(DENSE_ROWS - 1)])  # below the threshold
+        assert (got - want).abs().max() <= 1e-2 * want.abs().max()
+        assert (got - by_rows).abs().max() <= 1e-2 * want.abs().max()
+
+
 @pytest.mark.parametrize(("scheme", "kernel"), [("q8", "int8-fbgemm"), ("q8", "int8-split"), ("q4", "int4-cpu")])
 def test_a_joined_kernel_computes_its_parts_side_by_side(scheme: str, kernel: str) -> None:
     """wq|wk|wv as one kernel: each part's columns equal that part's own kernel (rows 40, 24, 24:
