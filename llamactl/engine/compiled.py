@@ -26,9 +26,19 @@ from llamactl.model import KVCache, Transformer
 
 logger = logging.getLogger(__name__)
 CACHE_ENV = "TORCHINDUCTOR_CACHE_DIR"
-# Whether the user chose inductor's cache: torch fills the variable in itself (loading a model
-# does), so it is looked at once, when llamactl imports this module.
-_USER_CACHE = CACHE_ENV in os.environ
+
+
+def _user_chose_cache() -> bool:
+    """Whether the user chose inductor's cache. torch fills the variable in itself with its own
+    default (importing some of torch does, so a snapshot at import can be wrong), and llamactl
+    with its home's cache: neither value is the user's choice."""
+    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+
+    chosen = os.environ.get(CACHE_ENV)
+    return chosen is not None and os.path.abspath(chosen) not in (os.path.abspath(default_cache_dir()), *_ours)
+
+
+_ours: list[str] = []  # the value use_compile_cache last set (a later llamactl home replaces it)
 
 
 def compilable(model: Transformer) -> str | None:
@@ -40,10 +50,11 @@ def compilable(model: Transformer) -> str | None:
 
 def use_compile_cache() -> None:
     """Point inductor's on-disk cache under the llamactl home (unless the user chose a place)."""
-    if not _USER_CACHE:
+    if not _user_chose_cache():
         path = cache_dir("inductor")
         path.mkdir(parents=True, exist_ok=True)
         os.environ[CACHE_ENV] = str(path)
+        _ours[:] = [os.path.abspath(path)]
 
 
 class CompiledStep:

@@ -4,6 +4,7 @@ under the llamactl home; a compile that fails falls back to eager with one warni
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 
 import pytest
@@ -72,3 +73,21 @@ def test_auto_compiles_only_the_dtypes_where_it_pays(monkeypatch: pytest.MonkeyP
     model.unfuse_projections()  # as a quantizer leaves it: not measured, not compiled
     monkeypatch.delenv(COMPILE_ENV)
     assert isinstance(choose_step(model), EagerStep)
+
+
+def test_inductor_cache_goes_under_the_home_unless_the_user_chose_one(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """torch's own default and an earlier llamactl home are replaced; a user's own place is kept."""
+    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+
+    from llamactl.engine.compiled import CACHE_ENV, use_compile_cache
+
+    monkeypatch.setenv(CACHE_ENV, default_cache_dir())  # what torch fills in by itself
+    for home in ("one", "two"):
+        monkeypatch.setenv("LLAMACTL_HOME", str(tmp_path / home))
+        use_compile_cache()
+        assert Path(os.environ[CACHE_ENV]) == tmp_path / home / "cache" / "inductor"
+    monkeypatch.setenv(CACHE_ENV, str(tmp_path / "mine"))
+    use_compile_cache()
+    assert os.environ[CACHE_ENV] == str(tmp_path / "mine")
