@@ -28,6 +28,7 @@ from llamactl.config import ModelArgs
 from llamactl.devices import resolve
 from llamactl.engine import DecodeStep, EagerStep, choose_step
 from llamactl.engine import tp as parallel
+from llamactl.engine.memory import weight_bytes
 from llamactl.errors import CheckpointError, LlamactlError
 from llamactl.layout import is_quantizable, module_path, rotary_heads
 from llamactl.model import Attention, FeedForward, Transformer
@@ -264,7 +265,7 @@ def _load_parallel(
         assert isinstance(net, parallel.ShardedTransformer)
         quantize_head(net, quant, group.device)
         net.connect()
-        held = [row[0] for row in group.gather_ints([parallel.weight_bytes(net)])]  # also: every rank loaded
+        held = [row[0] for row in group.gather_ints([weight_bytes(net)])]  # also: every rank loaded
         chosen = choose_step(net, step) if group.leads else None
     except BaseException:
         if group.leads:

@@ -14,7 +14,6 @@ from typing import TYPE_CHECKING
 import torch
 
 from llamactl.bench.options import BenchOptions, BenchPlan, ModelKey, model_args
-from llamactl.bench.probes import storage_bytes
 from llamactl.config import ModelArgs, get_preset
 from llamactl.dtypes import name_of, to_torch
 from llamactl.engine import DecodeStep, choose_step
@@ -120,11 +119,3 @@ def quant_spec(scheme: str | None, dtype: torch.dtype) -> QuantSpec | None:
     if spec.method == "bitsandbytes" and spec.bits == 4:
         spec = dataclasses.replace(spec, compute_dtype=name_of(dtype))
     return spec
-
-
-def weight_bytes(model: torch.nn.Module) -> int:
-    """Bytes of the weights as held: quantized projections at their packed size plus statistics."""
-    quantized = [m for m in model.modules() if hasattr(m, "nbytes") and hasattr(m, "scheme")]
-    inside = {id(p) for m in quantized for p in m.parameters()}
-    plain = storage_bytes(p for p in model.parameters() if id(p) not in inside)
-    return plain + sum(int(m.nbytes) for m in quantized)

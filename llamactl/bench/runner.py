@@ -17,7 +17,7 @@ from collections.abc import Callable
 
 import torch
 
-from llamactl.bench.models import BuiltModel, ModelShape, build_model, describe_model, weight_bytes
+from llamactl.bench.models import BuiltModel, ModelShape, build_model, describe_model
 from llamactl.bench.options import BenchOptions, BenchPlan, CacheConfig, ModelKey, plan_bench
 from llamactl.bench.probes import (
     PeakMemory,
@@ -32,6 +32,7 @@ from llamactl.bench.rows import BenchReport, BenchRow, Environment, ProgressFn, 
 from llamactl.bench.twin import HFTwin
 from llamactl.dtypes import lookup, name_of
 from llamactl.engine import DecodeStep
+from llamactl.engine.memory import weight_bytes
 from llamactl.estimate import kv_cache_bytes
 from llamactl.layout import param_count
 from llamactl.model import Transformer

@@ -21,7 +21,8 @@ import torch
 
 from llamactl import estimate
 from llamactl.dtypes import name_of
-from llamactl.engine.tp import Group, RankStats, ShardedTransformer, weight_bytes
+from llamactl.engine.memory import weight_bytes
+from llamactl.engine.tp import Group, RankStats, ShardedTransformer
 from llamactl.generate import decode_one, prefill
 from llamactl.loading import load_model
 

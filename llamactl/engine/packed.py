@@ -33,7 +33,7 @@ class PackedLinear(nn.Module):
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.packed = torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach(), 1)
         self.nbytes = linear.weight.nbytes  # what a step reads (the packed layout holds the same)
-        self.scheme = None  # bench.weight_bytes counts modules that carry their own bytes
+        self.scheme = None  # engine.memory.weight_bytes counts modules that carry their own bytes
 
     @property
     def weight(self) -> torch.Tensor:

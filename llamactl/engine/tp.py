@@ -46,6 +46,7 @@ import torch.distributed as dist
 from torch import nn
 
 from llamactl.config import ModelArgs
+from llamactl.engine.memory import weight_bytes
 from llamactl.errors import LlamactlError, Terminated, UsageError
 from llamactl.estimate import check_tp as check_divisible
 from llamactl.layout import split_dim
@@ -504,20 +505,6 @@ def follow(model: ShardedTransformer) -> int:
             raise ParallelError(f"tensor-parallel rank {group.rank}: unknown command {cmd} from rank 0")
 
 
-def weight_bytes(model: nn.Module) -> int:
-    """Bytes of every parameter and buffer but the KV cache, plus what modules holding their weight
-    outside parameters report as their `nbytes` (quantized kernels, oneDNN-packed linears)."""
-    seen: set[int] = set()
-    total = 0
-    buffers = [b for name, b in model.named_buffers() if ".cache." not in name]  # the KV cache is not weights
-    for tensor in [*model.parameters(), *buffers]:
-        if id(tensor) not in seen and tensor.device.type != "meta":
-            seen.add(id(tensor))
-            total += tensor.nbytes
-    own = [m for m in model.modules() if hasattr(m, "scheme") and not any(m.parameters())]  # see bench.models
-    return total + sum(int(m.nbytes) for m in own)
-
-
 def worker_command() -> list[str]:
     """How a leader starts a rank: this interpreter running the loader's rank entry point."""
     return [sys.executable, "-c", "from llamactl.loading import serve_rank; serve_rank()"]
@@ -535,5 +522,4 @@ __all__ = [
     "follow",
     "join",
     "start",
-    "weight_bytes",
 ]

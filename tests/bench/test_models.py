@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from llamactl.bench import BenchOptions, plan_bench
-from llamactl.bench.models import build_model, build_random_model, describe_model, weight_bytes
+from llamactl.bench.models import build_model, build_random_model, describe_model
+from llamactl.engine.memory import weight_bytes
 from llamactl.layout import param_count
 from llamactl.model import Transformer
 from tests.bench._util import CPU, TINY, tiny_options
