@@ -388,11 +388,16 @@ class Transformer(nn.Module):
             # The attention's own KV heads: a tensor-parallel shard holds n_kv_heads / N of them.
             attention = layer.attention
             attention.cache = KVCache(batch, length, attention.n_kv_heads, self.args.head_dim, dtype, device)
-        return sum(layer.attention.cache.nbytes for layer in self.layers)
+        return self.cache_bytes
 
     def clear_cache(self) -> None:
         for layer in self.layers:
             layer.attention.cache = None
+
+    @property
+    def cache_bytes(self) -> int:
+        """Bytes of the KV cache every layer holds (0 without a cache)."""
+        return sum(layer.attention.cache.nbytes for layer in self.layers if layer.attention.cache is not None)
 
     @property
     def cache_len(self) -> int:

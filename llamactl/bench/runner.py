@@ -300,7 +300,7 @@ class _ModelRunner:
             if device.type == "cuda"
             else storage_bytes(b for layer in model.layers for b in (layer.attention.cache.k, layer.attention.cache.v))
         )
-        assert setup_bytes == sum(layer.attention.cache.nbytes for layer in model.layers)
+        assert setup_bytes == model.cache_bytes
         for row in rows:
             row.kv_bytes = kv_measured
         vs = self.plan.options.vs == "transformers"

@@ -103,8 +103,7 @@ def run_tp_bench(
         if isinstance(net, ShardedTransformer):
             stats = net.rank_stats()
         else:
-            kv = sum(layer.attention.cache.nbytes for layer in net.layers if layer.attention.cache is not None)
-            stats = [RankStats(weight_bytes(net), kv, 0, 0)]
+            stats = [RankStats(weight_bytes(net), net.cache_bytes, 0, 0)]
         args = loaded.args
         dtype_name = name_of(loaded.dtype)
         infos = loaded.reader.tensor_infos()

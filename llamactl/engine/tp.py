@@ -455,8 +455,7 @@ class ShardedTransformer(Transformer):
         if self.group.leads:
             with held_signals():
                 self.group.send(_STATS)
-        cache = sum(layer.attention.cache.nbytes for layer in self.layers if layer.attention.cache is not None)
-        mine = [weight_bytes(self), cache, int(self.group.comm.seconds * 1e9), self.group.comm.calls]
+        mine = [weight_bytes(self), self.cache_bytes, int(self.group.comm.seconds * 1e9), self.group.comm.calls]
         with held_signals() if self.group.leads else contextlib.nullcontext():
             rows = self.group.gather_ints(mine)
         return [RankStats(*row) for row in rows]
