@@ -129,6 +129,7 @@ class Kernel:
 # dequantizing is shared by enough rows (2 threads, 110M shapes: 1.3x faster at 200 rows,
 # 1.45x at 256, 1.9x at 512; slower below ~150).
 DENSE_ROWS = 160
+DENSE_CHUNK = 1 << 22  # weights unpacked at a time (8 MB in bf16): no whole-weight temporaries
 _INT4_BLOCK_N = 64  # the CPU pack's layout: [N/64, K, 32] bytes, row j in the low nibble, j+32 in the high
 
 
@@ -144,12 +145,21 @@ def _int4_cpu(packed: torch.Tensor, spec: QuantSpec, compute: torch.dtype) -> Ke
 
     def run(x: torch.Tensor) -> torch.Tensor:
         if dense and x.shape[0] >= DENSE_ROWS:
-            y = F.linear(x, _unpack_int4_cpu(weight, scales_and_zeros[..., 0], g))
+            y = _dense_int4_cpu(x, weight, scales_and_zeros[..., 0], g)
         else:
             y = torch._weight_int4pack_mm_for_cpu(x, weight, g, scales_and_zeros)
         return y[:, :n] if pad else y
 
     return Kernel("int4-cpu", run, weight.nbytes + scales_and_zeros.nbytes)
+
+
+def _dense_int4_cpu(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, g: int) -> torch.Tensor:
+    """x [rows, K] @ the unpacked weight.T, `DENSE_CHUNK` weights at a time: a 7B w1|w3 would
+    otherwise be a 180 MB temporary (several, while unpacking) next to the 4-bit weights."""
+    n, k = weight.shape[0], weight.shape[1] * 2
+    rows = max(_INT4_BLOCK_N, DENSE_CHUNK // k // _INT4_BLOCK_N * _INT4_BLOCK_N)  # whole 64-row blocks
+    parts = [F.linear(x, _unpack_int4_cpu(weight[i : i + rows], scales[:, i : i + rows], g)) for i in range(0, n, rows)]
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)
 
 
 def _unpack_int4_cpu(weight: torch.Tensor, scales: torch.Tensor, g: int) -> torch.Tensor:
