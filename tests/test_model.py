@@ -65,7 +65,7 @@ def test_half_precision_runs_close_to_fp32(dtype: torch.dtype) -> None:
 @pytest.mark.parametrize("kv_heads", [4, 2, 1], ids=["mha", "gqa", "mqa"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_one_query_cpu_attention_equals_sdpa_in_fp32(kv_heads: int, dtype: torch.dtype) -> None:
-    """A 16-bit decode step's attention (two matmuls, fp32 scores) against torch's SDPA in fp32,
+    """A 16-bit decode step's attention (widened to fp32 SDPA) against torch's SDPA in fp32,
     the G query heads of a kv head expanded as Meta's repeat_kv does; masked slots ignored."""
     from llamactl.model import attend
 
