@@ -347,7 +347,13 @@ def quantize_head(model: Transformer, spec: QuantSpec | None, device: torch.devi
     A quantized head (this one, or a checkpoint's own) hands back its logits in fp32 where it
     has an `out_dtype` to set (NativeLinear): the model returns fp32 logits in any case.
     """
-    _fp32_logits(model)
+    done = _quantize_head(model, spec, device)
+    if hasattr(model.output, "out_dtype"):
+        model.output.out_dtype = torch.float32
+    return done
+
+
+def _quantize_head(model: Transformer, spec: QuantSpec | None, device: torch.device | str) -> bool:
     if spec is None or spec.method != "native" or type(model.output) is not torch.nn.Linear:
         return False
     head = dataclasses.replace(spec, scheme=HEAD_SCHEME)
@@ -358,13 +364,7 @@ def quantize_head(model: Transformer, spec: QuantSpec | None, device: torch.devi
     dev = torch.device(device)
     impl.prepare(dev)
     model.output = impl.linear(impl.quantize(weight, head, None, dev), dev)
-    _fp32_logits(model)
     return True
-
-
-def _fp32_logits(model: Transformer) -> None:
-    if hasattr(model.output, "out_dtype"):
-        model.output.out_dtype = torch.float32
 
 
 def quantize_model(

@@ -371,9 +371,9 @@ class NativeLinear(nn.Module):
         (`Native.joined_linear`): blocks run along the input, so rows concatenate exactly."""
         super().__init__()
         parts = [tensor] if isinstance(tensor, QuantizedTensor) else list(tensor)
-        spec = parts[0].spec
-        if any(p.spec != spec or p.shape[1] != parts[0].shape[1] for p in parts):
+        if not _joinable(parts):
             raise ValueError("joined q8/q4 weights need one scheme and one input size")
+        spec = parts[0].spec
         self.spec, self.scheme = spec, spec.scheme
         self.out_features, self.in_features = sum(int(p.shape[0]) for p in parts), int(parts[0].shape[1])
         self.compute = dtypes.to_torch(spec.compute_dtype)
@@ -450,9 +450,12 @@ class Native:
     def joined_linear(self, tensors: Sequence[QuantizedTensor], device: torch.device) -> nn.Module | None:
         for tensor in tensors:
             _check_blocks(tensor)
-        if len({t.spec for t in tensors}) != 1 or len({t.shape[1] for t in tensors}) != 1:
-            return None
-        return NativeLinear(tensors, device).eval()
+        return NativeLinear(tensors, device).eval() if _joinable(tensors) else None
+
+
+def _joinable(tensors: Sequence[QuantizedTensor]) -> bool:
+    """Whether weights can run as one kernel: one scheme, one input size (blocks run along it)."""
+    return len({t.spec for t in tensors}) == 1 and len({t.shape[1] for t in tensors}) == 1
 
 
 def _check_blocks(tensor: QuantizedTensor) -> None:
