@@ -30,10 +30,17 @@ def tiny_tokenizer(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return train_tiny_tokenizer(tmp_path_factory.mktemp("spm"))
 
 
+@pytest.fixture(scope="session")
+def _kernel_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("kernels")
+
+
 @pytest.fixture(autouse=True)
-def _isolated_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def _isolated_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, _kernel_cache: Path) -> None:
     """Never touch the user's real model store; load no installed plugins unless a test asks."""
     monkeypatch.setenv("LLAMACTL_HOME", str(tmp_path / "llamactl-home"))
+    # The native decode kernels, built once for the whole run (not once per test's home and process).
+    monkeypatch.setenv("LLAMACTL_KERNEL_CACHE", str(_kernel_cache))
     monkeypatch.setenv("LLAMACTL_LOAD_PLUGINS", "")
     # The README's first command installs the demo package into the same venv the tests run in:
     # its `smollm2` source would show up in every `list` and name lookup. Tests of sources ask.

@@ -7,6 +7,10 @@ loop takes a step as an argument and never looks at how it runs.
 
 - `EagerStep` (eager.py): the model called directly; works everywhere. On the CPU its plain
   linear layers are first swapped for oneDNN-packed ones (packed.py: twice the GEMV bandwidth).
+- `FusedCpuStep` (fused_cpu.py): on the CPU, the eager step that runs everything between the
+  projections (norms, rotary, cache writes, attention, SiLU) in native kernels compiled once per
+  machine (cpu_kernels.py, decode_kernels.cpp): 8 calls a layer instead of ~45 small operators.
+  What "eager" gives on a CPU whenever the kernels build; `LLAMACTL_FUSED=0` opts out.
 - `CudaGraphStep` (cuda_graph.py): the static-shape step captured once as a CUDA graph and
   replayed; CUDA only, plain (unquantized, fused) projections only.
 - Tensor parallel (tp.py): not a step but a model, `ShardedTransformer`, one rank's shard whose
@@ -31,14 +35,17 @@ from typing import Protocol
 import torch
 
 from llamactl.engine.compiled import CompiledStep, compilable
+from llamactl.engine.cpu_kernels import kernels
 from llamactl.engine.cuda_graph import CudaGraphStep, graphable
 from llamactl.engine.eager import EagerStep
+from llamactl.engine.fused_cpu import FusedCpuStep, fusable
 from llamactl.engine.packed import pack_linears
 from llamactl.engine.tp import ShardedTransformer
 from llamactl.errors import LlamactlError
 from llamactl.model import Transformer
 
 GRAPHS_ENV = "LLAMACTL_CUDA_GRAPHS"
+FUSED_ENV = "LLAMACTL_FUSED"  # "0": the eager CPU step runs torch's operators only, never the native kernels
 COMPILE_ENV = "LLAMACTL_COMPILE"  # "0": "auto" never compiles (the test suite sets it; --no-compile per command)
 STEP_KINDS = ("auto", "eager", "cuda-graph", "compiled")
 # Weight dtypes whose CPU decode "auto" compiles: where compiling was measured to pay, start-up
@@ -68,6 +75,10 @@ def choose_step(model: Transformer, kind: str = "auto") -> DecodeStep:
     if kind == "eager":
         if model.tok_embeddings.weight.device.type == "cpu" and not isinstance(model, ShardedTransformer):
             pack_linears(model)  # twice GEMV's bandwidth; a rank's linears carry collective hooks: not swapped
+        if os.environ.get(FUSED_ENV) != "0" and fusable(model) is None:
+            native = kernels(model.tok_embeddings.weight.dtype)  # built on first use; None: it could not be
+            if native is not None:
+                return FusedCpuStep(model, native)
         return EagerStep(model)
     if kind == "compiled":
         why = compilable(model)
@@ -97,11 +108,13 @@ def _auto_kind(model: Transformer) -> str:
 __all__ = [
     "COMPILE_ENV",
     "COMPILE_PAYS",
+    "FUSED_ENV",
     "GRAPHS_ENV",
     "STEP_KINDS",
     "CompiledStep",
     "CudaGraphStep",
     "DecodeStep",
     "EagerStep",
+    "FusedCpuStep",
     "choose_step",
 ]

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from llamactl.engine import choose_step
-from llamactl.engine.packed import PackedLinear, can_pack, pack_linears
+from llamactl.engine.packed import GemvLinear, PackedLinear, can_pack, one_row_as_gemv, pack_linears
 from llamactl.model import Transformer
 from tests._ckpt import random_meta_state, tiny_args
 
@@ -27,7 +27,8 @@ def test_packed_model_computes_what_the_plain_one_does(dtype: torch.dtype) -> No
     plain, packed = _model(dtype), _model(dtype)
     before = packed.state_dict()
     step = choose_step(packed, "eager")  # the eager CPU step packs
-    swapped = [m for m in packed.modules() if isinstance(m, PackedLinear)]
+    kind = GemvLinear if one_row_as_gemv(dtype) else PackedLinear
+    swapped = [m for m in packed.modules() if isinstance(m, kind)]
     assert len(swapped) == 2 * 4 + 1  # wqkv, wo, w13, w2 per layer, and the head
     tokens = torch.randint(0, 320, (2, 9), generator=torch.Generator().manual_seed(1))
     with torch.inference_mode():
@@ -48,4 +49,26 @@ def test_a_tied_head_is_not_packed_twice() -> None:
     model = _model(torch.float32, tie=True)
     assert pack_linears(model) == 2 * 4
     assert type(model.output) is torch.nn.Linear
+    assert model.output.weight.data_ptr() == model.tok_embeddings.weight.data_ptr()
+
+
+def test_gemv_linear_computes_the_product_for_one_row_and_many() -> None:
+    """W @ x for one row, F.linear for more: both the fp32 product of the bf16 values, rounded once."""
+    linear = torch.nn.Linear(96, 40, bias=False).to(torch.bfloat16)
+    gemv = GemvLinear(linear)
+    assert gemv.weight is linear.weight and list(gemv.state_dict()) == ["weight"]
+    x = torch.randn(3, 5, 96, generator=torch.Generator().manual_seed(2)).to(torch.bfloat16)
+    for rows in (x[:1, :1], x[1], x):
+        want = (rows.float() @ linear.weight.float().t()).to(torch.bfloat16)
+        got = gemv(rows)
+        assert got.shape == want.shape and got.dtype == torch.bfloat16
+        torch.testing.assert_close(got, want, rtol=2**-7, atol=1e-3)
+
+
+def test_a_tied_head_stays_one_tensor_as_gemv() -> None:
+    if not one_row_as_gemv(torch.bfloat16):
+        pytest.skip("one-row bf16 products stay packed on this CPU (no AMX)")
+    model = _model(torch.bfloat16, tie=True)
+    assert pack_linears(model) == 2 * 4 + 1
+    assert type(model.output) is GemvLinear
     assert model.output.weight.data_ptr() == model.tok_embeddings.weight.data_ptr()

@@ -1,0 +1,242 @@
+// One-token decode kernels for the CPU (llamactl/engine/fused_cpu.py calls them through ctypes).
+//
+// A decode step of a small model spends as long in ~45 tiny torch operators per layer (RMSNorm
+// alone is nine, plus casts, rotary, cache writes and attention's widening copies) as in its
+// matmuls; these kernels do that work in four calls per layer. Each keeps the eager path's
+// arithmetic: fp32 inside, results rounded to the activations' dtype (T) exactly where the
+// torch operators round them, so a bf16 step gives the logits of the eager bf16 step to within
+// summation order. Plain C++ with no torch headers: it compiles in about a second. Single-
+// threaded on purpose: a second OpenMP runtime next to torch's would fight it for the cores;
+// the caller hands attention over long contexts to torch's threaded SDPA instead.
+#include <math.h>
+#include <stdint.h>
+#include <string.h>
+
+namespace {
+
+struct bf16 {
+    uint16_t bits;
+};
+
+inline float widen(float x) { return x; }
+inline float widen(bf16 x) {
+    uint32_t u = (uint32_t)x.bits << 16;
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+}
+#ifdef LLAMACTL_F16
+inline float widen(_Float16 x) { return (float)x; }
+#endif
+
+template <typename T> inline T narrow(float x);
+template <> inline float narrow<float>(float x) { return x; }
+#ifdef LLAMACTL_F16
+template <> inline _Float16 narrow<_Float16>(float x) { return (_Float16)x; }
+#endif
+template <> inline bf16 narrow<bf16>(float x) {  // round to nearest even, as torch does
+    uint32_t u;
+    memcpy(&u, &x, 4);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return bf16{(uint16_t)((u >> 16) | 0x40)};  // NaN stays NaN
+    u += 0x7fffu + ((u >> 16) & 1u);
+    return bf16{(uint16_t)(u >> 16)};
+}
+
+constexpr int LANES = 16;  // independent partial sums: the compiler vectorises them without -ffast-math
+
+// 16 floats as one value (GCC / clang vector extensions: AVX-512, AVX2 or NEON, whatever the
+// target has); attention's per-key dot products and weighted sums run on these.
+typedef float vf __attribute__((vector_size(64)));
+typedef uint32_t vu __attribute__((vector_size(64)));
+typedef uint16_t vh __attribute__((vector_size(32)));
+
+inline vf vload(const float* p) {
+    vf v;
+    memcpy(&v, p, sizeof v);
+    return v;
+}
+inline vf vload(const bf16* p) {
+    vh h;
+    memcpy(&h, p, sizeof h);
+    const vu u = __builtin_convertvector(h, vu) << 16;
+    vf v;
+    memcpy(&v, &u, sizeof v);
+    return v;
+}
+#ifdef LLAMACTL_F16
+typedef _Float16 vhf __attribute__((vector_size(32)));
+inline vf vload(const _Float16* p) {
+    vhf h;
+    memcpy(&h, p, sizeof h);
+    return __builtin_convertvector(h, vf);
+}
+#endif
+
+inline float hsum(vf v) {
+    float x[16];
+    memcpy(x, &v, sizeof x);
+    for (int w = 8; w > 0; w /= 2)
+        for (int l = 0; l < w; ++l) x[l] += x[l + w];
+    return x[0];
+}
+
+template <typename T> inline float dot(const T* a, const T* b, int n) {
+    float acc[LANES] = {0};
+    int i = 0;
+    for (; i + LANES <= n; i += LANES)
+        for (int l = 0; l < LANES; ++l) acc[l] += widen(a[i + l]) * widen(b[i + l]);
+    for (; i < n; ++i) acc[0] += widen(a[i]) * widen(b[i]);
+    for (int w = LANES / 2; w > 0; w /= 2)  // a tree, not 16 dependent adds: one per key adds up
+        for (int l = 0; l < w; ++l) acc[l] += acc[l + w];
+    return acc[0];
+}
+
+// max and sum of n floats in LANES independent lanes (a single running value does not vectorise)
+inline float lane_max(const float* x, long n) {
+    float m[LANES];
+    for (int l = 0; l < LANES; ++l) m[l] = -INFINITY;
+    long i = 0;
+    for (; i + LANES <= n; i += LANES)
+        for (int l = 0; l < LANES; ++l) m[l] = x[i + l] > m[l] ? x[i + l] : m[l];
+    for (; i < n; ++i) m[0] = x[i] > m[0] ? x[i] : m[0];
+    for (int l = 1; l < LANES; ++l) m[0] = m[l] > m[0] ? m[l] : m[0];
+    return m[0];
+}
+
+inline float lane_sum(const float* x, long n) {
+    float acc[LANES] = {0};
+    long i = 0;
+    for (; i + LANES <= n; i += LANES)
+        for (int l = 0; l < LANES; ++l) acc[l] += x[i + l];
+    for (; i < n; ++i) acc[0] += x[i];
+    for (int w = LANES / 2; w > 0; w /= 2)
+        for (int l = 0; l < w; ++l) acc[l] += acc[l + w];
+    return acc[0];
+}
+
+// e^x to about 2 ulp (Cephes' expf: 2^n times a degree-7 polynomial on |r| <= ln2 / 2) in
+// operations the compiler vectorises; libm's expf is a call per value, and attention's softmax
+// and SiLU take thousands a layer. Clamped to the finite floats: e^-87.3 stands in for 0.
+inline float fast_exp(float x) {
+    x = fminf(fmaxf(x, -87.3f), 88.3f);
+    const float n = floorf(x * 1.44269504088896341f + 0.5f);
+    const float r = x - n * 0.693359375f + n * 2.12194440e-4f;
+    float p = 1.9875691500e-4f;
+    p = p * r + 1.3981999507e-3f;
+    p = p * r + 8.3334519073e-3f;
+    p = p * r + 4.1665795894e-2f;
+    p = p * r + 1.6666665459e-1f;
+    p = p * r + 5.0000001201e-1f;
+    p = p * r * r + r + 1.0f;
+    const uint32_t bits = (uint32_t)((int32_t)n + 127) << 23;
+    float scale;
+    memcpy(&scale, &bits, 4);
+    return p * scale;
+}
+
+// h = x + delta (rounded to T) when delta is given (else h is not written and x is normalised);
+// n = round(round(h / rms(h)) * w): Meta's RMSNorm, normalised in fp32 and cast back before the weight.
+template <typename T> void rms_norm(const T* x, const T* delta, const T* w, T* h, T* n, int dim, float eps) {
+    const T* src = x;
+    if (delta) {
+        for (int i = 0; i < dim; ++i) h[i] = narrow<T>(widen(x[i]) + widen(delta[i]));
+        src = h;
+    }
+    const float rstd = 1.0f / sqrtf(dot(src, src, dim) / dim + eps);
+    for (int i = 0; i < dim; ++i) n[i] = narrow<T>(widen(narrow<T>(widen(src[i]) * rstd)) * widen(w[i]));
+}
+
+// qkv [(H+2K)*D], one token: the rotary rotation of its H query and K key heads in place (Meta's
+// interleaved pairs; freqs [D/2] (cos, sin) pairs of its position), then its keys and values
+// stored at `pos` of the caches kc, vc [K, cap, D].
+template <typename T> void rope_store(T* qkv, const float* freqs, T* kc, T* vc, long pos, int H, int K, int D, long cap) {
+    for (int head = 0; head < H + K; ++head) {
+        T* p = qkv + (long)head * D;
+        for (int i = 0; i < D / 2; ++i) {
+            const float a = widen(p[2 * i]), b = widen(p[2 * i + 1]), c = freqs[2 * i], s = freqs[2 * i + 1];
+            p[2 * i] = narrow<T>(a * c - b * s);
+            p[2 * i + 1] = narrow<T>(a * s + b * c);
+        }
+    }
+    for (int kh = 0; kh < K; ++kh) {
+        memcpy(kc + ((long)kh * cap + pos) * D, qkv + (long)(H + kh) * D, sizeof(T) * D);
+        memcpy(vc + ((long)kh * cap + pos) * D, qkv + (long)(H + K + kh) * D, sizeof(T) * D);
+    }
+}
+
+// out [H*D] = softmax(q k^T / sqrt(D)) v for the H query heads at the front of qkv over cache
+// positions 0..pos; query head h reads kv head h / (H/K) (Meta's repeat_kv). scores: pos+1 floats.
+template <typename T>
+void attend(const T* qkv, const T* kc, const T* vc, long pos, int H, int K, int D, long cap, T* out, float* scores) {
+    const int group = H / K;
+    const float scale = 1.0f / sqrtf((float)D);
+    const int chunks = D / 16;  // whole vectors per head (D % 16 == 0), else the scalar loops
+    for (int h = 0; h < H; ++h) {
+        const T* q = qkv + (long)h * D;
+        const T* keys = kc + (long)(h / group) * cap * D;
+        const T* values = vc + (long)(h / group) * cap * D;
+        if (D % 16 == 0) {
+            vf qv[32];  // D <= 512 (the caller checks)
+            for (int j = 0; j < chunks; ++j) qv[j] = vload(q + 16 * j);
+            for (long s = 0; s <= pos; ++s) {
+                const T* key = keys + s * D;
+                vf acc = qv[0] * vload(key);
+                for (int j = 1; j < chunks; ++j) acc += qv[j] * vload(key + 16 * j);
+                scores[s] = hsum(acc) * scale;
+            }
+        } else {
+            for (long s = 0; s <= pos; ++s) scores[s] = dot(q, keys + s * D, D) * scale;
+        }
+        const float top = lane_max(scores, pos + 1);
+        for (long s = 0; s <= pos; ++s) scores[s] = fast_exp(scores[s] - top);  // a pure map: vectorised
+        const float total = lane_sum(scores, pos + 1);
+        float acc[512];
+        if (D % 16 == 0) {
+            vf sum[32] = {};
+            for (long s = 0; s <= pos; ++s) {
+                const T* v = values + s * D;
+                for (int j = 0; j < chunks; ++j) sum[j] += scores[s] * vload(v + 16 * j);
+            }
+            memcpy(acc, sum, sizeof(float) * D);
+        } else {
+            for (int d = 0; d < D; ++d) acc[d] = 0;
+            for (long s = 0; s <= pos; ++s) {
+                const float p = scores[s];
+                const T* v = values + s * D;
+                for (int d = 0; d < D; ++d) acc[d] += p * widen(v[d]);
+            }
+        }
+        for (int d = 0; d < D; ++d) out[(long)h * D + d] = narrow<T>(acc[d] / total);
+    }
+}
+
+// out [F] = round(round(silu(g)) * u) for gu = [g | u] [2F]: F.silu(gate) * up as torch rounds it.
+template <typename T> void silu_mul(const T* gu, T* out, long F) {
+    for (long i = 0; i < F; ++i) {
+        const float g = widen(gu[i]);
+        out[i] = narrow<T>(widen(narrow<T>(g / (1.0f + fast_exp(-g)))) * widen(gu[F + i]));
+    }
+}
+
+}  // namespace
+
+#define LLAMACTL_EXPORT(SUFFIX, T)                                                                          \
+    extern "C" void rms_norm_##SUFFIX(const void* x, const void* delta, const void* w, void* h, void* n,   \
+                                      int dim, float eps) {                                               \
+        rms_norm<T>((const T*)x, (const T*)delta, (const T*)w, (T*)h, (T*)n, dim, eps);                    \
+    }                                                                                                     \
+    extern "C" void rope_store_##SUFFIX(void* qkv, const float* freqs, void* kc, void* vc, long pos, int H, \
+                                        int K, int D, long cap) {                                         \
+        rope_store<T>((T*)qkv, freqs, (T*)kc, (T*)vc, pos, H, K, D, cap);                                  \
+    }                                                                                                     \
+    extern "C" void attend_##SUFFIX(const void* qkv, const void* kc, const void* vc, long pos, int H, int K, \
+                                    int D, long cap, void* out, float* scores) {                          \
+        attend<T>((const T*)qkv, (const T*)kc, (const T*)vc, pos, H, K, D, cap, (T*)out, scores);          \
+    }                                                                                                     \
+    extern "C" void silu_mul_##SUFFIX(const void* gu, void* out, long F) { silu_mul<T>((const T*)gu, (T*)out, F); }
+
+LLAMACTL_EXPORT(f32, float)
+LLAMACTL_EXPORT(bf16, bf16)
+#ifdef LLAMACTL_F16
+LLAMACTL_EXPORT(f16, _Float16)
+#endif

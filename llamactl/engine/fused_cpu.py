@@ -1,0 +1,158 @@
+"""The CPU decode step through native kernels: eight calls a layer where torch's operators take ~45.
+
+A one-token step of a 110M model on 2 cores spends about as long in small eager operators
+(RMSNorm's nine, casts, rotary, cache writes, attention's widening copies: a few microseconds
+of dispatch each) as in its matmuls. `FusedCpuStep` walks the layers itself and does everything
+between the projections in the kernels of decode_kernels.cpp (cpu_kernels): per layer one
+residual-add + RMSNorm, the qkv projection, rotary + cache store, attention, the output
+projection, add + RMSNorm, the w1|w3 projection, SiLU * up, w2. The projections are the
+model's own modules (packed, quantized or plain), so every weight scheme gets the step.
+
+The arithmetic is the eager step's (fp32 inside, rounded to the activations' dtype where torch
+rounds), so logits agree with `model(tokens, pos)` to summation order; tests/engine/test_fused_cpu.py
+checks that against the plain forward for every dtype and weight scheme. Anything the kernels do
+not cover (a batch, several tokens, another cache dtype) runs the plain forward.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from llamactl.engine.cpu_kernels import MAX_HEAD_DIM, Kernels
+from llamactl.engine.eager import EagerStep
+from llamactl.model import Transformer, attend
+
+# Attention over more than this many query-head x position x head-dim values goes to torch's
+# threaded SDPA: the kernel is single-threaded (see decode_kernels.cpp). Below it the kernel wins.
+ATTEND_LIMIT = 1 << 18
+
+
+def fusable(model: Transformer) -> str | None:
+    """Why `model` cannot decode through the fused step, or None when it can."""
+    if type(model) is not Transformer:  # a tensor-parallel shard's forward talks to other ranks
+        return f"{type(model).__name__} decodes through its own forward"
+    dtype, device = model.tok_embeddings.weight.dtype, model.tok_embeddings.weight.device
+    if device.type != "cpu":
+        return "the fused step runs on the CPU"
+    args = model.args
+    if args.head_dim % 2 or args.head_dim > MAX_HEAD_DIM or args.n_heads % args.kv_heads:
+        return f"head dim {args.head_dim} / {args.n_heads} heads over {args.kv_heads}: not what the kernels handle"
+    norms = [model.norm] + [n for layer in model.layers for n in (layer.attention_norm, layer.ffn_norm)]
+    if any(n.weight.dtype != dtype or n.weight.device != device for n in norms):
+        return "norm weights differ from the activations' dtype"
+    if dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        return f"no native kernels for {dtype}"
+    return None
+
+
+class _Layer:
+    """One block's pieces, looked up once (nn.Module attribute access costs per token)."""
+
+    def __init__(self, layer: torch.nn.Module) -> None:
+        attention, ffn = layer.attention, layer.feed_forward
+        self.attention = attention  # its `cache` is read per call: setup_cache may replace it
+        self.attention_norm, self.ffn_norm = layer.attention_norm, layer.ffn_norm
+        self.wo, self.w2 = attention.wo, ffn.w2
+        if attention.fused:
+            self.qkv = attention.wqkv
+        else:  # separate (e.g. bitsandbytes) projections: joined by one copy
+            wq, wk, wv = attention.wq, attention.wk, attention.wv
+            self.qkv = lambda x: torch.cat([wq(x), wk(x), wv(x)], dim=-1)
+        if ffn.fused:
+            self.gate_up = ffn.w13
+        else:
+            w1, w3 = ffn.w1, ffn.w3
+            self.gate_up = lambda x: torch.cat([w1(x), w3(x)], dim=-1)
+
+
+class FusedCpuStep(EagerStep):
+    """`model(tokens, pos)` for one token at batch 1 through the native kernels (else the plain forward)."""
+
+    kind = "fused"
+
+    def __init__(self, model: Transformer, native: Kernels) -> None:
+        super().__init__(model)
+        self.native = native
+        self.dtype = model.tok_embeddings.weight.dtype
+        args = model.args
+        self.dim, self.heads, self.kv_heads, self.head_dim = args.dim, args.n_heads, args.kv_heads, args.head_dim
+        self.layers = [_Layer(layer) for layer in model.layers]
+        self._fresh_embedding = type(model.tok_embeddings) is torch.nn.Embedding  # returns a new tensor
+        # Inputs of the projections, rewritten every layer: nothing outlives a step but the logits.
+        self._normed = torch.empty(1, 1, self.dim, dtype=self.dtype)
+        self._attended = torch.empty(1, 1, self.heads * self.head_dim, dtype=self.dtype)
+        self._hidden = torch.empty(1, 1, args.hidden_dim, dtype=self.dtype)
+        self._scores = torch.empty(0, dtype=torch.float32)  # attention's scratch, one float per position
+
+    def __call__(self, tokens: torch.Tensor, pos: int) -> torch.Tensor:
+        model = self.model
+        cache = self.layers[0].attention.cache if self.layers else None
+        if (
+            tokens.shape != (1, 1)
+            or cache is None
+            or cache.k.dtype != self.dtype
+            or not 0 <= pos < min(cache.k.shape[2], model.freqs_cis.shape[0])
+        ):
+            return super().__call__(tokens, pos)  # the plain forward (and its errors)
+        if torch.is_grad_enabled():
+            with torch.inference_mode():
+                return self._step(tokens, pos)
+        return self._step(tokens, pos)
+
+    def _step(self, tokens: torch.Tensor, pos: int) -> torch.Tensor:
+        model, native, dtype = self.model, self.native, self.dtype
+        heads, kv_heads, head_dim = self.heads, self.kv_heads, self.head_dim
+        freqs = model.freqs_cis  # [P, D/2] complex64 on the CPU, contiguous (rope_table)
+        freqs_at = freqs.data_ptr() + pos * freqs.stride(0) * freqs.element_size()  # [D/2] (cos, sin)
+        if self._scores.numel() <= pos:
+            self._scores = torch.empty(model.cache_len, dtype=torch.float32)
+        in_kernel = (pos + 1) * heads * head_dim <= ATTEND_LIMIT
+        normed, attended = self._normed, self._attended
+        # The residual stream, updated in place by every norm that adds a block's output to it.
+        residual = model.tok_embeddings(tokens)  # [1,1,dim]
+        if not self._fresh_embedding:
+            residual = residual.clone()
+        delta: torch.Tensor | None = None  # the last block's output, added by the next norm
+        for layer in self.layers:
+            self._add_norm(residual, delta, layer.attention_norm)
+            qkv = _ready(layer.qkv(normed), dtype)  # [1,1,(H+2K)*D]
+            cache = layer.attention.cache
+            k_ptr, v_ptr, cap = cache.k.data_ptr(), cache.v.data_ptr(), cache.k.shape[2]
+            native.rope_store(qkv.data_ptr(), freqs_at, k_ptr, v_ptr, pos, heads, kv_heads, head_dim, cap)
+            if in_kernel:
+                native.attend(
+                    qkv.data_ptr(), k_ptr, v_ptr, pos, heads, kv_heads, head_dim, cap,
+                    attended.data_ptr(), self._scores.data_ptr(),
+                )  # fmt: skip
+                out = attended
+            else:
+                q = qkv[..., : heads * head_dim].view(1, 1, heads, head_dim)
+                out = attend(q, cache.k[:1, :, : pos + 1], cache.v[:1, :, : pos + 1], None, 1)
+            self._add_norm(residual, _ready(layer.wo(out), dtype), layer.ffn_norm)
+            gate_up = _ready(layer.gate_up(normed), dtype)  # [1,1,2F]
+            hidden = self._hidden_for(gate_up.shape[-1] // 2)
+            native.silu_mul(gate_up.data_ptr(), hidden.data_ptr(), hidden.shape[-1])
+            delta = _ready(layer.w2(hidden), dtype)
+        self._add_norm(residual, delta, model.norm)
+        return model.output(normed).float()
+
+    def _hidden_for(self, size: int) -> torch.Tensor:
+        if self._hidden.shape[-1] != size:  # the FFN's own width, should it differ from args.hidden_dim
+            self._hidden = torch.empty(1, 1, size, dtype=self.dtype)
+        return self._hidden
+
+    def _add_norm(self, residual: torch.Tensor, delta: torch.Tensor | None, norm: torch.nn.Module) -> None:
+        """residual += delta (in place, rounded as torch's add rounds), then its RMSNorm into `_normed`."""
+        ptr = residual.data_ptr()
+        extra = None if delta is None else delta.data_ptr()
+        self.native.rms_norm(ptr, extra, norm.weight.data_ptr(), ptr, self._normed.data_ptr(), self.dim, norm.eps)
+
+    def __repr__(self) -> str:
+        return "FusedCpuStep()"
+
+
+def _ready(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """t as the kernels read it: contiguous, in the activations' dtype (a padded kernel returns a view)."""
+    if t.dtype != dtype:
+        t = t.to(dtype)
+    return t if t.is_contiguous() else t.contiguous()
