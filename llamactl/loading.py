@@ -104,12 +104,13 @@ class LoadedModel:
                 check(start + tokens.shape[1])
 
         self.model.register_forward_pre_hook(pre_hook)
-        if self.step is not None and not isinstance(self.step, EagerStep):
+        if self.step is not None and type(self.step) is not EagerStep:  # steps that may bypass forward()
             self.step = _WatchedStep(self.step, check)
 
 
 class _WatchedStep:
-    """A decode step that reports each position it runs (a replayed CUDA graph runs no hooks)."""
+    """A decode step that reports each position it runs (a replayed CUDA graph, or the fused CPU
+    step's own walk through the layers, runs no forward hooks)."""
 
     def __init__(self, inner: DecodeStep, check: Callable[[int], None]) -> None:
         self.inner, self.model, self.check = inner, inner.model, check

@@ -118,10 +118,12 @@ def _build() -> Path:
         src = Path(tmp) / SOURCE
         src.write_bytes(source)
         out = Path(tmp) / built.name
-        # fp16 where the compiler has _Float16 (gcc >= 12, clang on x86-64 / arm64); fp32 and bf16 always
-        for extra in (["-DLLAMACTL_F16"], []):
+        # fp16 where the compiler has _Float16 (gcc >= 12, clang on x86-64 / arm64; fp32 and bf16 always);
+        # -mcpu=native where -march=native is refused (Apple clang on arm64)
+        for extra in (["-DLLAMACTL_F16"], [], ["-DLLAMACTL_F16", "-mcpu=native"], ["-mcpu=native"]):
+            flags = [f for f in FLAGS if not (f == "-march=native" and "-mcpu=native" in extra)]
             done = subprocess.run(
-                [compiler, *FLAGS, *extra, str(src), "-o", str(out)], capture_output=True, text=True, timeout=300
+                [compiler, *flags, *extra, str(src), "-o", str(out)], capture_output=True, text=True, timeout=300
             )
             if done.returncode == 0:
                 break
