@@ -40,6 +40,7 @@ _SIGNATURES = {
     "silu_mul": [_V, _V, _L],
 }
 _SUFFIX = {torch.float32: "f32", torch.bfloat16: "bf16", torch.float16: "f16"}
+DTYPES = tuple(_SUFFIX)  # activation dtypes the kernels are built for (fp16 where the compiler has it)
 
 
 @dataclass(frozen=True)

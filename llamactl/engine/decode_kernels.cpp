@@ -72,12 +72,17 @@ inline vf vload(const _Float16* p) {
 }
 #endif
 
-inline float hsum(vf v) {
-    float x[16];
-    memcpy(x, &v, sizeof x);
-    for (int w = 8; w > 0; w /= 2)
+// The sum of LANES partial sums as a tree (not LANES dependent adds: one per key adds up); x is scratch.
+inline float tree_sum(float* x) {
+    for (int w = LANES / 2; w > 0; w /= 2)
         for (int l = 0; l < w; ++l) x[l] += x[l + w];
     return x[0];
+}
+
+inline float hsum(vf v) {
+    float x[LANES];
+    memcpy(x, &v, sizeof x);
+    return tree_sum(x);
 }
 
 template <typename T> inline float dot(const T* a, const T* b, int n) {
@@ -86,9 +91,7 @@ template <typename T> inline float dot(const T* a, const T* b, int n) {
     for (; i + LANES <= n; i += LANES)
         for (int l = 0; l < LANES; ++l) acc[l] += widen(a[i + l]) * widen(b[i + l]);
     for (; i < n; ++i) acc[0] += widen(a[i]) * widen(b[i]);
-    for (int w = LANES / 2; w > 0; w /= 2)  // a tree, not 16 dependent adds: one per key adds up
-        for (int l = 0; l < w; ++l) acc[l] += acc[l + w];
-    return acc[0];
+    return tree_sum(acc);
 }
 
 // max and sum of n floats in LANES independent lanes (a single running value does not vectorise)
@@ -109,9 +112,7 @@ inline float lane_sum(const float* x, long n) {
     for (; i + LANES <= n; i += LANES)
         for (int l = 0; l < LANES; ++l) acc[l] += x[i + l];
     for (; i < n; ++i) acc[0] += x[i];
-    for (int w = LANES / 2; w > 0; w /= 2)
-        for (int l = 0; l < w; ++l) acc[l] += acc[l + w];
-    return acc[0];
+    return tree_sum(acc);
 }
 
 // e^x to about 2 ulp (Cephes' expf: 2^n times a degree-7 polynomial on |r| <= ln2 / 2) in

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import torch
 
-from llamactl.engine.cpu_kernels import MAX_HEAD_DIM, Kernels
+from llamactl.engine.cpu_kernels import DTYPES, MAX_HEAD_DIM, Kernels
 from llamactl.engine.eager import EagerStep
 from llamactl.model import Transformer, attend
 
@@ -40,7 +40,7 @@ def fusable(model: Transformer) -> str | None:
     norms = [model.norm] + [n for layer in model.layers for n in (layer.attention_norm, layer.ffn_norm)]
     if any(n.weight.dtype != dtype or n.weight.device != device for n in norms):
         return "norm weights differ from the activations' dtype"
-    if dtype not in (torch.float32, torch.bfloat16, torch.float16):
+    if dtype not in DTYPES:
         return f"no native kernels for {dtype}"
     return None
 
