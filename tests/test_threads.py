@@ -15,7 +15,7 @@ import psutil
 import pytest
 import torch
 
-from llamactl.engine.cpu_kernels import load
+from llamactl.cpu.build import load
 from llamactl.threads import BUSY_ENV, WAIT_POLICY, apply_openmp_defaults, default_threads, physical_cores, set_threads
 from tests.cli._run import run_cli
 

@@ -9,7 +9,7 @@ loop takes a step as an argument and never looks at how it runs.
   linear layers are first swapped for oneDNN-packed ones (packed.py: twice the GEMV bandwidth).
 - `FusedCpuStep` (fused_cpu.py): on the CPU, the eager step that runs everything between the
   projections (norms, rotary, cache writes, attention, SiLU) in native kernels compiled once per
-  machine (cpu_kernels.py, decode_kernels.cpp): 8 calls a layer instead of ~45 small operators.
+  machine (llamactl/cpu: decode.py, decode_kernels.cpp): 8 calls a layer instead of ~45 small operators.
   What "eager" gives on a CPU whenever the kernels build; `LLAMACTL_FUSED=0` opts out.
 - `CudaGraphStep` (cuda_graph.py): the static-shape step captured once as a CUDA graph and
   replayed; CUDA only, plain (unquantized, fused) projections only.
@@ -34,8 +34,8 @@ from typing import Protocol
 
 import torch
 
+from llamactl.cpu.decode import kernels
 from llamactl.engine.compiled import CompiledStep, compilable
-from llamactl.engine.cpu_kernels import kernels
 from llamactl.engine.cuda_graph import CudaGraphStep, graphable
 from llamactl.engine.eager import EagerStep
 from llamactl.engine.fused_cpu import FusedCpuStep, fusable

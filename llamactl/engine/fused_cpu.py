@@ -3,7 +3,7 @@
 A one-token step of a 110M model on 2 cores spends about as long in small eager operators
 (RMSNorm's nine, casts, rotary, cache writes, attention's widening copies: a few microseconds
 of dispatch each) as in its matmuls. `FusedCpuStep` walks the layers itself and does everything
-between the projections in the kernels of decode_kernels.cpp (cpu_kernels): per layer one
+between the projections in the kernels of decode_kernels.cpp (llamactl/cpu): per layer one
 residual-add + RMSNorm, the qkv projection, rotary + cache store, attention, the output
 projection, add + RMSNorm, the w1|w3 projection, SiLU * up, w2. The projections are the
 model's own modules (packed, quantized or plain), so every weight scheme gets the step.
@@ -18,12 +18,15 @@ from __future__ import annotations
 
 import torch
 
-from llamactl.engine.cpu_kernels import DTYPES, MAX_HEAD_DIM, Kernels
+from llamactl.cpu.build import threads as cpu_threads
+from llamactl.cpu.decode import DTYPES, MAX_HEAD_DIM, Kernels
 from llamactl.engine.eager import EagerStep
 from llamactl.model import Transformer, attend
 
-# Attention over more than this many query-head x position x head-dim values goes to torch's
-# threaded SDPA: the kernel is single-threaded (see decode_kernels.cpp). Below it the kernel wins.
+# Where the kernels cannot share torch's threads (`cpu.build.threads`: one thread), attention over
+# more than this many query-head x position x head-dim values goes to torch's threaded SDPA; below
+# it the one-thread kernel wins. On torch's threads the kernel won at every length measured (MHA
+# 12 x 64 and GQA 32 / 8 x 128, fp32 and bf16, 128 to 4096 positions, 2 threads: 1.0-2.9x).
 ATTEND_LIMIT = 1 << 18
 
 
@@ -82,7 +85,7 @@ class FusedCpuStep(EagerStep):
         self._normed = torch.empty(1, 1, self.dim, dtype=self.dtype)
         self._attended = torch.empty(1, 1, self.heads * self.head_dim, dtype=self.dtype)
         self._hidden = torch.empty(1, 1, args.hidden_dim, dtype=self.dtype)
-        self._scores = torch.empty(0, dtype=torch.float32)  # attention's scratch, one float per position
+        self._scores = torch.empty(0, dtype=torch.float32)  # attention's scratch, a float per head and position
 
     def __call__(self, tokens: torch.Tensor, pos: int) -> torch.Tensor:
         model = self.model
@@ -104,9 +107,10 @@ class FusedCpuStep(EagerStep):
         heads, kv_heads, head_dim = self.heads, self.kv_heads, self.head_dim
         freqs = model.freqs_cis  # [P, D/2] complex64 on the CPU, contiguous (rope_table)
         freqs_at = freqs.data_ptr() + pos * freqs.stride(0) * freqs.element_size()  # [D/2] (cos, sin)
-        if self._scores.numel() <= pos:
-            self._scores = torch.empty(model.cache_len, dtype=torch.float32)
-        in_kernel = (pos + 1) * heads * head_dim <= ATTEND_LIMIT
+        if self._scores.numel() < heads * (pos + 1):
+            self._scores = torch.empty(heads * model.cache_len, dtype=torch.float32)
+        threads = cpu_threads()
+        in_kernel = threads >= torch.get_num_threads() or (pos + 1) * heads * head_dim <= ATTEND_LIMIT
         normed, attended = self._normed, self._attended
         # The residual stream, updated in place by every norm that adds a block's output to it.
         residual = model.tok_embeddings(tokens)  # [1,1,dim]
@@ -122,7 +126,7 @@ class FusedCpuStep(EagerStep):
             if in_kernel:
                 native.attend(
                     qkv.data_ptr(), k_ptr, v_ptr, pos, heads, kv_heads, head_dim, cap,
-                    attended.data_ptr(), self._scores.data_ptr(),
+                    attended.data_ptr(), self._scores.data_ptr(), threads,
                 )  # fmt: skip
                 out = attended
             else:

@@ -40,6 +40,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from llamactl import dtypes
+from llamactl.cpu import matvec
 from llamactl.errors import CheckpointError, MissingDependencyError
 from llamactl.quantize.native_layout import WEIGHT, block_bytes, packed_shape
 from llamactl.quantize.spec import QuantSpec
@@ -122,6 +123,9 @@ class Kernel:
     name: str
     run: Callable[[torch.Tensor], torch.Tensor]
     nbytes: int  # bytes the repacked weight holds
+    # run(x) with the output dtype asked (fp32 for a head's logits), for kernels that write it
+    # directly: rounding to the compute dtype first would lose what fp32 logits keep
+    run_to: Callable[[torch.Tensor, torch.dtype], torch.Tensor] | None = None
 
 
 # Prefill from this many rows on dequantizes a q4 weight for one dense matmul instead: tinygemm's
@@ -293,7 +297,48 @@ def _dequantized(packed: torch.Tensor, spec: QuantSpec, compute: torch.dtype) ->
     return Kernel("dequantized", lambda x: F.linear(x, w), w.nbytes)
 
 
+# From this many rows on, a q4 / q8 "vnni" weight is dequantized (`DENSE_CHUNK` weights at a
+# time) for one dense matmul: the matvec kernel's cost grows with every row, a bf16 matmul's
+# hardly (AMX / AVX512-BF16), once the dequantizing is shared by enough rows.
+VNNI_DENSE_ROWS = 16
+
+
+def _vnni(bits: int) -> Callable[[torch.Tensor, QuantSpec, torch.dtype], Kernel]:
+    return lambda packed, spec, compute: _vnni_kernel(packed, spec, compute, bits)
+
+
+def _vnni_kernel(packed: torch.Tensor, spec: QuantSpec, compute: torch.dtype, bits: int) -> Kernel:
+    """GGUF's blocks, rows interleaved 16 at a time (`matvec.repack`), for matvec_kernels.cpp (as
+    llama.cpp runs Q4_0 / Q8_0): int8 dot products against activations quantized per 32-value
+    block, so the error is the weights' own plus ~0.5% (relative) from the activations' 8 bits,
+    where tinygemm (q4) computes with bf16 activations and fbgemm (q8) re-quantizes the weights
+    per row. Holds the file's bytes. Longer inputs (prefill) dequantize into dense matmuls.
+    """
+    if spec.bits != bits:
+        raise ValueError(f"the q{bits} matvec kernel runs {bits}-bit blocks, not {spec.scheme}")
+    if spec.group_size != matvec.BLOCK or not matvec.available(bits, compute):
+        raise RuntimeError(f"no q{bits} matvec kernel for blocks of {spec.group_size} in {compute} here")
+    n = packed.shape[0]
+    payload, scales = matvec.repack(*_split(packed, spec))
+    k = scales.shape[1] * matvec.BLOCK
+    chunk = max(1, DENSE_CHUNK // k // matvec.GROUP_ROWS)  # row groups dequantized at a time
+
+    def run_to(x: torch.Tensor, out: torch.dtype) -> torch.Tensor:
+        if x.shape[0] < VNNI_DENSE_ROWS:
+            return matvec.matvec(bits, payload, scales, n, x.contiguous(), out)
+        parts = [
+            F.linear(x, matvec.dequantize(payload[i : i + chunk], scales[i : i + chunk], bits, x.dtype))
+            for i in range(0, scales.shape[0], chunk)
+        ]
+        y = parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)
+        return y[:, :n]
+
+    return Kernel(f"q{bits}-vnni", lambda x: run_to(x, x.dtype), payload.nbytes + scales.nbytes, run_to)
+
+
 _BUILDERS: dict[str, Callable[[torch.Tensor, QuantSpec, torch.dtype], Kernel]] = {
+    "q4-vnni": _vnni(4),
+    "q8-vnni": _vnni(8),
     "int4-cpu": _int4_cpu,
     "int4-cuda": _int4_cuda,
     "int8-split": _int8_split_cpu,
@@ -310,9 +355,12 @@ def kernel_candidates(spec: QuantSpec, device: torch.device) -> list[str]:
     if compute == "fp32" or device.type not in ("cpu", "cuda"):
         return ["dequantized"]  # the weight-only kernels are slow or absent in fp32
     if device.type == "cpu":
+        vnni = f"q{spec.bits}-vnni"  # where built (AVX512-VNNI) and the shape fits; else the next
         if spec.bits == 8:
-            return ["int8-fbgemm", "int8-split", "dequantized"] if compute == "bf16" else ["int8-rows", "dequantized"]
-        return ["int4-cpu", "dequantized"] if compute == "bf16" else ["dequantized"]  # fp16 int4: 20x slower
+            torch_kernels = ["int8-fbgemm", "int8-split"] if compute == "bf16" else ["int8-rows"]
+        else:
+            torch_kernels = ["int4-cpu"] if compute == "bf16" else []  # fp16 int4: 20x slower
+        return [vnni, *torch_kernels, "dequantized"]
     if spec.bits == 8:
         return ["int8-rows", "dequantized"]
     return ["int4-cuda", "dequantized"] if compute == "bf16" else ["dequantized"]
@@ -381,13 +429,14 @@ class NativeLinear(nn.Module):
         rows = torch.cat([_meta_rows(p, device) for p in parts]) if len(parts) > 1 else _meta_rows(parts[0], device)
         impl = build_kernel(rows, spec, device, kernel)
         del rows
-        self.kernel, self._run, self.held_bytes = impl.name, impl.run, impl.nbytes
+        self.kernel, self._run, self._run_to, self.held_bytes = impl.name, impl.run, impl.run_to, impl.nbytes
         self.out_dtype: torch.dtype | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, self.in_features)
-        y = self._run(flat if flat.dtype == self.compute else flat.to(self.compute))
+        flat = flat if flat.dtype == self.compute else flat.to(self.compute)
         want = self.out_dtype or x.dtype
+        y = self._run_to(flat, want) if self._run_to is not None else self._run(flat)
         return (y if y.dtype == want else y.to(want)).view(*x.shape[:-1], self.out_features)
 
     @property

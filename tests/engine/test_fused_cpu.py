@@ -9,7 +9,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from llamactl.engine import FUSED_ENV, EagerStep, FusedCpuStep, choose_step, cpu_kernels, fused_cpu
+from llamactl.cpu import build as cpu_build
+from llamactl.cpu.decode import kernels
+from llamactl.engine import FUSED_ENV, EagerStep, FusedCpuStep, choose_step, fused_cpu
 from llamactl.loading import load_for_generation, quantize_model
 from llamactl.model import Transformer
 from llamactl.quantize import get_scheme
@@ -19,7 +21,7 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def _need_kernels(dtype: torch.dtype) -> None:
-    if cpu_kernels.kernels(dtype) is None:
+    if kernels(dtype) is None:
         pytest.skip(f"no native decode kernels for {dtype} here (no C++ compiler, or it lacks that type)")
 
 
@@ -90,18 +92,32 @@ def test_fused_step_runs_every_weight_scheme(scheme: str) -> None:
         assert (got - want).abs().max().item() <= 0.02 * _spread(want)
 
 
-def test_long_attention_goes_to_torch_and_agrees(monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("shared", [False, True])
+def test_long_attention_goes_to_torch_unless_the_kernel_has_torchs_threads(
+    monkeypatch: pytest.MonkeyPatch, shared: bool
+) -> None:
+    """A kernel library without torch's OpenMP pool (one thread) hands attention past ATTEND_LIMIT
+    to torch's threaded SDPA; one on torch's threads keeps it. The logits agree either way."""
     _need_kernels(torch.float32)
+    if shared and not cpu_build.shares_torch_threads():
+        pytest.skip("the kernels do not share torch's threads here (no OpenMP build, or another runtime)")
     plain, model = _pair(torch.float32)
     step = choose_step(model.fuse_projections(), "eager")
     prompt = torch.randint(0, 320, (1, 9), generator=torch.Generator().manual_seed(2))
     limit = 12 * model.args.n_heads * model.args.head_dim  # positions 0..11 in the kernel, then torch
     monkeypatch.setattr(fused_cpu, "ATTEND_LIMIT", limit)
+    if not shared:
+        monkeypatch.setattr(fused_cpu, "cpu_threads", lambda: 1)
     calls, torch_attend = [], fused_cpu.attend
     monkeypatch.setattr(fused_cpu, "attend", lambda *a: calls.append(1) or torch_attend(*a))
-    for want, got in _teacher_forced(plain, model, step, prompt, 8):
-        assert (got - want).abs().max().item() <= 1e-5 * _spread(want)
-    assert len(calls) == 5 * model.args.n_layers  # positions 12..16, in every layer
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        for want, got in _teacher_forced(plain, model, step, prompt, 8):
+            assert (got - want).abs().max().item() <= 1e-5 * _spread(want)
+    finally:
+        torch.set_num_threads(before)
+    assert len(calls) == (0 if shared else 5 * model.args.n_layers)  # positions 12..16, in every layer
 
 
 def test_what_the_kernels_do_not_cover_runs_the_plain_forward() -> None:
@@ -140,31 +156,31 @@ def test_stories260k_fused_reproduces_llama2c_golden_output(stories_dir: Path) -
 def test_no_compiler_means_torch_operators_and_one_warning(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    monkeypatch.setattr(cpu_kernels, "_LOADED", {})
-    monkeypatch.setenv(cpu_kernels.CACHE_ENV, str(tmp_path / "kernels"))
+    monkeypatch.setattr(cpu_build, "_LOADED", {})
+    monkeypatch.setenv(cpu_build.CACHE_ENV, str(tmp_path / "kernels"))
     monkeypatch.setenv("CXX", str(tmp_path / "no-such-compiler"))
     _, model = _pair(torch.float32)
-    with caplog.at_level(logging.WARNING, logger="llamactl.engine.cpu_kernels"):
+    with caplog.at_level(logging.WARNING, logger="llamactl.cpu.build"):
         step = choose_step(model.fuse_projections(), "eager")
         choose_step(model, "eager")
     assert type(step) is EagerStep
     warnings = [r.getMessage() for r in caplog.records]
-    assert len(warnings) == 1 and "native decode kernels unavailable" in warnings[0], warnings
+    assert len(warnings) == 1 and "native CPU kernels unavailable" in warnings[0], warnings
     assert not (tmp_path / "kernels").exists() or not any((tmp_path / "kernels").glob("*.so"))
 
 
 def test_a_build_is_cached_and_reused(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     """Built once into the kernel cache (nothing else left there); a later process loads that file."""
-    if cpu_kernels.load() is None:
+    if cpu_build.load() is None:
         pytest.skip("no C++ compiler here")
-    monkeypatch.setenv(cpu_kernels.CACHE_ENV, str(tmp_path / "kernels"))
-    monkeypatch.setattr(cpu_kernels, "_LOADED", {})
-    assert cpu_kernels.load() is not None
+    monkeypatch.setenv(cpu_build.CACHE_ENV, str(tmp_path / "kernels"))
+    monkeypatch.setattr(cpu_build, "_LOADED", {})
+    assert cpu_build.load() is not None
     built = list((tmp_path / "kernels").iterdir())
     assert len(built) == 1 and built[0].suffix == ".so"  # no staging directory left behind
     first = built[0].stat()
-    monkeypatch.setattr(cpu_kernels, "_LOADED", {})
-    assert cpu_kernels.load() is not None
+    monkeypatch.setattr(cpu_build, "_LOADED", {})
+    assert cpu_build.load() is not None
     again = built[0].stat()
     assert list((tmp_path / "kernels").iterdir()) == built
     assert (again.st_ino, again.st_mtime_ns) == (first.st_ino, first.st_mtime_ns)  # not rebuilt

@@ -52,10 +52,15 @@ def test_a_tied_head_is_not_packed_twice() -> None:
     assert model.output.weight.data_ptr() == model.tok_embeddings.weight.data_ptr()
 
 
-def test_gemv_linear_computes_the_product_for_one_row_and_many() -> None:
-    """W @ x for one row, F.linear for more: both the fp32 product of the bf16 values, rounded once."""
-    linear = torch.nn.Linear(96, 40, bias=False).to(torch.bfloat16)
+@pytest.mark.parametrize("native", [True, False])
+def test_gemv_linear_computes_the_product_for_one_row_and_many(native: bool) -> None:
+    """One row through the native bf16 matvec (where built) or W @ x, more through F.linear: all
+    the fp32 product of the bf16 values, rounded once (96 inputs: the native kernel's masked tail)."""
+    linear = torch.nn.Linear(96, 42, bias=False).to(torch.bfloat16)
     gemv = GemvLinear(linear)
+    if native and not gemv.native:
+        pytest.skip("no native bf16 matvec on this CPU (AVX512-BF16)")
+    gemv.native = native
     assert gemv.weight is linear.weight and list(gemv.state_dict()) == ["weight"]
     x = torch.randn(3, 5, 96, generator=torch.Generator().manual_seed(2)).to(torch.bfloat16)
     for rows in (x[:1, :1], x[1], x):

@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 import torch
 
+from llamactl.cpu import matvec
 from llamactl.errors import UsageError
 from llamactl.generate import decode_one, prefill
 from llamactl.loading import load_model, quantize_model
@@ -28,7 +29,18 @@ from llamactl.sampling import greedy
 
 CPU = torch.device("cpu")
 GGML = {"q8": gguf.GGMLQuantizationType.Q8_0, "q4": gguf.GGMLQuantizationType.Q4_0}
-TOLERANCE = {"q8": 2e-2, "q4": 1e-2}  # exact-value kernels (int4-cpu, int8-split) meet 1e-2 too
+# of the largest output: kernels that quantize activations to 8 bits (fbgemm, int8-rows' per-row
+# weights, the vnni ones) 2e-2; the exact-value ones (int4-cpu, int8-split, dequantized) 1e-2
+EIGHT_BIT_X_TOLERANCE, EXACT_TOLERANCE = 2e-2, 1e-2
+
+
+def default_kernel(scheme: str, in_features: int) -> str:
+    """The CPU kernel a bf16-compute weight gets: the vnni matvec where this machine builds it (and
+    the blocks are GGUF's 32), else torch's (fbgemm / tinygemm)."""
+    bits = QuantSpec(scheme).bits
+    if matvec.available(bits, torch.bfloat16) and in_features % matvec.BLOCK == 0:
+        return f"{scheme}-vnni"
+    return "int8-fbgemm" if scheme == "q8" else "int4-cpu"
 
 
 def awkward_weight(rows: int = 96, cols: int = 256, seed: int = 0) -> torch.Tensor:
@@ -97,11 +109,17 @@ def test_kernels_match_dequantize_then_matmul(scheme: str, kernel: str) -> None:
         "cuda" in kernel
         or (kernel.startswith("int4") and scheme == "q8")
         or (kernel.startswith("int8") and scheme == "q4")
+        or (kernel.endswith("-vnni") and not kernel.startswith(scheme))
     ):
         pytest.skip(f"{kernel} does not run {scheme} on the CPU")
+    if kernel.endswith("-vnni") and not matvec.available(QuantSpec(scheme).bits, torch.bfloat16):
+        pytest.skip(f"{kernel}: this CPU (or compiler) has no AVX512-VNNI")
     # 72 rows: the int4 CPU pack pads to a multiple of 16. The per-row kernels re-quantize each
     # row to one scale, which the awkward outlier rows would defeat: they get plain weights.
+    # The vnni kernels quantize activations to 8 bits per block of 32 (as llama.cpp does): the
+    # awkward rows' outliers meet x's rounding, so they are held to the 8-bit tolerance too.
     per_row = kernel in ("int8-fbgemm", "int8-rows")
+    eight_bit_x = per_row or kernel.endswith("-vnni")
     w = torch.randn(72, 256) * 0.05 if per_row else awkward_weight(rows=72)
     tensor = BACKEND.quantize(w, QuantSpec(scheme), None, CPU)
     module = NativeLinear(tensor, CPU, kernel)
@@ -112,7 +130,7 @@ def test_kernels_match_dequantize_then_matmul(scheme: str, kernel: str) -> None:
         want = x @ reference.T
         got = module(x)
         assert got.shape == want.shape and got.dtype == x.dtype
-        tolerance = TOLERANCE[scheme] if per_row else 1e-2
+        tolerance = EIGHT_BIT_X_TOLERANCE if eight_bit_x else EXACT_TOLERANCE
         assert (got - want).abs().max() <= tolerance * want.abs().max()
 
 
@@ -162,10 +180,54 @@ def test_q4_long_prefill_runs_dense_and_computes_what_the_kernel_does(monkeypatc
     torch.testing.assert_close(module(x), got, rtol=1e-3, atol=1e-3 * float(want.abs().max()))
 
 
-@pytest.mark.parametrize(("scheme", "kernel"), [("q8", "int8-fbgemm"), ("q8", "int8-split"), ("q4", "int4-cpu")])
+@pytest.mark.parametrize("scheme", ["q8", "q4"])
+def test_vnni_prefill_runs_dense_and_computes_what_the_kernel_does(
+    monkeypatch: pytest.MonkeyPatch, scheme: str
+) -> None:
+    """From VNNI_DENSE_ROWS rows on, a vnni weight is dequantized from its interleaved layout for
+    dense matmuls (`DENSE_CHUNK` weights at a time): the dequantize-then-matmul reference within
+    1e-2 (bf16 rounding), and the matvec row by row within the 8-bit tolerance."""
+    from llamactl.quantize import native
+
+    if not matvec.available(QuantSpec(scheme).bits, torch.bfloat16):
+        pytest.skip("no AVX512-VNNI build here")
+    tensor = BACKEND.quantize(awkward_weight(rows=40), QuantSpec(scheme), None, CPU)  # 40: padded groups
+    module = NativeLinear(tensor, CPU, f"{scheme}-vnni")
+    x = torch.randn(native.VNNI_DENSE_ROWS + 2, 256, generator=torch.Generator().manual_seed(3))
+    want = x @ BACKEND.dequantize(tensor, torch.float32).T
+    got = module(x)
+    by_rows = torch.cat([module(part) for part in x.split(native.VNNI_DENSE_ROWS - 1)])
+    assert got.shape == want.shape
+    assert (got - want).abs().max() <= EXACT_TOLERANCE * want.abs().max()
+    assert (by_rows - want).abs().max() <= EIGHT_BIT_X_TOLERANCE * want.abs().max()
+    monkeypatch.setattr(native, "DENSE_CHUNK", 16 * 256)  # one group of 16 rows at a time
+    chunked = NativeLinear(tensor, CPU, f"{scheme}-vnni")
+    torch.testing.assert_close(chunked(x), got, rtol=0, atol=0)
+
+
+def test_a_vnni_head_writes_fp32_logits_itself() -> None:
+    """out_dtype fp32 (a head): the kernel writes fp32, not bf16 widened afterwards."""
+    if not matvec.available(8, torch.bfloat16):
+        pytest.skip("no AVX512-VNNI build here")
+    tensor = BACKEND.quantize(torch.randn(48, 256) * 0.05, QuantSpec("q8"), None, CPU)
+    module = NativeLinear(tensor, CPU, "q8-vnni")
+    x = torch.randn(1, 256).to(torch.bfloat16)
+    wide = module(x).float()
+    module.out_dtype = torch.float32
+    got = module(x)
+    assert got.dtype == torch.float32
+    assert torch.equal(got.to(torch.bfloat16).float(), wide) and not torch.equal(got, wide)
+
+
+@pytest.mark.parametrize(
+    ("scheme", "kernel"),
+    [("q8", "int8-fbgemm"), ("q8", "int8-split"), ("q4", "int4-cpu"), ("q8", "q8-vnni"), ("q4", "q4-vnni")],
+)
 def test_a_joined_kernel_computes_its_parts_side_by_side(scheme: str, kernel: str) -> None:
     """wq|wk|wv as one kernel: each part's columns equal that part's own kernel (rows 40, 24, 24:
     the int4 pack pads each to 16 separately but the join only once)."""
+    if kernel.endswith("-vnni") and not matvec.available(QuantSpec(scheme).bits, torch.bfloat16):
+        pytest.skip("no AVX512-VNNI build here")
     spec = QuantSpec(scheme)
     parts = [
         BACKEND.quantize(torch.randn(rows, 256) * 0.05, spec, heads, CPU)
@@ -214,9 +276,9 @@ def test_fp32_compute_is_exactly_the_reference() -> None:
 
 
 def test_default_kernels_compute_in_bf16() -> None:
-    for scheme, kernel in (("q8", "int8-fbgemm"), ("q4", "int4-cpu")):
+    for scheme in ("q8", "q4"):
         module = BACKEND.linear(BACKEND.quantize(awkward_weight(), QuantSpec(scheme), None, CPU), CPU)
-        assert module.kernel == kernel and module.compute == torch.bfloat16
+        assert module.kernel == default_kernel(scheme, 256) and module.compute == torch.bfloat16
         assert module.nbytes < 96 * 256 * 2  # narrower than the bf16 weight
 
 
@@ -304,9 +366,9 @@ def test_stories_greedy_equals_dequantized_reference(stories_dir: Path, scheme: 
         fast = load_model(stories_dir, device="cpu", dtype=dtype, quant=QuantSpec(scheme))
         assert fast.dtype == torch.float32 if dtype else fast.dtype == torch.bfloat16
         kernels = {m.kernel for m in fast.model.layers.modules() if isinstance(m, NativeLinear)}
-        assert kernels == {"int8-fbgemm" if scheme == "q8" else "int4-cpu"}
+        assert kernels == {default_kernel(scheme, 64)}  # every projection quantized has dim 64 inputs
         head = fast.model.output  # q8 whatever the blocks' scheme, as llama.cpp's quantizer does
-        assert isinstance(head, NativeLinear) and (head.scheme, head.kernel) == ("q8", "int8-fbgemm")
+        assert isinstance(head, NativeLinear) and (head.scheme, head.kernel) == ("q8", default_kernel("q8", 64))
         assert isinstance(reference.model.output, NativeLinear) and reference.model.output.kernel == "dequantized"
         got, logits = _greedy(fast, prompt, steps, forced=want)
         near = (0.01 if dtype else 0.02) * spread

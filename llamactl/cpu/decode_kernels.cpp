@@ -5,9 +5,9 @@
 // matmuls; these kernels do that work in four calls per layer. Each keeps the eager path's
 // arithmetic: fp32 inside, results rounded to the activations' dtype (T) exactly where the
 // torch operators round them, so a bf16 step gives the logits of the eager bf16 step to within
-// summation order. Plain C++ with no torch headers: it compiles in about a second. Single-
-// threaded on purpose: a second OpenMP runtime next to torch's would fight it for the cores;
-// the caller hands attention over long contexts to torch's threaded SDPA instead.
+// summation order. Plain C++ with no torch headers: it compiles in about a second. Attention
+// splits its query heads over `threads` OpenMP threads: torch's own pool, since the library
+// links the libgomp torch loaded (build.py); the other kernels are too short to share.
 #include <math.h>
 #include <stdint.h>
 #include <string.h>
@@ -166,13 +166,18 @@ template <typename T> void rope_store(T* qkv, const float* freqs, T* kc, T* vc, 
 }
 
 // out [H*D] = softmax(q k^T / sqrt(D)) v for the H query heads at the front of qkv over cache
-// positions 0..pos; query head h reads kv head h / (H/K) (Meta's repeat_kv). scores: pos+1 floats.
+// positions 0..pos; query head h reads kv head h / (H/K) (Meta's repeat_kv). scratch: H * (pos+1)
+// floats. One thread reads a head's keys and values at the bandwidth one core gets: a long
+// context wants them all.
 template <typename T>
-void attend(const T* qkv, const T* kc, const T* vc, long pos, int H, int K, int D, long cap, T* out, float* scores) {
+void attend(const T* qkv, const T* kc, const T* vc, long pos, int H, int K, int D, long cap, T* out, float* scratch,
+            int threads) {
     const int group = H / K;
     const float scale = 1.0f / sqrtf((float)D);
     const int chunks = D / 16;  // whole vectors per head (D % 16 == 0), else the scalar loops
+#pragma omp parallel for schedule(static) num_threads(threads)
     for (int h = 0; h < H; ++h) {
+        float* scores = scratch + (long)h * (pos + 1);
         const T* q = qkv + (long)h * D;
         const T* keys = kc + (long)(h / group) * cap * D;
         const T* values = vc + (long)(h / group) * cap * D;
@@ -231,8 +236,8 @@ template <typename T> void silu_mul(const T* gu, T* out, long F) {
         rope_store<T>((T*)qkv, freqs, (T*)kc, (T*)vc, pos, H, K, D, cap);                                  \
     }                                                                                                     \
     extern "C" void attend_##SUFFIX(const void* qkv, const void* kc, const void* vc, long pos, int H, int K, \
-                                    int D, long cap, void* out, float* scores) {                          \
-        attend<T>((const T*)qkv, (const T*)kc, (const T*)vc, pos, H, K, D, cap, (T*)out, scores);          \
+                                    int D, long cap, void* out, float* scratch, int threads) {            \
+        attend<T>((const T*)qkv, (const T*)kc, (const T*)vc, pos, H, K, D, cap, (T*)out, scratch, threads); \
     }                                                                                                     \
     extern "C" void silu_mul_##SUFFIX(const void* gu, void* out, long F) { silu_mul<T>((const T*)gu, (T*)out, F); }
 

@@ -1,0 +1,126 @@
+"""Bindings of the quantized matvec kernels (matvec_kernels.cpp): GGUF Q4_0 / Q8_0 weights times
+a few activation rows, with activations quantized per 32-value block to int8 (as llama.cpp does).
+
+`repack` turns a weight's blocks into the kernels' row-interleaved layout (same bytes, 16 rows
+per group, see the .cpp), `dequantize` gives rows of it back in a float dtype (for a long
+prefill's dense matmul), `matvec` runs it. Built only where the compiler targets AVX512-VNNI
+(`available`); callers keep torch's kernels elsewhere.
+"""
+
+from __future__ import annotations
+
+import ctypes
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+
+from llamactl.cpu.build import load, threads
+
+GROUP_ROWS = 16  # weight rows interleaved in one group: one zmm lane each
+BLOCK = 32  # values per block (Q4_0 / Q8_0): in features must be a multiple
+_SUFFIX = {torch.float32: "f32", torch.bfloat16: "bf16", torch.float16: "f16"}
+_V, _L = ctypes.c_void_p, ctypes.c_long
+_ARGTYPES = [_V, _V, _V, _V, _L, _L, _L, ctypes.c_int]
+_FOUND: dict[tuple[int, torch.dtype, torch.dtype], Callable[..., None] | None] = {}
+
+
+def _kernel(bits: int, x_dtype: torch.dtype, y_dtype: torch.dtype) -> Callable[..., None] | None:
+    key = (bits, x_dtype, y_dtype)
+    if key not in _FOUND:
+        lib = load()
+        name = f"matvec_q{bits}_{_SUFFIX.get(x_dtype)}_{_SUFFIX.get(y_dtype)}"
+        fn = getattr(lib, name, None) if lib is not None else None
+        if fn is not None:
+            fn.argtypes, fn.restype = _ARGTYPES, None
+        _FOUND[key] = fn
+    return _FOUND[key]
+
+
+def _bf16_kernel(y_dtype: torch.dtype) -> Callable[..., None] | None:
+    key = (16, torch.bfloat16, y_dtype)
+    if key not in _FOUND:
+        lib = load()
+        fn = getattr(lib, f"matvec_bf16_{_SUFFIX.get(y_dtype)}", None) if lib is not None else None
+        if fn is not None:
+            fn.argtypes, fn.restype = [_V, _V, _V, _L, _L, _L, ctypes.c_int], None
+        _FOUND[key] = fn
+    return _FOUND[key]
+
+
+def bf16_available() -> bool:
+    """Whether this machine's build has the bf16 matvec (AVX512-BF16)."""
+    return _bf16_kernel(torch.bfloat16) is not None
+
+
+def matvec_bf16(weight: torch.Tensor, x: torch.Tensor, y_dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+    """x [M, K] @ weight.T -> [M, N] (bf16 or fp32) for a contiguous bf16 weight [N, K] and bf16 x,
+    accumulated in fp32 (vdpbf16ps)."""
+    want = y_dtype if y_dtype == torch.float32 else torch.bfloat16
+    fn = _bf16_kernel(want)
+    if fn is None:
+        raise RuntimeError("no bf16 matvec kernel on this machine")
+    n, k = int(weight.shape[0]), int(weight.shape[1])
+    y = torch.empty(x.shape[0], n, dtype=want)
+    fn(weight.data_ptr(), x.data_ptr(), y.data_ptr(), x.shape[0], n, k, threads())
+    return y
+
+
+def available(bits: int, dtype: torch.dtype) -> bool:
+    """Whether this machine's build has the kernel for `bits`-bit blocks and `dtype` activations."""
+    return _kernel(bits, dtype, dtype) is not None
+
+
+def out_dtype(x_dtype: torch.dtype, wanted: torch.dtype | None) -> torch.dtype:
+    """The dtype `matvec` writes for `wanted`: fp32 or the activations' own (nothing else is built)."""
+    return wanted if wanted in (torch.float32, x_dtype) else x_dtype
+
+
+def matvec(
+    bits: int, payload: torch.Tensor, scales: torch.Tensor, n: int, x: torch.Tensor, y_dtype: torch.dtype
+) -> torch.Tensor:
+    """x [M, K] @ W.T -> [M, N] in `out_dtype(x.dtype, y_dtype)` for `repack`'s (payload, scales)
+    of a weight of N rows; contiguous CPU tensors only."""
+    k = int(x.shape[1])
+    want = out_dtype(x.dtype, y_dtype)
+    fn = _kernel(bits, x.dtype, want)
+    if fn is None:
+        raise RuntimeError(f"no q{bits} matvec kernel for {x.dtype} -> {want} on this machine")
+    y = torch.empty(x.shape[0], n, dtype=want)
+    fn(payload.data_ptr(), scales.data_ptr(), x.data_ptr(), y.data_ptr(), x.shape[0], n, k, threads())
+    return y
+
+
+def repack(d: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(payload, scales) in the kernels' layout from fp16 block scales d [N, K/32] and block values
+    [N, K/32, 32] (Q8_0: int8 q; Q4_0: uint8 u in 0..15, the value u - 8). Rows pad to 16 with
+    zero scales.
+
+    payload: Q8_0 [N/16, K/4, 16, 4] int8, Q4_0 [N/16, K/8, 16, 4] bytes (values 8s+i low nibble,
+    8s+4+i high); scales [N/16, K/32, 16] fp16.
+    """
+    n, blocks = int(d.shape[0]), int(d.shape[1])
+    k, pad = blocks * BLOCK, -int(d.shape[0]) % GROUP_ROWS
+    groups = (n + pad) // GROUP_ROWS
+    scales = F.pad(d, (0, 0, 0, pad)).view(groups, GROUP_ROWS, blocks).permute(0, 2, 1).contiguous()
+    v = F.pad(values.reshape(n, k).view(torch.uint8), (0, 0, 0, pad))
+    if values.dtype == torch.int8:  # Q8_0
+        payload = v.view(groups, GROUP_ROWS, k // 4, 4).permute(0, 2, 1, 3).contiguous()
+    else:
+        pairs = v.view(n + pad, k // 8, 2, 4)
+        payload = pairs[:, :, 0] | (pairs[:, :, 1] << 4)
+        payload = payload.view(groups, GROUP_ROWS, k // 8, 4).permute(0, 2, 1, 3).contiguous()
+    return payload, scales
+
+
+def dequantize(payload: torch.Tensor, scales: torch.Tensor, bits: int, dtype: torch.dtype) -> torch.Tensor:
+    """W [groups * 16, K] in `dtype` from (a slice of groups of) `repack`'s layout."""
+    groups, blocks = int(scales.shape[0]), int(scales.shape[1])
+    rows, k = groups * GROUP_ROWS, blocks * BLOCK
+    if bits == 8:
+        q = payload.view(torch.int8).permute(0, 2, 1, 3).reshape(rows, blocks, BLOCK)
+    else:
+        u = torch.stack([payload & 0x0F, payload >> 4], dim=2)  # [groups, K/8, 2, 16, 4]
+        q = u.permute(0, 3, 1, 2, 4).reshape(rows, blocks, BLOCK).view(torch.int8).sub_(8)
+    d = scales.permute(0, 2, 1).reshape(rows, blocks, 1).to(dtype)
+    return torch.mul(q, d).view(rows, k)

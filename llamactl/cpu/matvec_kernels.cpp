@@ -1,0 +1,216 @@
+// Matrix-vector products for decode on the CPU: GGUF Q4_0 / Q8_0 weights (and bf16 ones, at the
+// end) times a few rows of activations (llamactl/cpu/matvec.py repacks the weights and calls
+// these through ctypes).
+//
+// Arithmetic, as llama.cpp runs Q4_0 / Q8_0: each 32-value block of an activation row is
+// quantized to int8 with its own scale (ggml's quantize_row_q8_0: d = amax / 127, q = roundf(x / d)),
+// a block's product is an exact int32 dot product of int8 values, scaled in fp32 by the weight's
+// fp16 block scale times the activation's. vpdpbusd (AVX512-VNNI: 64 multiply-adds an instruction)
+// multiplies unsigned by signed bytes, so the weights enter unsigned: Q4_0's nibbles u (value
+// u - 8) as they are, Q8_0's q as q + 128 (q ^ 0x80); offset x the block's activation sum is
+// subtracted from the int32 sum, exactly.
+//
+// Layout (matvec.py's `repack`): rows in groups of 16, one zmm lane per row, so one vpdpbusd does
+// 4 values of 16 rows and a block ends in 16 int32 sums, no horizontal reduction:
+//   Q8_0 payload [N/16, K/4, 16, 4] int8: (group, 4 values, row, value)
+//   Q4_0 payload [N/16, K/8, 16, 4] bytes: values 8s+i in the low nibble, 8s+4+i in the high one
+//   scales       [N/16, K/32, 16] fp16
+// the same bytes as GGUF's blocks, rearranged (N padded to 16 with zero rows).
+//
+// Threads: torch's own OpenMP runtime (the library links libgomp.so.1 by name, which the dynamic
+// loader resolves to the copy torch loaded), so these kernels use torch's threads, not a second
+// pool fighting it for the cores. Without AVX512-VNNI the library exports none of these (the
+// caller keeps torch's kernels); without OpenMP they run on one thread.
+#include <math.h>
+#include <stdint.h>
+#include <string.h>
+
+#include <vector>
+
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__) && defined(__F16C__)
+#include <immintrin.h>
+
+namespace {
+
+struct bf16 {
+    uint16_t bits;
+};
+struct f16 {
+    uint16_t bits;
+};
+
+inline void store(float* y, float v) { *y = v; }
+inline void store(bf16* y, float v) {  // round to nearest even, as torch does
+    uint32_t u;
+    memcpy(&u, &v, 4);
+    if ((u & 0x7fffffffu) > 0x7f800000u) {
+        y->bits = (uint16_t)((u >> 16) | 0x40);  // NaN stays NaN
+        return;
+    }
+    u += 0x7fffu + ((u >> 16) & 1u);
+    y->bits = (uint16_t)(u >> 16);
+}
+inline void store(f16* y, float v) { y->bits = _cvtss_sh(v, _MM_FROUND_TO_NEAREST_INT); }
+
+// One activation row in 8 bits: q [K], and per block of 32 its scale d and the sum of its q.
+struct QuantRow {
+    int8_t* q;
+    float* d;
+    int32_t* sum;
+};
+
+// 16 activations as floats.
+inline __m512 load16(const float* x) { return _mm512_loadu_ps(x); }
+inline __m512 load16(const bf16* x) {
+    const __m512i u = _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)x));
+    return _mm512_castsi512_ps(_mm512_slli_epi32(u, 16));
+}
+inline __m512 load16(const f16* x) { return _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)x)); }
+
+// roundf (half away from zero) of 16 floats, exactly: trunc, plus one where the dropped fraction
+// is >= 1/2 (adding 0.5 and flooring would round 0.49999997 up).
+inline __m512i round_away(__m512 v) {
+    const __m512 a = _mm512_abs_ps(v);
+    const __m512 t = _mm512_roundscale_ps(a, _MM_FROUND_TO_ZERO | _MM_FROUND_NO_EXC);
+    const __mmask16 up = _mm512_cmp_ps_mask(_mm512_sub_ps(a, t), _mm512_set1_ps(0.5f), _CMP_GE_OQ);
+    const __m512i r = _mm512_cvttps_epi32(_mm512_mask_add_ps(t, up, t, _mm512_set1_ps(1.0f)));
+    const __mmask16 negative = _mm512_cmp_ps_mask(v, _mm512_setzero_ps(), _CMP_LT_OQ);
+    return _mm512_mask_sub_epi32(r, negative, _mm512_setzero_si512(), r);
+}
+
+template <typename T> void quantize_row(const T* x, long K, QuantRow out) {
+    for (long b = 0; b < K / 32; ++b) {
+        const __m512 lo = load16(x + b * 32), hi = load16(x + b * 32 + 16);
+        const float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(lo), _mm512_abs_ps(hi)));
+        const float d = amax / 127.f, id = d != 0.f ? 1.f / d : 0.f;
+        const __m512 scale = _mm512_set1_ps(id);
+        const __m512i qlo = round_away(_mm512_mul_ps(lo, scale)), qhi = round_away(_mm512_mul_ps(hi, scale));
+        _mm_storeu_si128((__m128i*)(out.q + b * 32), _mm512_cvtepi32_epi8(qlo));
+        _mm_storeu_si128((__m128i*)(out.q + b * 32 + 16), _mm512_cvtepi32_epi8(qhi));
+        out.d[b] = d;
+        out.sum[b] = _mm512_reduce_add_epi32(_mm512_add_epi32(qlo, qhi));
+    }
+}
+
+// The 16 outputs of one row group for one activation row. Two int32 chains per block halve
+// vpdpbusd's latency chain; blocks overlap in the out-of-order window.
+template <int BITS> inline __m512 group_dot(const uint8_t* w, const uint16_t* s, QuantRow x, long K) {
+    const __m512i low4 = _mm512_set1_epi8(0x0F), flip = _mm512_set1_epi8((char)0x80);
+    __m512 out = _mm512_setzero_ps();
+    for (long b = 0; b < K / 32; ++b) {
+        __m512i a0 = _mm512_setzero_si512(), a1 = _mm512_setzero_si512();
+        int32_t x4[8];  // the block's activations, 4 at a time
+        memcpy(x4, x.q + b * 32, 32);
+        if (BITS == 8) {
+            const uint8_t* wb = w + b * 8 * 64;
+            for (int st = 0; st < 8; st += 2) {
+                const __m512i u0 = _mm512_xor_si512(_mm512_loadu_si512(wb + st * 64), flip);
+                const __m512i u1 = _mm512_xor_si512(_mm512_loadu_si512(wb + (st + 1) * 64), flip);
+                a0 = _mm512_dpbusd_epi32(a0, u0, _mm512_set1_epi32(x4[st]));
+                a1 = _mm512_dpbusd_epi32(a1, u1, _mm512_set1_epi32(x4[st + 1]));
+            }
+        } else {
+            const uint8_t* wb = w + b * 4 * 64;
+            for (int st = 0; st < 4; ++st) {
+                const __m512i v = _mm512_loadu_si512(wb + st * 64);
+                a0 = _mm512_dpbusd_epi32(a0, _mm512_and_si512(v, low4), _mm512_set1_epi32(x4[2 * st]));
+                a1 = _mm512_dpbusd_epi32(a1, _mm512_and_si512(_mm512_srli_epi16(v, 4), low4),
+                                         _mm512_set1_epi32(x4[2 * st + 1]));
+            }
+        }
+        const int32_t offset = (BITS == 8 ? 128 : 8) * x.sum[b];
+        const __m512i dot = _mm512_sub_epi32(_mm512_add_epi32(a0, a1), _mm512_set1_epi32(offset));
+        const __m512 ws = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)(s + b * 16)));
+        out = _mm512_fmadd_ps(_mm512_mul_ps(ws, _mm512_set1_ps(x.d[b])), _mm512_cvtepi32_ps(dot), out);
+    }
+    return out;
+}
+
+// y [M, N] = x [M, K] @ W.T. Threads split W's row groups; a group meets every activation row
+// while it is in L1 / L2.
+template <int BITS, typename Tin, typename Tout>
+void matvec(const uint8_t* w, const uint16_t* s, const Tin* x, Tout* y, long M, long N, long K, int threads) {
+    std::vector<int8_t> q(M * K);
+    std::vector<float> d(M * (K / 32));
+    std::vector<int32_t> sums(M * (K / 32));
+    std::vector<QuantRow> rows(M);
+    for (long m = 0; m < M; ++m) {
+        rows[m] = QuantRow{q.data() + m * K, d.data() + m * (K / 32), sums.data() + m * (K / 32)};
+        quantize_row(x + m * K, K, rows[m]);
+    }
+    const long groups = (N + 15) / 16, group_bytes = 16 * K * BITS / 8, group_scales = 16 * (K / 32);
+#pragma omp parallel for schedule(static) num_threads(threads)
+    for (long g = 0; g < groups; ++g) {
+        for (long m = 0; m < M; ++m) {
+            float out[16];
+            _mm512_storeu_ps(out, group_dot<BITS>(w + g * group_bytes, s + g * group_scales, rows[m], K));
+            for (long r = 0; r < 16 && g * 16 + r < N; ++r) store(y + m * N + g * 16 + r, out[r]);
+        }
+    }
+}
+
+}  // namespace
+
+#define LLAMACTL_MATVEC(BITS, SUFFIX, TIN, TOUT)                                                              \
+    extern "C" void matvec_q##BITS##_##SUFFIX(const void* w, const void* s, const void* x, void* y, long M, long N, \
+                                              long K, int threads) {                                         \
+        matvec<BITS, TIN, TOUT>((const uint8_t*)w, (const uint16_t*)s, (const TIN*)x, (TOUT*)y, M, N, K, threads); \
+    }
+#define LLAMACTL_MATVEC_WIDTHS(BITS)                 \
+    LLAMACTL_MATVEC(BITS, f32_f32, float, float)     \
+    LLAMACTL_MATVEC(BITS, bf16_bf16, bf16, bf16)     \
+    LLAMACTL_MATVEC(BITS, bf16_f32, bf16, float)     \
+    LLAMACTL_MATVEC(BITS, f16_f16, f16, f16)         \
+    LLAMACTL_MATVEC(BITS, f16_f32, f16, float)
+
+LLAMACTL_MATVEC_WIDTHS(4)
+LLAMACTL_MATVEC_WIDTHS(8)
+
+#if defined(__AVX512BF16__)
+namespace {
+
+// bf16 weights as stored ([N, K], row-major), times bf16 activations: vdpbf16ps multiplies 32
+// bf16 pairs exactly into 16 fp32 sums (what torch's bf16 matmul accumulates in). Four rows share
+// each load of x; a row's 16 partial sums add up in a tree at the end. K need not be a multiple of
+// 32: the last loads are masked (zeros past the end).
+template <int R> inline void bf16_rows(const uint16_t* w, const uint16_t* x, long K, float* out) {
+    __m512 acc[R];
+    for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps();
+    for (long k = 0; k < K; k += 32) {
+        const __mmask32 live = K - k >= 32 ? ~(__mmask32)0 : (((__mmask32)1 << (K - k)) - 1);
+        const __m512bh xv = (__m512bh)_mm512_maskz_loadu_epi16(live, x + k);
+        for (int r = 0; r < R; ++r)
+            acc[r] = _mm512_dpbf16_ps(acc[r], (__m512bh)_mm512_maskz_loadu_epi16(live, w + r * K + k), xv);
+    }
+    for (int r = 0; r < R; ++r) out[r] = _mm512_reduce_add_ps(acc[r]);
+}
+
+template <typename Tout>
+void matvec_bf16(const uint16_t* w, const uint16_t* x, Tout* y, long M, long N, long K, int threads) {
+    const long blocks = (N + 3) / 4;
+#pragma omp parallel for schedule(static) num_threads(threads)
+    for (long b = 0; b < blocks; ++b) {
+        const long r0 = b * 4;
+        for (long m = 0; m < M; ++m) {
+            float out[4];
+            if (r0 + 4 <= N) {
+                bf16_rows<4>(w + r0 * K, x + m * K, K, out);
+            } else {
+                for (long r = r0; r < N; ++r) bf16_rows<1>(w + r * K, x + m * K, K, out + (r - r0));
+            }
+            for (long r = r0; r < N && r < r0 + 4; ++r) store(y + m * N + r, out[r - r0]);
+        }
+    }
+}
+
+}  // namespace
+
+extern "C" void matvec_bf16_bf16(const void* w, const void* x, void* y, long M, long N, long K, int threads) {
+    matvec_bf16((const uint16_t*)w, (const uint16_t*)x, (bf16*)y, M, N, K, threads);
+}
+extern "C" void matvec_bf16_f32(const void* w, const void* x, void* y, long M, long N, long K, int threads) {
+    matvec_bf16((const uint16_t*)w, (const uint16_t*)x, (float*)y, M, N, K, threads);
+}
+#endif
+
+#endif
