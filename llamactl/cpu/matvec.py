@@ -71,24 +71,34 @@ def available(bits: int, dtype: torch.dtype) -> bool:
     return _kernel(bits, dtype, dtype) is not None
 
 
-def out_dtype(x_dtype: torch.dtype, wanted: torch.dtype | None) -> torch.dtype:
-    """The dtype `matvec` writes for `wanted`: fp32 or the activations' own (nothing else is built)."""
-    return wanted if wanted in (torch.float32, x_dtype) else x_dtype
-
-
 def matvec(
     bits: int, payload: torch.Tensor, scales: torch.Tensor, n: int, x: torch.Tensor, y_dtype: torch.dtype
 ) -> torch.Tensor:
-    """x [M, K] @ W.T -> [M, N] in `out_dtype(x.dtype, y_dtype)` for `repack`'s (payload, scales)
+    """x [M, K] @ W.T -> [M, N] (in fp32 if y_dtype is, else in x's dtype) for `repack`'s (payload, scales)
     of a weight of N rows; contiguous CPU tensors only."""
-    k = int(x.shape[1])
-    want = out_dtype(x.dtype, y_dtype)
-    fn = _kernel(bits, x.dtype, want)
-    if fn is None:
-        raise RuntimeError(f"no q{bits} matvec kernel for {x.dtype} -> {want} on this machine")
-    y = torch.empty(x.shape[0], n, dtype=want)
-    fn(payload.data_ptr(), scales.data_ptr(), x.data_ptr(), y.data_ptr(), x.shape[0], n, k, threads())
-    return y
+    return bind(bits, payload, scales, n, x.dtype)(x, y_dtype)
+
+
+def bind(
+    bits: int, payload: torch.Tensor, scales: torch.Tensor, n: int, x_dtype: torch.dtype
+) -> Callable[[torch.Tensor, torch.dtype], torch.Tensor]:
+    """`matvec` for one weight and activation dtype with its lookups done once: a decode step
+    calls it ~50 times a token, where a few microseconds of Python each add up. The callable
+    keeps the weight's tensors alive."""
+    fns = {want: _kernel(bits, x_dtype, want) for want in {x_dtype, torch.float32}}
+    if None in fns.values():
+        raise RuntimeError(f"no q{bits} matvec kernel for {x_dtype} on this machine")
+    w_ptr, s_ptr, k = payload.data_ptr(), scales.data_ptr(), int(scales.shape[1]) * BLOCK
+    held = (payload, scales)
+
+    def run(x: torch.Tensor, y_dtype: torch.dtype) -> torch.Tensor:
+        assert held and x.dtype == x_dtype and x.shape[1] == k
+        want = y_dtype if y_dtype in fns else x_dtype
+        y = torch.empty(x.shape[0], n, dtype=want)
+        fns[want](w_ptr, s_ptr, x.data_ptr(), y.data_ptr(), x.shape[0], n, k, threads())
+        return y
+
+    return run
 
 
 def repack(d: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -323,9 +323,11 @@ def _vnni_kernel(packed: torch.Tensor, spec: QuantSpec, compute: torch.dtype, bi
     k = scales.shape[1] * matvec.BLOCK
     chunk = max(1, DENSE_CHUNK // k // matvec.GROUP_ROWS)  # row groups dequantized at a time
 
+    rows_kernel = matvec.bind(bits, payload, scales, n, compute)
+
     def run_to(x: torch.Tensor, out: torch.dtype) -> torch.Tensor:
         if x.shape[0] < VNNI_DENSE_ROWS:
-            return matvec.matvec(bits, payload, scales, n, x.contiguous(), out)
+            return rows_kernel(x.contiguous(), out)
         parts = [
             F.linear(x, matvec.dequantize(payload[i : i + chunk], scales[i : i + chunk], bits, x.dtype))
             for i in range(0, scales.shape[0], chunk)
