@@ -22,6 +22,7 @@ import platform
 import shutil
 import subprocess
 import tempfile
+from collections.abc import Callable
 from importlib import resources
 from pathlib import Path
 
@@ -34,6 +35,8 @@ CACHE_ENV = "LLAMACTL_KERNEL_CACHE"
 SOURCES = ("decode_kernels.cpp", "matvec_kernels.cpp")
 FLAGS = ["-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-fno-math-errno"]
 _LOADED: dict[str, ctypes.CDLL | None] = {}
+# The name suffix of a kernel built for each activation dtype (fp16 only where the compiler has it).
+SUFFIX = {torch.float32: "f32", torch.bfloat16: "bf16", torch.float16: "f16"}
 
 
 def load() -> ctypes.CDLL | None:
@@ -45,6 +48,16 @@ def load() -> ctypes.CDLL | None:
             logger.warning("native CPU kernels unavailable (%s); running torch operators only", exc)
             _LOADED["lib"] = None
     return _LOADED["lib"]
+
+
+def function(name: str, argtypes: list[type]) -> Callable[..., None] | None:
+    """The library's `name` with its argument types set (returning nothing), or None when the
+    library did not build or this machine's build lacks it (a CPU feature, _Float16)."""
+    lib = load()
+    fn = getattr(lib, name, None) if lib is not None else None
+    if fn is not None:
+        fn.argtypes, fn.restype = argtypes, None
+    return fn
 
 
 class _BuildError(Exception):

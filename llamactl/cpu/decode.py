@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import torch
 
-from llamactl.cpu.build import load
+from llamactl.cpu.build import SUFFIX, function
 
 MAX_HEAD_DIM = 512  # attend's accumulator (decode_kernels.cpp)
 _V, _I, _L, _F = ctypes.c_void_p, ctypes.c_int, ctypes.c_long, ctypes.c_float
@@ -18,8 +18,7 @@ _SIGNATURES = {
     "attend": [_V, _V, _V, _L, _I, _I, _I, _L, _V, _V, _I],
     "silu_mul": [_V, _V, _L],
 }
-_SUFFIX = {torch.float32: "f32", torch.bfloat16: "bf16", torch.float16: "f16"}
-DTYPES = tuple(_SUFFIX)  # activation dtypes the kernels are built for (fp16 where the compiler has it)
+DTYPES = tuple(SUFFIX)  # activation dtypes the kernels are built for (fp16 where the compiler has it)
 
 
 @dataclass(frozen=True)
@@ -34,13 +33,8 @@ class Kernels:
 
 def kernels(dtype: torch.dtype) -> Kernels | None:
     """The kernels for activations of `dtype`, or None (unbuilt, or no build of that dtype here)."""
-    lib = load()
-    suffix = _SUFFIX.get(dtype)
-    if lib is None or suffix is None or not hasattr(lib, f"rms_norm_{suffix}"):
+    suffix = SUFFIX.get(dtype)
+    if suffix is None:
         return None
-    found = {}
-    for name, argtypes in _SIGNATURES.items():
-        fn = getattr(lib, f"{name}_{suffix}")
-        fn.argtypes, fn.restype = argtypes, None
-        found[name] = fn
-    return Kernels(**found)
+    found = {name: function(f"{name}_{suffix}", argtypes) for name, argtypes in _SIGNATURES.items()}
+    return None if None in found.values() else Kernels(**found)

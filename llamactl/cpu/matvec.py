@@ -15,49 +15,41 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from llamactl.cpu.build import load, threads
+from llamactl.cpu.build import SUFFIX, function, threads
 
 GROUP_ROWS = 16  # weight rows interleaved in one group: one zmm lane each
 BLOCK = 32  # values per block (Q4_0 / Q8_0): in features must be a multiple
-_SUFFIX = {torch.float32: "f32", torch.bfloat16: "bf16", torch.float16: "f16"}
-_V, _L = ctypes.c_void_p, ctypes.c_long
-_ARGTYPES = [_V, _V, _V, _V, _L, _L, _L, ctypes.c_int]
-_FOUND: dict[tuple[int, torch.dtype, torch.dtype], Callable[..., None] | None] = {}
+_V, _L, _I = ctypes.c_void_p, ctypes.c_long, ctypes.c_int
+_FOUND: dict[str, Callable[..., None] | None] = {}
 
 
-def _kernel(bits: int, x_dtype: torch.dtype, y_dtype: torch.dtype) -> Callable[..., None] | None:
-    key = (bits, x_dtype, y_dtype)
-    if key not in _FOUND:
-        lib = load()
-        name = f"matvec_q{bits}_{_SUFFIX.get(x_dtype)}_{_SUFFIX.get(y_dtype)}"
-        fn = getattr(lib, name, None) if lib is not None else None
-        if fn is not None:
-            fn.argtypes, fn.restype = _ARGTYPES, None
-        _FOUND[key] = fn
-    return _FOUND[key]
+def _kernel(name: str, argtypes: list[type]) -> Callable[..., None] | None:
+    if name not in _FOUND:
+        _FOUND[name] = function(name, argtypes)
+    return _FOUND[name]
 
 
-def _bf16_kernel(y_dtype: torch.dtype) -> Callable[..., None] | None:
-    key = (16, torch.bfloat16, y_dtype)
-    if key not in _FOUND:
-        lib = load()
-        fn = getattr(lib, f"matvec_bf16_{_SUFFIX.get(y_dtype)}", None) if lib is not None else None
-        if fn is not None:
-            fn.argtypes, fn.restype = [_V, _V, _V, _L, _L, _L, ctypes.c_int], None
-        _FOUND[key] = fn
-    return _FOUND[key]
+def _quantized(bits: int, x_dtype: torch.dtype, y_dtype: torch.dtype) -> Callable[..., None] | None:
+    # (payload, scales, x, y, M, N, K, threads)
+    name = f"matvec_q{bits}_{SUFFIX.get(x_dtype)}_{SUFFIX.get(y_dtype)}"
+    return _kernel(name, [_V, _V, _V, _V, _L, _L, _L, _I])
+
+
+def _bf16(y_dtype: torch.dtype) -> Callable[..., None] | None:
+    # (weight, x, y, M, N, K, threads)
+    return _kernel(f"matvec_bf16_{SUFFIX.get(y_dtype)}", [_V, _V, _V, _L, _L, _L, _I])
 
 
 def bf16_available() -> bool:
     """Whether this machine's build has the bf16 matvec (AVX512-BF16)."""
-    return _bf16_kernel(torch.bfloat16) is not None
+    return _bf16(torch.bfloat16) is not None
 
 
 def matvec_bf16(weight: torch.Tensor, x: torch.Tensor, y_dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
     """x [M, K] @ weight.T -> [M, N] (bf16 or fp32) for a contiguous bf16 weight [N, K] and bf16 x,
     accumulated in fp32 (vdpbf16ps)."""
     want = y_dtype if y_dtype == torch.float32 else torch.bfloat16
-    fn = _bf16_kernel(want)
+    fn = _bf16(want)
     if fn is None:
         raise RuntimeError("no bf16 matvec kernel on this machine")
     n, k = int(weight.shape[0]), int(weight.shape[1])
@@ -68,7 +60,7 @@ def matvec_bf16(weight: torch.Tensor, x: torch.Tensor, y_dtype: torch.dtype = to
 
 def available(bits: int, dtype: torch.dtype) -> bool:
     """Whether this machine's build has the kernel for `bits`-bit blocks and `dtype` activations."""
-    return _kernel(bits, dtype, dtype) is not None
+    return _quantized(bits, dtype, dtype) is not None
 
 
 def matvec(
@@ -85,7 +77,7 @@ def bind(
     """`matvec` for one weight and activation dtype with its lookups done once: a decode step
     calls it ~50 times a token, where a few microseconds of Python each add up. The callable
     keeps the weight's tensors alive."""
-    fns = {want: _kernel(bits, x_dtype, want) for want in {x_dtype, torch.float32}}
+    fns = {want: _quantized(bits, x_dtype, want) for want in {x_dtype, torch.float32}}
     if None in fns.values():
         raise RuntimeError(f"no q{bits} matvec kernel for {x_dtype} on this machine")
     w_ptr, s_ptr, k = payload.data_ptr(), scales.data_ptr(), int(scales.shape[1]) * BLOCK

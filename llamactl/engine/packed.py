@@ -113,8 +113,7 @@ class GemvLinear(nn.Module):
     def __init__(self, linear: nn.Linear) -> None:
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features
-        self.weight = linear.weight
-        w = linear.weight
+        self.weight = w = linear.weight
         self.native = w.dtype == torch.bfloat16 and w.is_contiguous() and matvec.bf16_available()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
