@@ -35,27 +35,50 @@ def _quantized(bits: int, x_dtype: torch.dtype, y_dtype: torch.dtype) -> Callabl
     return _kernel(name, [_V, _V, _V, _V, _L, _L, _L, _I])
 
 
-def _bf16(y_dtype: torch.dtype) -> Callable[..., None] | None:
-    # (weight, x, y, M, N, K, threads)
-    return _kernel(f"matvec_bf16_{SUFFIX.get(y_dtype)}", [_V, _V, _V, _L, _L, _L, _I])
+def _dense(w_dtype: torch.dtype, y_dtype: torch.dtype) -> Callable[..., None] | None:
+    # (weight, x, y, M, N, K, threads): bf16 weights (bf16 or fp32 out), fp32 weights (fp32 out)
+    return _kernel(f"matvec_{SUFFIX.get(w_dtype)}_{SUFFIX.get(y_dtype)}", [_V, _V, _V, _L, _L, _L, _I])
 
 
-def bf16_available() -> bool:
-    """Whether this machine's build has the bf16 matvec (AVX512-BF16)."""
-    return _bf16(torch.bfloat16) is not None
+DENSE_DTYPES = (torch.bfloat16, torch.float32)  # weight dtypes with a dense matvec kernel
 
 
-def matvec_bf16(weight: torch.Tensor, x: torch.Tensor, y_dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
-    """x [M, K] @ weight.T -> [M, N] (bf16 or fp32) for a contiguous bf16 weight [N, K] and bf16 x,
-    accumulated in fp32 (vdpbf16ps)."""
-    want = y_dtype if y_dtype == torch.float32 else torch.bfloat16
-    fn = _bf16(want)
+def dense_available(dtype: torch.dtype) -> bool:
+    """Whether this machine's build has the dense matvec for `dtype` weights (bf16: AVX512-BF16;
+    fp32: AVX512F)."""
+    return dtype in DENSE_DTYPES and _dense(dtype, dtype) is not None
+
+
+def matvec_dense(weight: torch.Tensor, x: torch.Tensor, y_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """x [M, K] @ weight.T -> [M, N] for a contiguous bf16 or fp32 weight [N, K] and x of its dtype,
+    accumulated in fp32 (vdpbf16ps / FMA); bf16 weights may give fp32 out (y_dtype)."""
+    want = torch.float32 if y_dtype == torch.float32 else weight.dtype
+    fn = _dense(weight.dtype, want)
     if fn is None:
-        raise RuntimeError("no bf16 matvec kernel on this machine")
+        raise RuntimeError(f"no {weight.dtype} matvec kernel on this machine")
     n, k = int(weight.shape[0]), int(weight.shape[1])
     y = torch.empty(x.shape[0], n, dtype=want)
     fn(weight.data_ptr(), x.data_ptr(), y.data_ptr(), x.shape[0], n, k, threads())
     return y
+
+
+class BoundDenseMatvec:
+    """`matvec_dense` for one weight with its lookups done once (see BoundMatvec); holds the
+    weight's storage as it was bound."""
+
+    def __init__(self, weight: torch.Tensor) -> None:
+        if not dense_available(weight.dtype):
+            raise RuntimeError(f"no {weight.dtype} matvec kernel on this machine")
+        if not weight.is_contiguous():
+            raise ValueError("the dense matvec reads a contiguous weight")
+        self._held = weight.detach()
+        self.n, self.k, self.x_dtype = int(weight.shape[0]), int(weight.shape[1]), weight.dtype
+
+    def raw(self, y_dtype: torch.dtype) -> Callable[[int, int, int, int], None]:
+        """The kernel itself, `(x_ptr, y_ptr, rows, threads) -> None` (as BoundMatvec.raw)."""
+        fn, w, n, k = _dense(self.x_dtype, y_dtype), self._held.data_ptr(), self.n, self.k
+        assert fn is not None
+        return lambda x_ptr, y_ptr, rows, threads: fn(w, x_ptr, y_ptr, rows, n, k, threads)
 
 
 def available(bits: int, dtype: torch.dtype) -> bool:
@@ -68,29 +91,37 @@ def matvec(
 ) -> torch.Tensor:
     """x [M, K] @ W.T -> [M, N] (in fp32 if y_dtype is, else in x's dtype) for `repack`'s (payload, scales)
     of a weight of N rows; contiguous CPU tensors only."""
-    return bind(bits, payload, scales, n, x.dtype)(x, y_dtype)
+    return BoundMatvec(bits, payload, scales, n, x.dtype)(x, y_dtype)
 
 
-def bind(
-    bits: int, payload: torch.Tensor, scales: torch.Tensor, n: int, x_dtype: torch.dtype
-) -> Callable[[torch.Tensor, torch.dtype], torch.Tensor]:
+class BoundMatvec:
     """`matvec` for one weight and activation dtype with its lookups done once: a decode step
-    calls it ~50 times a token, where a few microseconds of Python each add up. The callable
-    keeps the weight's tensors alive."""
-    fns = {want: _quantized(bits, x_dtype, want) for want in {x_dtype, torch.float32}}
-    if None in fns.values():
-        raise RuntimeError(f"no q{bits} matvec kernel for {x_dtype} on this machine")
-    w_ptr, s_ptr, k = payload.data_ptr(), scales.data_ptr(), int(scales.shape[1]) * BLOCK
-    held = (payload, scales)
+    calls it ~50 times a token, where a few microseconds of Python each add up. Keeps the
+    weight's tensors alive."""
 
-    def run(x: torch.Tensor, y_dtype: torch.dtype) -> torch.Tensor:
-        assert held and x.dtype == x_dtype and x.shape[1] == k
-        want = y_dtype if y_dtype in fns else x_dtype
-        y = torch.empty(x.shape[0], n, dtype=want)
-        fns[want](w_ptr, s_ptr, x.data_ptr(), y.data_ptr(), x.shape[0], n, k, threads())
+    def __init__(self, bits: int, payload: torch.Tensor, scales: torch.Tensor, n: int, x_dtype: torch.dtype) -> None:
+        fns = {want: _quantized(bits, x_dtype, want) for want in {x_dtype, torch.float32}}
+        if None in fns.values():
+            raise RuntimeError(f"no q{bits} matvec kernel for {x_dtype} on this machine")
+        self._fns: dict[torch.dtype, Callable[..., None]] = fns  # type: ignore[assignment]
+        self._held = (payload, scales)
+        self._w, self._s = payload.data_ptr(), scales.data_ptr()
+        self.n, self.k, self.x_dtype = n, int(scales.shape[1]) * BLOCK, x_dtype
+
+    def __call__(self, x: torch.Tensor, y_dtype: torch.dtype) -> torch.Tensor:
+        """x [M, K] (contiguous, x_dtype) -> [M, N] in fp32 if y_dtype is, else in x_dtype."""
+        assert x.dtype == self.x_dtype and x.shape[1] == self.k
+        want = y_dtype if y_dtype in self._fns else self.x_dtype
+        y = torch.empty(x.shape[0], self.n, dtype=want)
+        self._fns[want](self._w, self._s, x.data_ptr(), y.data_ptr(), x.shape[0], self.n, self.k, threads())
         return y
 
-    return run
+    def raw(self, y_dtype: torch.dtype) -> Callable[[int, int, int, int], None]:
+        """The kernel itself, `(x_ptr, y_ptr, rows, threads) -> None`, for a caller that owns the
+        buffers: x [rows, K] contiguous in x_dtype, y [rows, N] contiguous in y_dtype (x_dtype or
+        fp32). Nothing is checked; the caller keeps this object alive."""
+        fn, w, s, n, k = self._fns[y_dtype], self._w, self._s, self.n, self.k
+        return lambda x_ptr, y_ptr, rows, threads: fn(w, s, x_ptr, y_ptr, rows, n, k, threads)
 
 
 def repack(d: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -166,41 +166,66 @@ void matvec(const uint8_t* w, const uint16_t* s, const Tin* x, Tout* y, long M, 
 LLAMACTL_MATVEC_WIDTHS(4)
 LLAMACTL_MATVEC_WIDTHS(8)
 
+namespace {
+// fp32 weights as stored ([N, K], row-major) times fp32 activations, one row after another (one
+// sequential stream of weights per thread, as the bf16 matvec below), two accumulators over
+// alternate 16-value blocks, the last block masked.
+inline float f32_row(const float* w, const float* x, long K) {
+    __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps();
+    long k = 0;
+    for (; k + 32 <= K; k += 32) {
+        acc0 = _mm512_fmadd_ps(_mm512_loadu_ps(w + k), _mm512_loadu_ps(x + k), acc0);
+        acc1 = _mm512_fmadd_ps(_mm512_loadu_ps(w + k + 16), _mm512_loadu_ps(x + k + 16), acc1);
+    }
+    for (; k < K; k += 16) {
+        const __mmask16 live = K - k >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (K - k)) - 1);
+        acc0 = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(live, w + k), _mm512_maskz_loadu_ps(live, x + k), acc0);
+    }
+    return _mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1));
+}
+}  // namespace
+
+extern "C" void matvec_f32_f32(const void* w, const void* x, void* y, long M, long N, long K, int threads) {
+    const float *wf = (const float*)w, *xf = (const float*)x;
+    float* yf = (float*)y;
+#pragma omp parallel for schedule(static) num_threads(threads)
+    for (long r = 0; r < N; ++r)
+        for (long m = 0; m < M; ++m) yf[m * N + r] = f32_row(wf + r * K, xf + m * K, K);
+}
+
 #if defined(__AVX512BF16__)
 namespace {
 
 // bf16 weights as stored ([N, K], row-major), times bf16 activations: vdpbf16ps multiplies 32
-// bf16 pairs exactly into 16 fp32 sums (what torch's bf16 matmul accumulates in). Four rows share
-// each load of x; a row's 16 partial sums add up in a tree at the end. K need not be a multiple of
-// 32: the last loads are masked (zeros past the end).
-template <int R> inline void bf16_rows(const uint16_t* w, const uint16_t* x, long K, float* out) {
-    __m512 acc[R];
-    for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps();
-    for (long k = 0; k < K; k += 32) {
-        const __mmask32 live = K - k >= 32 ? ~(__mmask32)0 : (((__mmask32)1 << (K - k)) - 1);
-        const __m512bh xv = (__m512bh)_mm512_maskz_loadu_epi16(live, x + k);
-        for (int r = 0; r < R; ++r)
-            acc[r] = _mm512_dpbf16_ps(acc[r], (__m512bh)_mm512_maskz_loadu_epi16(live, w + r * K + k), xv);
+// bf16 pairs exactly into 16 fp32 sums (what torch's bf16 matmul accumulates in), two
+// accumulators over alternate 32-value blocks so that consecutive vdpbf16ps do not wait on each
+// other; the 2 x 16 partial sums add up in a tree at the end. K need not be a multiple of 32:
+// the last load is masked (zeros past the end).
+inline float bf16_row(const uint16_t* w, const uint16_t* x, long K) {
+    __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps();
+    long k = 0;
+    for (; k + 64 <= K; k += 64) {
+        acc0 = _mm512_dpbf16_ps(acc0, (__m512bh)_mm512_loadu_si512(w + k), (__m512bh)_mm512_loadu_si512(x + k));
+        acc1 = _mm512_dpbf16_ps(
+            acc1, (__m512bh)_mm512_loadu_si512(w + k + 32), (__m512bh)_mm512_loadu_si512(x + k + 32));
     }
-    for (int r = 0; r < R; ++r) out[r] = _mm512_reduce_add_ps(acc[r]);
+    for (; k < K; k += 32) {
+        const __mmask32 live = K - k >= 32 ? ~(__mmask32)0 : (((__mmask32)1 << (K - k)) - 1);
+        acc0 = _mm512_dpbf16_ps(acc0, (__m512bh)_mm512_maskz_loadu_epi16(live, w + k),
+                                (__m512bh)_mm512_maskz_loadu_epi16(live, x + k));
+    }
+    return _mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1));
 }
 
+// Rows one after another, each thread a contiguous range of them: one sequential stream of
+// weights per thread. (Four rows sharing each load of x read 4 streams at once and left the
+// hardware prefetcher behind on an AMD EPYC: the 32000x768 head from DRAM at 21 GB/s, against
+// 49 one row at a time; 110M decode 1.49x, 2 threads.)
 template <typename Tout>
 void matvec_bf16(const uint16_t* w, const uint16_t* x, Tout* y, long M, long N, long K, int threads) {
-    const long blocks = (N + 3) / 4;
 #pragma omp parallel for schedule(static) num_threads(threads)
-    for (long b = 0; b < blocks; ++b) {
-        const long r0 = b * 4;
-        for (long m = 0; m < M; ++m) {
-            float out[4];
-            if (r0 + 4 <= N) {
-                bf16_rows<4>(w + r0 * K, x + m * K, K, out);
-            } else {
-                for (long r = r0; r < N; ++r) bf16_rows<1>(w + r * K, x + m * K, K, out + (r - r0));
-            }
-            for (long r = r0; r < N && r < r0 + 4; ++r) store(y + m * N + r, out[r - r0]);
-        }
-    }
+    for (long r = 0; r < N; ++r)
+        for (long m = 0; m < M; ++m) store(y + m * N + r, bf16_row(w + r * K, x + m * K, K));
 }
 
 }  // namespace

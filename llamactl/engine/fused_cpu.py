@@ -6,7 +6,8 @@ of dispatch each) as in its matmuls. `FusedCpuStep` walks the layers itself and 
 between the projections in the kernels of decode_kernels.cpp (llamactl/cpu): per layer one
 residual-add + RMSNorm, the qkv projection, rotary + cache store, attention, the output
 projection, add + RMSNorm, the w1|w3 projection, SiLU * up, w2. The projections are the
-model's own modules (packed, quantized or plain), so every weight scheme gets the step.
+model's own modules (packed, quantized or plain), so every weight scheme gets the step; a q4 / q8,
+bf16 or fp32 weight on a native matvec is called straight into a buffer of the step's (`_Projection`).
 
 The arithmetic is the eager step's (fp32 inside, rounded to the activations' dtype where torch
 rounds), so logits agree with `model(tokens, pos)` to summation order; tests/engine/test_fused_cpu.py
@@ -16,10 +17,14 @@ not cover (a batch, several tokens, another cache dtype) runs the plain forward.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
+from torch.nn.modules import module as _nn_module
 
 from llamactl.cpu.build import threads as cpu_threads
 from llamactl.cpu.decode import DTYPES, MAX_HEAD_DIM, Kernels
+from llamactl.cpu.matvec import BoundDenseMatvec, BoundMatvec
 from llamactl.engine.eager import EagerStep
 from llamactl.model import Transformer, attend
 
@@ -48,24 +53,52 @@ def fusable(model: Transformer) -> str | None:
     return None
 
 
+class _Projection:
+    """One token's x [1,1,in] -> y [1,1,out] in the activations' dtype. A weight on a native
+    matvec (NativeLinear's q4 / q8, GemvLinear's bf16 / fp32) writes straight into a buffer of its own:
+    no module call, reshape, allocation or cast, ~12 of the ~16 us of Python such a call costs,
+    ~50 calls a token. Any other projection runs its module. The buffer is rewritten by the next
+    step."""
+
+    def __init__(self, module: Callable[[torch.Tensor], torch.Tensor], dtype: torch.dtype) -> None:
+        self.module, self.dtype = module, dtype
+        bound = getattr(module, "matvec", None)
+        self._raw = None
+        native = isinstance(bound, (BoundMatvec, BoundDenseMatvec)) and bound.x_dtype == dtype
+        if native and getattr(module, "out_dtype", None) is None:
+            self.out = torch.empty(1, 1, bound.n, dtype=dtype)
+            self._out_ptr, self._raw = self.out.data_ptr(), bound.raw(dtype)
+
+    @property
+    def direct(self) -> bool:
+        """Whether the native matvec runs it into the buffer (else the module)."""
+        return self._raw is not None
+
+    def __call__(self, x: torch.Tensor, threads: int) -> torch.Tensor:
+        if self._raw is None or _hooked(self.module):  # e.g. tensor parallel's all-reduce after wo, w2
+            return _ready(self.module(x), self.dtype)
+        self._raw(x.data_ptr(), self._out_ptr, 1, threads)  # x: contiguous, the step's own buffer
+        return self.out
+
+
 class _Layer:
     """One block's pieces, looked up once (nn.Module attribute access costs per token)."""
 
-    def __init__(self, layer: torch.nn.Module) -> None:
+    def __init__(self, layer: torch.nn.Module, dtype: torch.dtype) -> None:
         attention, ffn = layer.attention, layer.feed_forward
         self.attention = attention  # its `cache` is read per call: setup_cache may replace it
         self.attention_norm, self.ffn_norm = layer.attention_norm, layer.ffn_norm
-        self.wo, self.w2 = attention.wo, ffn.w2
+        self.wo, self.w2 = _Projection(attention.wo, dtype), _Projection(ffn.w2, dtype)
         if attention.fused:
-            self.qkv = attention.wqkv
+            self.qkv = _Projection(attention.wqkv, dtype)
         else:  # separate (e.g. bitsandbytes) projections: joined by one copy
             wq, wk, wv = attention.wq, attention.wk, attention.wv
-            self.qkv = lambda x: torch.cat([wq(x), wk(x), wv(x)], dim=-1)
+            self.qkv = _Projection(lambda x: torch.cat([wq(x), wk(x), wv(x)], dim=-1), dtype)
         if ffn.fused:
-            self.gate_up = ffn.w13
+            self.gate_up = _Projection(ffn.w13, dtype)
         else:
             w1, w3 = ffn.w1, ffn.w3
-            self.gate_up = lambda x: torch.cat([w1(x), w3(x)], dim=-1)
+            self.gate_up = _Projection(lambda x: torch.cat([w1(x), w3(x)], dim=-1), dtype)
 
 
 class FusedCpuStep(EagerStep):
@@ -79,7 +112,7 @@ class FusedCpuStep(EagerStep):
         self.dtype = model.tok_embeddings.weight.dtype
         args = model.args
         self.dim, self.heads, self.kv_heads, self.head_dim = args.dim, args.n_heads, args.kv_heads, args.head_dim
-        self.layers = [_Layer(layer) for layer in model.layers]
+        self.layers = [_Layer(layer, self.dtype) for layer in model.layers]
         self._fresh_embedding = type(model.tok_embeddings) is torch.nn.Embedding  # returns a new tensor
         # Inputs of the projections, rewritten every layer: nothing outlives a step but the logits.
         self._normed = torch.empty(1, 1, self.dim, dtype=self.dtype)
@@ -119,7 +152,7 @@ class FusedCpuStep(EagerStep):
         delta: torch.Tensor | None = None  # the last block's output, added by the next norm
         for layer in self.layers:
             self._add_norm(residual, delta, layer.attention_norm)
-            qkv = _ready(layer.qkv(normed), dtype)  # [1,1,(H+2K)*D]
+            qkv = layer.qkv(normed, threads)  # [1,1,(H+2K)*D]
             cache = layer.attention.cache
             k_ptr, v_ptr, cap = cache.k.data_ptr(), cache.v.data_ptr(), cache.k.shape[2]
             native.rope_store(qkv.data_ptr(), freqs_at, k_ptr, v_ptr, pos, heads, kv_heads, head_dim, cap)
@@ -131,12 +164,12 @@ class FusedCpuStep(EagerStep):
                 out = attended
             else:
                 q = qkv[..., : heads * head_dim].view(1, 1, heads, head_dim)
-                out = attend(q, cache.k[:1, :, : pos + 1], cache.v[:1, :, : pos + 1], None, 1)
-            self._add_norm(residual, _ready(layer.wo(out), dtype), layer.ffn_norm)
-            gate_up = _ready(layer.gate_up(normed), dtype)  # [1,1,2F]
+                out = _ready(attend(q, cache.k[:1, :, : pos + 1], cache.v[:1, :, : pos + 1], None, 1), dtype)
+            self._add_norm(residual, layer.wo(out, threads), layer.ffn_norm)
+            gate_up = layer.gate_up(normed, threads)  # [1,1,2F]
             hidden = self._hidden_for(gate_up.shape[-1] // 2)
             native.silu_mul(gate_up.data_ptr(), hidden.data_ptr(), hidden.shape[-1])
-            delta = _ready(layer.w2(hidden), dtype)
+            delta = layer.w2(hidden, threads)
         self._add_norm(residual, delta, model.norm)
         return model.output(normed).float()
 
@@ -153,6 +186,16 @@ class FusedCpuStep(EagerStep):
 
     def __repr__(self) -> str:
         return "FusedCpuStep()"
+
+
+def _hooked(module: torch.nn.Module) -> bool:
+    """Whether calling the module runs forward hooks (its own or global) that its kernel alone would skip."""
+    return bool(
+        module._forward_hooks
+        or module._forward_pre_hooks
+        or _nn_module._global_forward_hooks
+        or _nn_module._global_forward_pre_hooks
+    )
 
 
 def _ready(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

@@ -7,9 +7,11 @@ of 256 tokens: fp32 9.5 -> 3.7 ms, bf16 2.1 -> 1.8 ms), results equal (fp32 bit 
 `pack_linears` swaps every plain nn.Linear of a CPU model for a `PackedLinear` holding only the
 packed weight (no second copy). The eager CPU step uses it (`engine.choose_step`); a CPU whose
 oneDNN cannot pack the dtype (fp16 without AVX512-FP16 / AVX-NE-CONVERT) keeps nn.Linear.
-On a CPU with AMX, bf16 weights stay plain instead and a one-row product runs through the
-native bf16 matvec (llamactl/cpu, AVX512-BF16) or as W @ x (`GemvLinear`: oneDNN would give
-one row a whole AMX tile).
+Where the native matvec is built for the dtype (llamactl/cpu: bf16 with AVX512-BF16, fp32 with
+AVX512F), or for bf16 on a CPU with AMX, weights stay plain instead and a one-row product runs
+through that matvec or as W @ x (`GemvLinear`: one sequential stream per thread reads the
+weights up to twice as fast as oneDNN's packed GEMV; with AMX oneDNN would give one row a whole
+AMX tile).
 """
 
 from __future__ import annotations
@@ -96,8 +98,8 @@ def pack_linears(model: nn.Module) -> int:
 
 
 class GemvLinear(nn.Module):
-    """x [..., in] -> x @ W.T with the plain weight; one row runs through the native bf16 matvec
-    where this machine builds it (`cpu.matvec.matvec_bf16`), else as W @ x (`torch.mv`).
+    """x [..., in] -> x @ W.T with the plain weight; one row runs through the native bf16 / fp32
+    matvec where this machine builds it (`cpu.matvec.matvec_dense`), else as W @ x (`torch.mv`).
 
     On a CPU with AMX, oneDNN runs a one-row bf16 product (`F.linear`, packed or not) on AMX
     tiles with the row as the tiles' M dimension: 16 rows of which 15 are padding. `torch.mv`
@@ -105,21 +107,26 @@ class GemvLinear(nn.Module):
     medians of 7 interleaved rounds: 2304x768 144 us against 172 packed, 768x2048 121 against
     138, the 32000x768 head 3.2 against 3.6 ms; 110M decode 24.3 against 30.8 ms/token. Longer
     inputs run `F.linear` (a 256-token prefill through it is 3-35% slower than packed; the
-    decode is what every token pays). The native matvec (vdpbf16ps, 4 rows per load of x, on
-    torch's threads) reads the whole 110M model's weights in 15-17 ms where `torch.mv` takes
-    19-26 (interleaved, 2 threads); it accumulates in fp32 as torch does.
+    decode is what every token pays). The native matvec (vdpbf16ps, one row after another, on
+    torch's threads) accumulates in fp32 as torch does. AMD EPYC without AMX, 2 threads: the
+    110M model's projections and head 2.6 ms a token against 5.2 packed (interleaved), decode
+    126 against 83 tok/s; a 256-token prefill through plain F.linear 0-10% slower than packed.
+    fp32 there: decode 77 against 48 tok/s, prefill through F.linear (MKL) up to 1.5x slower per
+    weight than packed oneDNN (the head), about even on the layers' weights.
     """
 
     def __init__(self, linear: nn.Linear) -> None:
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.weight = w = linear.weight
-        self.native = w.dtype == torch.bfloat16 and w.is_contiguous() and matvec.bf16_available()
+        self.native = w.is_contiguous() and matvec.dense_available(w.dtype)
+        # one row straight into a caller's buffer (engine.fused_cpu)
+        self.matvec = matvec.BoundDenseMatvec(w) if self.native else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.numel() == self.in_features:
-            if self.native and x.dtype == torch.bfloat16:
-                return matvec.matvec_bf16(self.weight, x.reshape(1, -1)).view(*x.shape[:-1], self.out_features)
+            if self.native and x.dtype == self.weight.dtype:
+                return matvec.matvec_dense(self.weight, x.reshape(1, -1)).view(*x.shape[:-1], self.out_features)
             return torch.mv(self.weight, x.reshape(-1)).view(*x.shape[:-1], self.out_features)
         return F.linear(x, self.weight)
 
@@ -128,5 +135,6 @@ class GemvLinear(nn.Module):
 
 
 def one_row_as_gemv(dtype: torch.dtype) -> bool:
-    """Whether one-row products of `dtype` weights run faster as W @ x here (GemvLinear): bf16 with AMX."""
-    return dtype == torch.bfloat16 and torch.cpu._is_amx_tile_supported()
+    """Whether one-row products of `dtype` weights run faster as W @ x here (GemvLinear): bf16 or
+    fp32 where the native matvec for it is built (AVX512-BF16 / AVX512F), bf16 on a CPU with AMX."""
+    return matvec.dense_available(dtype) or (dtype == torch.bfloat16 and torch.cpu._is_amx_tile_supported())

@@ -126,6 +126,8 @@ class Kernel:
     # run(x) with the output dtype asked (fp32 for a head's logits), for kernels that write it
     # directly: rounding to the compute dtype first would lose what fp32 logits keep
     run_to: Callable[[torch.Tensor, torch.dtype], torch.Tensor] | None = None
+    # the native matvec itself, for a decode step that calls it into buffers of its own
+    bound_matvec: matvec.BoundMatvec | None = None
 
 
 # Prefill from this many rows on dequantizes a q4 weight for one dense matmul instead: tinygemm's
@@ -323,7 +325,7 @@ def _vnni_kernel(packed: torch.Tensor, spec: QuantSpec, compute: torch.dtype, bi
     k = scales.shape[1] * matvec.BLOCK
     chunk = max(1, DENSE_CHUNK // k // matvec.GROUP_ROWS)  # row groups dequantized at a time
 
-    rows_kernel = matvec.bind(bits, payload, scales, n, compute)
+    rows_kernel = matvec.BoundMatvec(bits, payload, scales, n, compute)
 
     def run_to(x: torch.Tensor, out: torch.dtype) -> torch.Tensor:
         if x.shape[0] < VNNI_DENSE_ROWS:
@@ -335,7 +337,8 @@ def _vnni_kernel(packed: torch.Tensor, spec: QuantSpec, compute: torch.dtype, bi
         y = parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)
         return y[:, :n]
 
-    return Kernel(f"q{bits}-vnni", lambda x: run_to(x, x.dtype), payload.nbytes + scales.nbytes, run_to)
+    nbytes = payload.nbytes + scales.nbytes
+    return Kernel(f"q{bits}-vnni", lambda x: run_to(x, x.dtype), nbytes, run_to, rows_kernel)
 
 
 _BUILDERS: dict[str, Callable[[torch.Tensor, QuantSpec, torch.dtype], Kernel]] = {
@@ -432,6 +435,7 @@ class NativeLinear(nn.Module):
         impl = build_kernel(rows, spec, device, kernel)
         del rows
         self.kernel, self._run, self._run_to, self.held_bytes = impl.name, impl.run, impl.run_to, impl.nbytes
+        self.matvec = impl.bound_matvec  # one row straight into a caller's buffer (engine.fused_cpu)
         self.out_dtype: torch.dtype | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -81,17 +81,21 @@ def test_repack_round_trips_to_ggufs_values(bits: int) -> None:
     assert torch.equal(part, values[16:32])
 
 
-def test_bf16_matvec_is_the_fp32_product_of_the_bf16_values() -> None:
-    if not matvec.bf16_available():
-        pytest.skip("no AVX512-BF16 build of the matvec kernels on this CPU (or no compiler)")
+@pytest.mark.parametrize("dtype", matvec.DENSE_DTYPES)
+def test_dense_matvec_is_the_fp32_product_of_the_values(dtype: torch.dtype) -> None:
+    if not matvec.dense_available(dtype):
+        pytest.skip(f"no {dtype} build of the dense matvec on this CPU (AVX512-BF16 / AVX512F; or no compiler)")
     g = torch.Generator().manual_seed(4)
-    for n, k in ((42, 100), (8, 32), (5, 7)):  # rows past a multiple of 4, inputs past a multiple of 32
-        w = torch.randn(n, k, generator=g).to(torch.bfloat16)
-        x = torch.randn(3, k, generator=g).to(torch.bfloat16)
+    # inputs past a multiple of the 2 x 16 / 2 x 32 unrolled step, shorter than one block; any row count
+    for n, k in ((42, 100), (8, 32), (5, 7), (3, 200)):
+        w = torch.randn(n, k, generator=g).to(dtype)
+        x = torch.randn(3, k, generator=g).to(dtype)
         want = x.double() @ w.double().t()
-        got32 = matvec.matvec_bf16(w, x, torch.float32)
+        got32 = matvec.matvec_dense(w, x, torch.float32)
+        assert got32.dtype == torch.float32
         torch.testing.assert_close(got32.double(), want, rtol=1e-5, atol=1e-5)
-        assert torch.equal(matvec.matvec_bf16(w, x), got32.to(torch.bfloat16))  # rounded once, as torch
+        got = matvec.matvec_dense(w, x)
+        assert got.dtype == dtype and torch.equal(got, got32.to(dtype))  # rounded once, as torch
 
 
 def test_the_kernels_run_on_torchs_threads_and_any_count_gives_the_same_result() -> None:

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from llamactl.cpu import build as cpu_build
+from llamactl.cpu import matvec
 from llamactl.cpu.decode import kernels
 from llamactl.engine import FUSED_ENV, EagerStep, FusedCpuStep, choose_step, fused_cpu
 from llamactl.loading import load_for_generation, quantize_model
@@ -67,6 +68,9 @@ def test_fused_step_gives_the_plain_forwards_logits(dtype_name: str, gqa: bool) 
     plain, model = _pair(dtype, gqa=gqa)
     step = choose_step(model.fuse_projections(), "eager")
     assert isinstance(step, FusedCpuStep) and step.kind == "fused"
+    # bf16 / fp32 projections on the native matvec (where built) write straight into the step's buffers
+    direct = matvec.dense_available(dtype)
+    assert {p.direct for layer in step.layers for p in (layer.qkv, layer.wo, layer.gate_up, layer.w2)} == {direct}
     prompt = torch.randint(0, 320, (1, 7), generator=torch.Generator().manual_seed(0))
     # fp32: the same arithmetic in another summation order; 16-bit: a rounding apart after 2 layers
     tolerance = 1e-5 if dtype == torch.float32 else 0.02
@@ -87,8 +91,26 @@ def test_fused_step_runs_every_weight_scheme(scheme: str) -> None:
     step = choose_step(model, "eager")
     assert isinstance(step, FusedCpuStep)
     assert model.layers[0].attention.fused == (scheme != "int8")  # bitsandbytes' parts stay apart
+    # q4 / q8 on the native matvec (where built) write straight into the step's buffers
+    direct = scheme != "int8" and matvec.available(int(scheme[1]), torch.bfloat16)
+    assert {p.direct for layer in step.layers for p in (layer.qkv, layer.wo, layer.gate_up, layer.w2)} == {direct}
     prompt = torch.randint(0, 320, (1, 5), generator=torch.Generator().manual_seed(1))
     for want, got in _teacher_forced(plain, model, step, prompt, 8):
+        assert (got - want).abs().max().item() <= 0.02 * _spread(want)
+
+
+def test_a_projections_forward_hooks_still_run() -> None:
+    """Tensor parallel adds its all-reduce after wo and w2 as forward hooks: a q4 projection the
+    step would run straight into its buffer runs through its module while it has one."""
+    _need_kernels(torch.bfloat16)
+    plain, model = _pair(torch.bfloat16, dim=128, n_heads=4, n_kv_heads=2, multiple_of=64)
+    for m in (plain, model):
+        quantize_model(m, get_scheme("q4"), "cpu")
+        m.fuse_projections()
+        m.layers[1].feed_forward.w2.register_forward_hook(lambda _m, _a, out: out * 3)
+    step = choose_step(model, "eager")
+    prompt = torch.randint(0, 320, (1, 5), generator=torch.Generator().manual_seed(4))
+    for want, got in _teacher_forced(plain, model, step, prompt, 6):
         assert (got - want).abs().max().item() <= 0.02 * _spread(want)
 
 

@@ -45,34 +45,39 @@ def test_packed_model_computes_what_the_plain_one_does(dtype: torch.dtype) -> No
     assert after.keys() == before.keys() and all(torch.equal(after[k], before[k]) for k in before)
 
 
-def test_a_tied_head_is_not_packed_twice() -> None:
+def test_a_tied_head_is_not_packed_twice(monkeypatch: pytest.MonkeyPatch) -> None:
+    from llamactl.engine import packed
+
+    monkeypatch.setattr(packed, "one_row_as_gemv", lambda _dtype: False)  # as where no native matvec is built
     model = _model(torch.float32, tie=True)
     assert pack_linears(model) == 2 * 4
     assert type(model.output) is torch.nn.Linear
     assert model.output.weight.data_ptr() == model.tok_embeddings.weight.data_ptr()
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("native", [True, False])
-def test_gemv_linear_computes_the_product_for_one_row_and_many(native: bool) -> None:
-    """One row through the native bf16 matvec (where built) or W @ x, more through F.linear: all
-    the fp32 product of the bf16 values, rounded once (96 inputs: the native kernel's masked tail)."""
-    linear = torch.nn.Linear(96, 42, bias=False).to(torch.bfloat16)
+def test_gemv_linear_computes_the_product_for_one_row_and_many(native: bool, dtype: torch.dtype) -> None:
+    """One row through the native matvec (where built) or W @ x, more through F.linear: all the
+    fp32 product of the values, rounded once (96 inputs: the native kernels' masked tails)."""
+    linear = torch.nn.Linear(96, 42, bias=False).to(dtype)
     gemv = GemvLinear(linear)
     if native and not gemv.native:
-        pytest.skip("no native bf16 matvec on this CPU (AVX512-BF16)")
+        pytest.skip(f"no native {dtype} matvec on this CPU (AVX512-BF16 / AVX512F)")
     gemv.native = native
     assert gemv.weight is linear.weight and list(gemv.state_dict()) == ["weight"]
-    x = torch.randn(3, 5, 96, generator=torch.Generator().manual_seed(2)).to(torch.bfloat16)
+    x = torch.randn(3, 5, 96, generator=torch.Generator().manual_seed(2)).to(dtype)
+    rtol, atol = (2**-7, 1e-3) if dtype == torch.bfloat16 else (1e-5, 1e-5)
     for rows in (x[:1, :1], x[1], x):
-        want = (rows.float() @ linear.weight.float().t()).to(torch.bfloat16)
+        want = (rows.double() @ linear.weight.double().t()).to(dtype)
         got = gemv(rows)
-        assert got.shape == want.shape and got.dtype == torch.bfloat16
-        torch.testing.assert_close(got, want, rtol=2**-7, atol=1e-3)
+        assert got.shape == want.shape and got.dtype == dtype
+        torch.testing.assert_close(got, want, rtol=rtol, atol=atol)
 
 
 def test_a_tied_head_stays_one_tensor_as_gemv() -> None:
     if not one_row_as_gemv(torch.bfloat16):
-        pytest.skip("one-row bf16 products stay packed on this CPU (no AMX)")
+        pytest.skip("one-row bf16 products stay packed on this CPU (no AVX512-BF16 matvec, no AMX)")
     model = _model(torch.bfloat16, tie=True)
     assert pack_linears(model) == 2 * 4 + 1
     assert type(model.output) is GemvLinear
