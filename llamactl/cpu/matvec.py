@@ -4,7 +4,8 @@ a few activation rows, with activations quantized per 32-value block to int8 (as
 `repack` turns a weight's blocks into the kernels' row-interleaved layout (same bytes, 16 rows
 per group, see the .cpp), `dequantize` gives rows of it back in a float dtype (for a long
 prefill's dense matmul), `matvec` runs it. Built only where the compiler targets AVX512-VNNI
-(`available`); callers keep torch's kernels elsewhere.
+(`available`); callers keep torch's kernels elsewhere. `matvec_dense` runs plain bf16 / fp32
+weights (row-major, as torch holds them) the same way, for one-row products (`GemvLinear`).
 """
 
 from __future__ import annotations
