@@ -1,5 +1,5 @@
-// Matrix-vector products for decode on the CPU: GGUF Q4_0 / Q8_0 weights (and bf16 ones, at the
-// end) times a few rows of activations (llamactl/cpu/matvec.py repacks the weights and calls
+// Matrix-vector products for decode on the CPU: GGUF Q4_0 / Q8_0 weights (and plain fp32 / bf16 ones,
+// after them) times a few rows of activations (llamactl/cpu/matvec.py repacks the weights and calls
 // these through ctypes).
 //
 // Arithmetic, as llama.cpp runs Q4_0 / Q8_0: each 32-value block of an activation row is
