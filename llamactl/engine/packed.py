@@ -119,9 +119,14 @@ class GemvLinear(nn.Module):
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.weight = w = linear.weight
-        self.native = w.is_contiguous() and matvec.dense_available(w.dtype)
-        # one row straight into a caller's buffer (engine.fused_cpu)
-        self.matvec = matvec.BoundDenseMatvec(w) if self.native else None
+        # the native kernel where built; engine.fused_cpu also calls it into buffers of its own
+        native = w.is_contiguous() and matvec.dense_available(w.dtype)
+        self.matvec = matvec.BoundDenseMatvec(w) if native else None
+
+    @property
+    def native(self) -> bool:
+        """Whether one row runs through the native matvec (else `torch.mv`)."""
+        return self.matvec is not None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.numel() == self.in_features:
