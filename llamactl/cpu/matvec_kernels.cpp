@@ -92,6 +92,8 @@ template <typename T> void quantize_row(const T* x, long K, QuantRow out) {
     }
 }
 
+constexpr long Q4_PREFETCH = 16384;  // bytes ahead in the weight stream (a prefetch never faults)
+
 // The 16 outputs of one row group for one activation row. Two int32 chains per block halve
 // vpdpbusd's latency chain; blocks overlap in the out-of-order window.
 template <int BITS> inline __m512 group_dot(const uint8_t* w, const uint16_t* s, QuantRow x, long K) {
@@ -111,6 +113,11 @@ template <int BITS> inline __m512 group_dot(const uint8_t* w, const uint16_t* s,
             }
         } else {
             const uint8_t* wb = w + b * 4 * 64;
+            // Into L2, 16 KiB ahead of this block (past the group's end: the next groups of this
+            // thread's range). The hardware prefetcher alone kept q4 at 31 GB/s from DRAM on an AMD
+            // EPYC with 2 threads, 40 with this; Q8_0's bytes come twice as fast a cycle and it
+            // gained nothing, so it has none.
+            for (int st = 0; st < 4; ++st) _mm_prefetch((const char*)(wb + Q4_PREFETCH + st * 64), _MM_HINT_T1);
             for (int st = 0; st < 4; ++st) {
                 const __m512i v = _mm512_loadu_si512(wb + st * 64);
                 a0 = _mm512_dpbusd_epi32(a0, _mm512_and_si512(v, low4), _mm512_set1_epi32(x4[2 * st]));
