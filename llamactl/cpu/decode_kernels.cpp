@@ -143,9 +143,8 @@ inline float lane_sum(const float* x, long n) {
 
 // e^x to about 2 ulp (Cephes' expf: 2^n times a degree-7 polynomial on |r| <= ln2 / 2) in
 // operations the compiler vectorises; libm's expf is a call per value, and attention's softmax
-// and SiLU take thousands a layer. Clamped to the finite floats: e^-87.3 stands in for 0; NaN stays
-// NaN. (Compares, not fminf / fmaxf: GCC vectorises those only in loops of floats alone, not in
-// SiLU's loop over 16-bit values.)
+// and SiLU take thousands a layer (floorf vectorises under -fno-trapping-math: build.FLAGS). Clamped
+// to the finite floats: e^-87.3 stands in for 0; NaN stays NaN (fmaxf would clamp it to -87.3).
 inline float fast_exp(float x) {
     x = x < -87.3f ? -87.3f : x;
     x = x > 88.3f ? 88.3f : x;
@@ -263,9 +262,9 @@ template <typename T> void silu_mul(const T* gu, T* out, long F) {
         out[i] = narrow<T>(widen(narrow<T>(g / (1.0f + fast_exp(-g)))) * widen(gu[F + i]));
     }
 }
-// bf16 in chunks through its bits: GCC neither vectorises loads and stores of the bf16 struct nor
-// floorf in a loop that also holds 16-bit values, so the exponentials run in a loop of floats
-// alone. (Scalar, this took 15 us a call: 2 x 2048 values a layer at 110M.)
+// bf16 through its bits (GCC does not vectorise loads and stores of the bf16 struct), in chunks
+// whose exponentials run in a loop of floats alone: 15 us a call as scalar code (2 x 2048 values a
+// layer at 110M), 4.4 us as one vectorised loop, 2.4 us in chunks.
 template <> void silu_mul<bf16>(const bf16* gu, bf16* out, long F) {
     const uint16_t* in = (const uint16_t*)gu;
     uint16_t* o = (uint16_t*)out;
