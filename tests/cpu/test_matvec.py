@@ -67,18 +67,46 @@ def test_quantized_matvec_is_llama_cpps_arithmetic(bits: int, dtype: torch.dtype
             assert (err <= rounding * np.abs(want) + 1e-5 * size).all(), err.max()
 
 
+def _native_dequantize(bits: int) -> None:
+    if not matvec.native_dequantize_available(bits, torch.float32):
+        pytest.skip("no AVX512-VNNI build of the dequantize kernels on this CPU (or no compiler)")
+
+
 @pytest.mark.parametrize("bits", [8, 4])
-def test_repack_round_trips_to_ggufs_values(bits: int) -> None:
-    """`dequantize` of the interleaved layout gives gguf-py's dequantized rows (padding rows 0)."""
+@pytest.mark.parametrize("impl", ["native", "torch"])
+def test_repack_round_trips_to_ggufs_values(bits: int, impl: str) -> None:
+    """`dequantize` (the native kernel, and torch's fallback) of the interleaved layout gives gguf-py's
+    dequantized rows (padding rows 0)."""
+    if impl == "native":
+        _native_dequantize(bits)
+    dequantize = matvec.dequantize if impl == "native" else matvec.dequantize_torch
     blocks = _blocks(40, 128, bits, seed=3)
     payload, scales = matvec.repack(*_split(torch.from_numpy(blocks.copy()), QuantSpec(f"q{bits}")))
     assert payload.nbytes + scales.nbytes == blocks.nbytes * 48 // 40  # the file's bytes, 40 rows padded to 48
-    values = matvec.dequantize(payload, scales, bits, torch.float32)
+    values = dequantize(payload, scales, bits, torch.float32)
     assert values.shape == (48, 128)
     assert torch.equal(values[:40], torch.from_numpy(gguf.quants.dequantize(blocks, GGML[bits])))
     assert not values[40:].any()
-    part = matvec.dequantize(payload[1:2], scales[1:2], bits, torch.float32)  # one group of 16 rows
+    part = dequantize(payload[1:2], scales[1:2], bits, torch.float32)  # one group of 16 rows
     assert torch.equal(part, values[16:32])
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_native_dequantize_rounds_as_torch(bits: int, dtype: torch.dtype) -> None:
+    """In 16 bits the native kernel gives torch's round(q * d.to(dtype)) bit for bit (the prefill's
+    dense matmul then reads the same weights either way), NaN and infinite scales included."""
+    _native_dequantize(bits)
+    blocks = _blocks(64, 256, bits, seed=6)
+    d, values = _split(torch.from_numpy(blocks.copy()), QuantSpec(f"q{bits}"))
+    d = d.clone()
+    d[2, 0], d[3, 1], d[4, 2] = float("nan"), float("inf"), 6.0e4  # and one whose products overflow fp16
+    payload, scales = matvec.repack(d, values)
+    got = matvec.dequantize(payload, scales, bits, dtype)
+    want = matvec.dequantize_torch(payload, scales, bits, dtype)
+    assert got.dtype == want.dtype == dtype
+    assert torch.equal(got.isnan(), want.isnan())
+    assert torch.equal(got.nan_to_num(), want.nan_to_num())
 
 
 @pytest.mark.parametrize("dtype", matvec.DENSE_DTYPES)
